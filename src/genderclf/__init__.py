@@ -1,0 +1,3 @@
+"""Gender classifier retraining pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""`genderclf`: one command per pipeline stage (what `dvc.yaml` calls), plus tools.
+
+Each command only parses arguments, loads settings, calls the stage function, writes
+files and logs. Known failures print one readable message and exit 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from genderclf import config as C
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    help="Retraining pipeline for a face-image gender classifier. Stages run in order: "
+    "download -> validate -> split -> augment -> train -> evaluate -> register "
+    "(`dvc repro` runs them; each command here runs one).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("genderclf")
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="Settings file (default: params.yaml in the cwd).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S", stream=sys.stderr,
+    )  # fmt: skip
+    for noisy in ("great_expectations", "absl", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from genderclf.data.augment import AugmentError
+    from genderclf.data.fsutil import UnsafeArchiveError
+    from genderclf.data.layouts import LayoutError
+    from genderclf.data.sources import DownloadError
+    from genderclf.data.split import SplitError
+    from genderclf.data.validation import ValidationFailed
+
+    return (C.SettingsError, DownloadError, LayoutError, ValidationFailed, SplitError,
+            AugmentError, UnsafeArchiveError, FileNotFoundError, PermissionError)  # fmt: skip
+
+
+def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command: logging set up, known errors shown as one message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as err:
+            typer.secho(f"error ({fn.__name__}): {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@stage
+def download(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+    """Fetch the dataset (`data.source`: sample | kaggle | dir | s3) into data/raw/.
+
+    The folder is replaced only when the download is complete; data/raw/SOURCE.json
+    records the source, time, file count and a content checksum.
+    """
+    from genderclf.data.sources import download as run
+
+    settings = C.load_settings(params)
+    rec = run(settings, C.RAW_DIR, progress=not quiet)
+    typer.echo(f"download: {rec['file_count']} files from {rec['source']} -> {C.RAW_DIR}/ "
+               f"({rec['checksum'][:19]}...)")  # fmt: skip
+
+
+@app.command()
+@stage
+def validate(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+    """Check every image and the label table (Great Expectations); write the manifest.
+
+    Writes data/validated/manifest.csv (usable images) and reports/validation/
+    (rejected.csv with a reason per file, GX results JSON, Data Docs HTML). Fails when an
+    expectation fails or more than `validate.max_reject_fraction` of the files are rejected.
+    """
+    from genderclf.data.validation import validate as run
+
+    settings = C.load_settings(params)
+    s = run(
+        settings,
+        C.RAW_DIR,
+        C.MANIFEST_FILE,
+        C.VALIDATION_REPORT_DIR,
+        C.VALIDATION_METRICS,
+        progress=not quiet,
+    )
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["reject_reasons"].items())) or "none"
+    typer.echo(
+        f"validate: {s['usable']} usable, {s['rejected']} rejected ({reasons}); "
+        f"male fraction {s['male_fraction']}; expectations passed. "
+        f"Reports: {C.VALIDATION_REPORT_DIR}/"
+    )
+
+
+@app.command()
+@stage
+def split(params: ParamsOpt = C.PARAMS_FILE) -> None:
+    """Split the manifest into data/splits/{train,val,test}.csv (`split.strategy`)."""
+    import pandas as pd
+
+    from genderclf.data.split import balance_table, identity_overlap, split_manifest, write_splits
+
+    settings = C.load_settings(params)
+    if not C.MANIFEST_FILE.is_file():
+        raise FileNotFoundError(f"{C.MANIFEST_FILE} not found: run `dvc repro validate` first")
+    manifest = pd.read_csv(C.MANIFEST_FILE, dtype={"identity": str, "partition": str},
+                           keep_default_na=False)  # fmt: skip
+    parts = split_manifest(manifest, settings.split, settings.base.seed)
+    write_splits(parts, C.SPLITS_DIR)
+    typer.echo(f"split ({settings.split.strategy}):\n{balance_table(parts)}")
+    if (manifest["identity"] != "").any():
+        typer.echo(f"identities in more than one split: {identity_overlap(parts)}")
+
+
+@app.command()
+@stage
+def augment(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+    """Write sharded TFRecords at `base.image_size` to data/prepared/, train augmented.
+
+    Also saves reports/augment_preview.png (originals next to their variants).
+    """
+    from genderclf.data.augment import preview, run_augment
+
+    settings = C.load_settings(params)
+    meta = run_augment(settings, C.RAW_DIR, C.SPLITS_DIR, C.PREPARED_DIR, progress=not quiet)
+    preview(settings, C.RAW_DIR, C.SPLITS_DIR, C.AUGMENT_PREVIEW)
+    counts = ", ".join(f"{s} {m['records']} records/{len(m['shards'])} shards"
+                       for s, m in meta["splits"].items())  # fmt: skip
+    typer.echo(f"augment: {counts} at {meta['image_size']}px -> {C.PREPARED_DIR}/; "
+               f"preview {C.AUGMENT_PREVIEW}")  # fmt: skip
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,133 @@
+"""TFRecord I/O for the prepared data: sharded writer and the `tf.data` reader training uses.
+
+A record holds one image already at `base.image_size`: JPEG bytes, the integer label,
+the source path (relative to `data/raw/`) and the variant number (0 = original).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+META_FILE = "meta.json"
+
+
+class PreparedDataError(FileNotFoundError):
+    """Prepared data is missing or incomplete."""
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
+
+
+class ShardWriter:
+    """Write serialized examples into `split-XXXXX-of-YYYYY.tfrecord` files of fixed size."""
+
+    def __init__(self, out_dir: Path, split: str, total_records: int, shard_size: int):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.out_dir = out_dir
+        self.split = split
+        self.shard_size = shard_size
+        self.num_shards = max(1, -(-total_records // shard_size))
+        self.files: list[str] = []
+        self._writer: Any = None
+        self._count = 0
+
+    def write(self, image: bytes, label: int, path: str, variant: int) -> None:
+        tf = self._tf
+        if self._count % self.shard_size == 0:
+            self._open_next()
+        feats = {
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode()])),
+            "variant": tf.train.Feature(int64_list=tf.train.Int64List(value=[variant])),
+        }
+        ex = tf.train.Example(features=tf.train.Features(feature=feats))
+        self._writer.write(ex.SerializeToString())
+        self._count += 1
+
+    def _open_next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        name = shard_name(self.split, len(self.files), self.num_shards)
+        self.files.append(name)
+        self._writer = self._tf.io.TFRecordWriter(str(self.out_dir / name))
+
+    def close(self) -> int:
+        if self._writer is not None:
+            self._writer.close()
+        return self._count
+
+
+def read_meta(prepared_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The prepared data's `meta.json` (written last, so its presence means complete).
+
+    Raises:
+        PreparedDataError: the folder or its meta file is missing.
+    """
+    p = Path(prepared_dir) / META_FILE
+    if not p.is_file():
+        raise PreparedDataError(
+            f"{p} not found: prepared data is missing or incomplete; run `dvc repro augment`"
+        )
+    return json.loads(p.read_text())
+
+
+def make_dataset(
+    prepared_dir: str | os.PathLike[str],
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    repeat: bool = False,
+    with_path: bool = False,
+    drop_remainder: bool = False,
+):
+    """A `tf.data` pipeline over the prepared shards of one split.
+
+    Parallel reads and decodes, optional shuffle, batching and prefetch. Yields
+    `(images float32 [B,S,S,3] in 0..255, labels float32 [B])`, plus paths when
+    `with_path`. Pixel scaling is left to the model, which holds its backbone's
+    preprocessing (so inference needs none).
+    """
+    import tensorflow as tf
+
+    prepared_dir = Path(prepared_dir)
+    meta = read_meta(prepared_dir)
+    if split not in meta["splits"]:
+        raise PreparedDataError(f"{prepared_dir}: split {split!r} not in {list(meta['splits'])}")
+    files = [str(prepared_dir / f) for f in meta["splits"][split]["shards"]]
+    size = int(meta["image_size"])
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "path": tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        img = tf.io.decode_jpeg(ex["image"], channels=3)
+        img = tf.cast(tf.reshape(img, [size, size, 3]), tf.float32)
+        label = tf.cast(ex["label"], tf.float32)
+        return (img, label, ex["path"]) if with_path else (img, label)
+
+    auto = tf.data.AUTOTUNE
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=auto,
+        deterministic=not shuffle,
+    )  # fmt: skip
+    if shuffle:
+        ds = ds.shuffle(min(10_000, max(1, meta["splits"][split]["records"])), seed=seed)
+    ds = ds.map(parse, num_parallel_calls=auto, deterministic=not shuffle)
+    if repeat:
+        ds = ds.repeat()
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)
