@@ -59,7 +59,7 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 class BaseSettings(_Section):
     seed: int = Field(42, ge=0, le=2**31 - 1)
-    image_size: int = Field(64, ge=32, le=512, description="square side in pixels")
+    image_size: int = Field(64, ge=16, le=512, description="square side in pixels")
 
 
 class SampleSource(_Section):
@@ -157,6 +157,10 @@ class TrainSettings(_Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     finetune_blocks: int = Field(1, ge=0, le=10)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    online_augment: bool = True
+    aug_rotation: float = Field(0.03, ge=0.0, le=0.5, description="fraction of a full turn")
+    aug_zoom: float = Field(0.1, ge=0.0, le=0.5)
+    aug_contrast: float = Field(0.1, ge=0.0, le=0.9)
     early_stopping_patience: int = Field(3, ge=1, le=100)
     reduce_lr_patience: int = Field(2, ge=1, le=100)
     mixed_precision: Literal["auto", "on", "off"] = "auto"
@@ -267,7 +271,11 @@ def load_settings(path: str | os.PathLike[str] = PARAMS_FILE) -> Settings:
         )
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except OSError:
+        raise
+    # Not only YAMLError: PyYAML's scalar constructors raise ValueError, IndexError, KeyError
+    # or AttributeError on bad input (`seed: 2024-13-45`, `!!int`, `!!bool x`).
+    except Exception as err:
         raise SettingsError(f"{p}: not valid YAML: {err}") from None
     return parse_settings(raw, str(p))
 

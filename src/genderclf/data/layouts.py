@@ -228,6 +228,10 @@ def read_class_folders(root: str | os.PathLike[str]) -> Candidates:
     rows: list[dict] = []
     rejected: list[tuple[str, str]] = []
     for folder, part in groups:
+        # An image next to the class folders has no label: reject it rather than drop it.
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS:
+                rejected.append((_rel(f, root), "no_label: image not inside a class folder"))
         for d in _subdirs(folder):
             label = label_from_folder(d.name)
             for dirpath, dirnames, filenames in os.walk(d):

@@ -97,10 +97,14 @@ def kaggle_credentials_present(env: dict[str, str] | None = None, home: Path | N
         return "KAGGLE_API_TOKEN"
     if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
+    if env.get("KAGGLE_CONFIG_DIR") and (Path(env["KAGGLE_CONFIG_DIR"]) / "kaggle.json").is_file():
+        return "$KAGGLE_CONFIG_DIR/kaggle.json"
     if (home / ".kaggle" / "kaggle.json").is_file():
         return "~/.kaggle/kaggle.json"
     if (home / ".kaggle" / "access_token").is_file():
         return "~/.kaggle/access_token"
+    if (home / ".kaggle" / "credentials.json").is_file():  # written by `kaggle auth login`
+        return "~/.kaggle/credentials.json"
     raise DownloadError(
         "No Kaggle credentials found. Set KAGGLE_USERNAME and KAGGLE_KEY in the environment, "
         "or save the API token from https://www.kaggle.com/settings (Create New Token) as "
@@ -114,7 +118,14 @@ def _kaggle_download(slug: str, dest: Path) -> Path:
     from kaggle.api.kaggle_api_extended import KaggleApi
 
     api = KaggleApi()
-    api.authenticate()
+    try:
+        api.authenticate()
+    except SystemExit:  # the client prints its help and calls exit(1) when no credential works
+        raise DownloadError(
+            "Kaggle did not accept the credentials (KAGGLE_API_TOKEN, KAGGLE_USERNAME/KAGGLE_KEY "
+            "or ~/.kaggle/kaggle.json): check them or create a new token at "
+            "https://www.kaggle.com/settings"
+        ) from None
     api.dataset_download_files(slug, path=str(dest), unzip=False, quiet=True, force=True)
     zips = sorted(dest.glob("*.zip"))
     if not zips:

@@ -22,7 +22,12 @@ def _stratified(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFr
 
     counts = df["label"].value_counts()
     stratify = df["label"] if len(counts) > 1 and counts.min() >= 2 else None
-    a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
+    try:
+        a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as err:  # sklearn: too few rows for this fraction
+        raise SplitError(
+            f"cannot split {len(df)} images: the dataset is too small ({err})"
+        ) from None
     return a, b
 
 
@@ -30,7 +35,12 @@ def _grouped(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame
     from sklearn.model_selection import GroupShuffleSplit
 
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    a, b = next(gss.split(df, groups=df["identity"].astype(str)))
+    try:
+        a, b = next(gss.split(df, groups=df["identity"].astype(str)))
+    except ValueError as err:  # sklearn: too few identities for this fraction
+        raise SplitError(
+            f"cannot split {len(df)} images: the dataset is too small ({err})"
+        ) from None
     return df.iloc[a], df.iloc[b]
 
 

@@ -1,0 +1,196 @@
+"""The data stages through the real `dvc repro`, in a temporary git repository.
+
+The repository gets copies of dvc.yaml, .dvc/config, .dvcignore, .gitignore and src/, and
+a params.yaml shrunk from the real one, so DVC hashes and runs exactly the project's code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from genderclf import config as C
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_STAGES = ("download", "validate", "split", "augment")
+BIN = Path(sys.executable).parent  # the venv: dvc and the genderclf command
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(repo / "src")  # the copy DVC hashes, not the editable install
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
+    env["GIT_CONFIG_GLOBAL"] = os.devnull
+    env["GIT_CONFIG_NOSYSTEM"] = "1"
+    return env
+
+
+def _run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(repo, str(BIN / "dvc"), *args, check=check)
+
+
+def _write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _ran(output: str) -> set[str]:
+    return {s for s in DATA_STAGES if f"Running stage '{s}'" in output}
+
+
+def _skipped(output: str) -> set[str]:
+    return {s for s in DATA_STAGES if f"Stage '{s}' didn't change" in output}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_params) -> tuple[Path, dict, subprocess.CompletedProcess[str]]:
+    """A git repo with the pipeline, after a first `dvc repro augment`."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO_ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(REPO_ROOT / "src", repo / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    params = dict(tiny_params)
+    _write_params(repo, params)
+    _run(repo, "git", "init", "-q")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+         "commit", "-qm", "pipeline")  # fmt: skip
+    first = _dvc(repo, "repro", "augment")
+    return repo, params, first
+
+
+def test_first_run_writes_every_contracted_output(pipeline):
+    repo, params, first = pipeline
+    assert _ran(first.stdout) == set(DATA_STAGES)
+    n = params["data"]["sample"]["num_images"]
+
+    source = yaml.safe_load((repo / C.SOURCE_FILE).read_text())  # JSON is YAML
+    assert source["source"] == "sample"
+    assert source["file_count"] == n + 3
+
+    manifest = pd.read_csv(repo / C.MANIFEST_FILE)
+    assert len(manifest) == n  # the sample has no bad files
+    assert set(manifest["label"]) == {0, 1}
+    rejected = (repo / C.REJECTED_FILE).read_text().splitlines()
+    assert rejected == ["path,reason"]
+    assert (repo / C.VALIDATION_REPORT_DIR / "gx_results.json").is_file()
+    assert list((repo / C.VALIDATION_REPORT_DIR / "data_docs").rglob("index.html"))
+    metrics = yaml.safe_load((repo / C.VALIDATION_METRICS).read_text())
+    assert metrics["usable"] == n
+    assert metrics["expectations_passed"] is True
+
+    splits = {s: pd.read_csv(repo / C.SPLITS_DIR / f"{s}.csv") for s in C.SPLITS}
+    assert sum(len(df) for df in splits.values()) == n
+    assert all(len(df) > 0 for df in splits.values())
+
+    meta = yaml.safe_load((repo / C.PREPARED_DIR / "meta.json").read_text())
+    assert meta["image_size"] == params["base"]["image_size"]
+    copies = params["augment"]["copies"]
+    for s, df in splits.items():
+        assert meta["splits"][s]["records"] == len(df) * (1 + copies if s == "train" else 1)
+        for shard in meta["splits"][s]["shards"]:
+            assert (repo / C.PREPARED_DIR / shard).stat().st_size > 0
+    assert (repo / C.AUGMENT_PREVIEW).stat().st_size > 0
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(DATA_STAGES)
+    assert lock["stages"]["augment"]["params"]["params.yaml"]["augment.copies"] == copies
+    # DVC owns the data: git ignores the outputs
+    ignored = _run(repo, "git", "check-ignore", "data/raw", "data/prepared").stdout.split()
+    assert ignored == ["data/raw", "data/prepared"]
+
+
+def test_second_run_is_a_no_op(pipeline):
+    repo, _, _ = pipeline
+    lock_before = (repo / "dvc.lock").read_text()
+    meta_before = (repo / C.PREPARED_DIR / "meta.json").read_bytes()
+    again = _dvc(repo, "repro", "augment")
+    assert _ran(again.stdout) == set()
+    assert _skipped(again.stdout) == set(DATA_STAGES)
+    assert "up to date" in again.stdout
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert (repo / C.PREPARED_DIR / "meta.json").read_bytes() == meta_before
+    # later stages (train, ...) have not run; the data stages are all up to date
+    assert "up to date" in _dvc(repo, "status", "--with-deps", "augment").stdout
+
+
+def test_changing_copies_reruns_only_augment(pipeline):
+    repo, params, _ = pipeline
+    copies = params["augment"]["copies"] + 1
+    changed = {**params, "augment": {**params["augment"], "copies": copies}}
+    _write_params(repo, changed)
+    status = _dvc(repo, "status", "--with-deps", "augment").stdout
+    assert "augment" in status
+    assert "params.yaml" in status
+    for stage in ("download", "validate", "split"):
+        assert f"{stage}:" not in status
+
+    run = _dvc(repo, "repro", "augment")
+    assert _ran(run.stdout) == {"augment"}
+    assert _skipped(run.stdout) == {"download", "validate", "split"}
+    meta = yaml.safe_load((repo / C.PREPARED_DIR / "meta.json").read_text())
+    n_train = len(pd.read_csv(repo / C.SPLITS_DIR / "train.csv"))
+    assert meta["splits"]["train"]["records"] == n_train * (1 + copies)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["augment"]["params"]["params.yaml"]["augment.copies"] == copies
+
+    # A bad value: the stage fails at start, naming the key, and dvc.lock keeps the last
+    # good run, whose cached outputs `dvc checkout` brings back (DVC removes a stage's
+    # outputs before running it).
+    meta_before = (repo / C.PREPARED_DIR / "meta.json").read_bytes()
+    lock_before = (repo / "dvc.lock").read_text()
+    _write_params(repo, {**params, "augment": {**params["augment"], "copies": -1}})
+    failed = _dvc(repo, "repro", "augment", check=False)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "failed to reproduce 'augment'" in output
+    assert "augment.copies: Input should be greater than or equal to 0" in output
+    assert "Traceback" not in output
+    assert (repo / "dvc.lock").read_text() == lock_before
+    _write_params(repo, changed)
+    _dvc(repo, "checkout", *DATA_STAGES)
+    assert (repo / C.PREPARED_DIR / "meta.json").read_bytes() == meta_before
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("augment:\n  copys: 2\n", "augment.copys"),
+        ("validate:\n  min_side: big\n", "validate.min_side"),
+        ("data:\n  source: ftp\n", "data.source"),
+        ("base: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_cli_bad_params_exit_1_without_traceback(tmp_path, content, named):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(content)
+    proc = _run(tmp_path, str(BIN / "genderclf"), "download", "--params", str(bad), check=False)
+    assert proc.returncode == 1
+    assert named in proc.stderr
+    assert str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "data").exists()
