@@ -53,9 +53,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from genderclf.data.sources import DownloadError
     from genderclf.data.split import SplitError
     from genderclf.data.validation import ValidationFailed
+    from genderclf.model.backbones import ModelConfigError
+    from genderclf.model.evaluate import ModelLoadError
+    from genderclf.tracking.setup import TrackingError
 
     return (C.SettingsError, DownloadError, LayoutError, ValidationFailed, SplitError,
-            AugmentError, UnsafeArchiveError, FileNotFoundError, PermissionError)  # fmt: skip
+            AugmentError, UnsafeArchiveError, FileNotFoundError, PermissionError,
+            ModelConfigError, ModelLoadError, TrackingError)  # fmt: skip
 
 
 def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,6 +157,79 @@ def augment(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
                        for s, m in meta["splits"].items())  # fmt: skip
     typer.echo(f"augment: {counts} at {meta['image_size']}px -> {C.PREPARED_DIR}/; "
                f"preview {C.AUGMENT_PREVIEW}")  # fmt: skip
+
+
+@app.command()
+@stage
+def train(params: ParamsOpt = C.PARAMS_FILE) -> None:
+    """Fine-tune the backbone (`train.backbone`) on data/prepared/ in two phases.
+
+    Phase 1 trains the head on the frozen backbone, phase 2 unfreezes the top
+    `train.finetune_blocks` blocks at `train.lr_finetune`. A killed run resumes from its
+    last completed epoch when run again. Writes models/model.keras, models/run.json,
+    metrics/train.json and plots/history.csv, and logs the run to MLflow.
+    """
+    from genderclf.model.train import run_train
+
+    settings = C.load_settings(params)
+    paths = {"model": C.MODEL_FILE, "run": C.RUN_FILE, "metrics": C.METRICS_DIR / "train.json",
+             "history": C.PLOTS_DIR / "history.csv", "curves": C.PLOTS_DIR / "training_curves.png",
+             "params": params, "source": C.SOURCE_FILE}  # fmt: skip
+    m = run_train(settings, C.PREPARED_DIR, paths)
+    typer.echo(f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} "
+               f"-> {C.MODEL_FILE}")  # fmt: skip
+
+
+@app.command()
+@stage
+def evaluate(params: ParamsOpt = C.PARAMS_FILE) -> None:
+    """Score the model on the test split: metrics/eval.json and plots/ (also in MLflow).
+
+    Accuracy, precision, recall, F1, ROC-AUC and calibration at a threshold chosen on the
+    validation split; accuracy per attribute slice; the most confident mistakes.
+    """
+    from genderclf.model.evaluate import run_evaluate
+
+    settings = C.load_settings(params)
+    m = run_evaluate(settings, C.PREPARED_DIR, C.SPLITS_DIR, C.MODEL_FILE, C.RUN_FILE,
+                     C.METRICS_DIR / "eval.json", C.PLOTS_DIR)  # fmt: skip
+    auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
+    typer.echo(f"evaluate: accuracy {m['accuracy']:.4f} precision {m['precision']:.4f} "
+               f"recall {m['recall']:.4f} f1 {m['f1']:.4f} roc_auc {auc} "
+               f"(threshold {m['threshold']:.3f} from val) -> metrics/eval.json, plots/")  # fmt: skip
+
+
+@app.command()
+@stage
+def register(params: ParamsOpt = C.PARAMS_FILE) -> None:
+    """Register the model as a version of `gender-classifier`; promote it if it wins.
+
+    Points `challenger` at the new version; moves `champion` only if the test accuracy
+    is >= `register.min_accuracy` and beats the champion (evaluated on the same test
+    split) by at least `register.min_improvement`. Writes reports/register.json.
+    """
+    from genderclf.tracking.registry import run_register
+
+    settings = C.load_settings(params)
+    r = run_register(settings, C.RUN_FILE, C.METRICS_DIR / "eval.json", C.PREPARED_DIR,
+                     C.REGISTER_REPORT)  # fmt: skip
+    typer.echo(
+        f"register: {r['model_name']} version {r['version']} {r['decision']} "
+        f"(champion now: version {r['champion_after']}). " + "; ".join(r["reasons"])
+    )
+
+
+@app.command()
+@stage
+def compare(
+    runs: Annotated[
+        int, typer.Option("--runs", help="Compare the N most recent runs instead.")
+    ] = 0,
+) -> None:
+    """Table of registered versions (metrics, differing params, data, aliases)."""
+    from genderclf.tracking.compare import compare_runs, compare_versions
+
+    typer.echo(compare_runs(runs) if runs else compare_versions())
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -128,6 +128,8 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(min(10_000, max(1, meta["splits"][split]["records"])), seed=seed)
     ds = ds.map(parse, num_parallel_calls=auto, deterministic=not shuffle)
+    # Tell Keras how many records there are, so it knows the steps per epoch up front.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(int(meta["splits"][split]["records"])))
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)

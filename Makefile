@@ -1,0 +1,47 @@
+# Self-documenting: `make help` lists the targets with their `##` comments.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+UV_VERSION ?= 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --frozen
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-fast lint format ui clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install the locked environment into .venv (uv, from uv.lock)
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) sync --frozen
+
+demo: setup ## Run the whole pipeline on the bundled sample (no network, no GPU)
+	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "make demo needs a git checkout (DVC tracks runs in git)"; exit 1)
+	$(RUN) dvc repro
+	@$(RUN) dvc metrics show
+	@$(RUN) genderclf compare
+	@echo ""
+	@echo "Next: open the MLflow UI:  $(UV) run mlflow ui --backend-store-uri sqlite:///mlflow.db  -> http://127.0.0.1:5000"
+	@echo "      plots: plots/*.png, reports/augment_preview.png, reports/validation/data_docs/index.html"
+	@echo "      compare runs: $(UV) run dvc exp show   |   versions: $(UV) run genderclf compare"
+
+test: setup ## Run the whole test suite (unit, data, integration, slow)
+	$(RUN) pytest $(PYTEST_ARGS)
+
+test-fast: setup ## Run the tests without the slow ones
+	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup ## Ruff lint and format check
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: setup ## Apply ruff fixes and formatting
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+ui: setup ## Start the MLflow UI on 127.0.0.1:5000 (Ctrl-C to stop)
+	@echo "MLflow UI: http://127.0.0.1:5000"
+	$(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+clean: ## Remove pipeline outputs and local stores (keeps the DVC cache)
+	rm -rf data models metrics plots reports mlflow.db mlruns mlartifacts .cache

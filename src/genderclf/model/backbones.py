@@ -1,0 +1,154 @@
+"""Backbones and the classifier built on them (the Keras transfer-learning recipe).
+
+`build_model` returns a model that takes raw RGB pixels (0..255) and holds everything
+inference needs: online augmentation (active only in training), the backbone's own
+preprocessing, the backbone, and a small head (global average pooling, dropout, one
+sigmoid unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+
+from genderclf.config import TrainSettings
+from genderclf.model.layers import BackbonePreprocess
+
+
+class ModelConfigError(ValueError):
+    """A train setting the chosen backbone cannot honour; names the param."""
+
+
+def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
+    if weights is not None:
+        raise ModelConfigError(
+            "train.weights=imagenet is not available for train.backbone=simple_cnn "
+            "(it is trained from scratch): set train.weights: null"
+        )
+    inp = keras.Input((image_size, image_size, 3))
+    x = inp
+    for i, filters in enumerate((32, 64, 128, 256), start=1):
+        for j in (1, 2):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                    name=f"block{i}_conv{j}")(x)  # fmt: skip
+            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    return keras.Model(inp, x, name="simple_cnn")
+
+
+def _app(cls: Callable[..., keras.Model]) -> Callable[[int, str | None], keras.Model]:
+    def make(image_size: int, weights: str | None) -> keras.Model:
+        return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+
+    return make
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    factory: Callable[[int, str | None], keras.Model]
+    preprocess: str  # BackbonePreprocess mode
+    min_size: int
+    # Layer-name prefixes of the blocks, top (closest to the head) first.
+    blocks: tuple[tuple[str, ...], ...]
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone("vgg16", _app(keras.applications.VGG16), "caffe", 32,
+                      tuple((f"block{i}_",) for i in range(5, 0, -1))),
+    "vgg19": Backbone("vgg19", _app(keras.applications.VGG19), "caffe", 32,
+                      tuple((f"block{i}_",) for i in range(5, 0, -1))),
+    "resnet50": Backbone("resnet50", _app(keras.applications.ResNet50), "caffe", 32,
+                         tuple((f"conv{i}_",) for i in range(5, 1, -1))),
+    "mobilenet_v2": Backbone("mobilenet_v2", _app(keras.applications.MobileNetV2), "tf", 32,
+                             (("Conv_1", "out_relu", "block_16_"),
+                              *((f"block_{i}_",) for i in range(15, 0, -1)))),
+    "simple_cnn": Backbone("simple_cnn", _simple_cnn, "unit", 16,
+                           tuple((f"block{i}_",) for i in range(4, 0, -1))),
+}  # fmt: skip
+
+
+def check_compatible(train: TrainSettings, image_size: int) -> Backbone:
+    """The backbone for `train.backbone`, after checking the image size fits it.
+
+    Raises:
+        ModelConfigError: naming `base.image_size` or `train.*`.
+    """
+    bb = BACKBONES.get(train.backbone)
+    if bb is None:
+        raise ModelConfigError(
+            f"train.backbone={train.backbone!r} is unknown; allowed: {sorted(BACKBONES)}"
+        )
+    if image_size < bb.min_size:
+        raise ModelConfigError(
+            f"base.image_size={image_size} is too small for train.backbone={bb.name} "
+            f"(needs at least {bb.min_size})"
+        )
+    if train.finetune_blocks > len(bb.blocks):
+        raise ModelConfigError(
+            f"train.finetune_blocks={train.finetune_blocks} but {bb.name} has only "
+            f"{len(bb.blocks)} blocks"
+        )
+    return bb
+
+
+def augmentation(train: TrainSettings) -> keras.Sequential:
+    """Online augmentation, active only when the model is called with training=True."""
+    layers: list[keras.layers.Layer] = [keras.layers.RandomFlip("horizontal")]
+    if train.aug_rotation > 0:
+        layers.append(keras.layers.RandomRotation(train.aug_rotation, fill_mode="reflect"))
+    if train.aug_zoom > 0:
+        layers.append(keras.layers.RandomZoom(train.aug_zoom, fill_mode="reflect"))
+    if train.aug_contrast > 0:
+        layers.append(keras.layers.RandomContrast(train.aug_contrast, value_range=(0, 255)))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def build_model(train: TrainSettings, image_size: int) -> keras.Model:
+    """The classifier: [augmentation] -> preprocessing -> backbone -> GAP -> dropout -> sigmoid.
+
+    With pretrained weights the backbone starts frozen and is always called with
+    `training=False`, so its BatchNorm layers stay in inference mode even after the top
+    blocks are unfrozen (unfreezing must not wreck the learned statistics). Without
+    pretrained weights there is nothing to protect: the backbone trains from the start.
+    """
+    bb = check_compatible(train, image_size)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = augmentation(train)(inputs) if train.online_augment else inputs
+    x = BackbonePreprocess(bb.preprocess, name="preprocess")(x)
+    base = bb.factory(image_size, train.weights)
+    base.name = "backbone"
+    pretrained = train.weights is not None
+    base.trainable = not pretrained
+    x = base(x, training=False) if pretrained else base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(train.dropout, name="dropout")(x)
+    # float32 output even under mixed precision, for a numerically stable loss.
+    out = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="male_prob")(x)
+    return keras.Model(inputs, out, name=f"genderclf_{bb.name}")
+
+
+def unfreeze_top_blocks(model: keras.Model, train: TrainSettings) -> list[str]:
+    """Phase 2: make the top `train.finetune_blocks` blocks of the backbone trainable.
+
+    Returns:
+        Names of the layers made trainable.
+    """
+    bb = BACKBONES[train.backbone]
+    base = model.get_layer("backbone")
+    if train.weights is None:
+        base.trainable = True  # trained from scratch: everything keeps training
+        return [layer.name for layer in base.layers]
+    prefixes = tuple(p for block in bb.blocks[: train.finetune_blocks] for p in block)
+    base.trainable = True
+    names = []
+    for layer in base.layers:
+        # BatchNorm stays frozen: its statistics came from the pretraining data.
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = layer.name.startswith(prefixes) and not is_bn
+        if layer.trainable and layer.weights:
+            names.append(layer.name)
+    return names

@@ -1,0 +1,204 @@
+"""Model Registry: register the candidate, compare with the champion, promote by policy.
+
+Policy (`register` params): the candidate becomes `champion` only if its test accuracy is
+at least `register.min_accuracy` and it beats the current champion, evaluated on the
+same test split, by more than zero and at least `register.min_improvement`. An equal
+score keeps the champion (no churn). The first model that meets the floor becomes
+champion. `challenger` always points at the newest candidate.
+
+Every alias move is recorded on the model versions as tags (who, when, from, to), so the
+history survives later moves.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME, call_with_retries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide(candidate_acc: float, champion_acc: float | None, min_accuracy: float,
+           min_improvement: float) -> Decision:  # fmt: skip
+    """The promotion policy as a pure function (see module docstring)."""
+    if candidate_acc < min_accuracy:
+        return Decision(False, [f"accuracy {candidate_acc:.4f} is below register.min_accuracy "
+                                f"{min_accuracy:.4f}"])  # fmt: skip
+    if champion_acc is None:
+        return Decision(True, [f"no champion yet and accuracy {candidate_acc:.4f} meets the floor "
+                               f"{min_accuracy:.4f}"])  # fmt: skip
+    delta = candidate_acc - champion_acc
+    if delta <= 0 or delta < min_improvement:
+        return Decision(False, [f"accuracy {candidate_acc:.4f} does not beat the champion's "
+                                f"{champion_acc:.4f} by more than 0 and at least "
+                                f"register.min_improvement={min_improvement} (delta {delta:+.4f})"])  # fmt: skip
+    return Decision(True, [f"accuracy {candidate_acc:.4f} beats the champion's {champion_acc:.4f} "
+                           f"by {delta:+.4f} (>= register.min_improvement={min_improvement})"])  # fmt: skip
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def find_or_register(client, run_id: str, model_uri: str, tags: dict[str, str], retries: int):
+    """The version registered from `run_id`, registering it only if none exists yet."""
+    import mlflow
+
+    def existing():
+        try:
+            return client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'")
+        except Exception as err:  # registered model not created yet
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")):
+                return []
+            raise
+
+    found = call_with_retries(existing, retries, 1.0, "MLflow model registry")
+    if found:
+        mv = sorted(found, key=lambda v: int(v.version))[0]
+        log.info(
+            "register: run %s is already version %s; not registering again", run_id, mv.version
+        )
+        return mv, False
+    mv = call_with_retries(lambda: mlflow.register_model(model_uri, MODEL_NAME, tags=tags),
+                           retries, 1.0, "MLflow model registry")  # fmt: skip
+    return mv, True
+
+
+def current_alias(client, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(MODEL_NAME, alias)
+    except MlflowException:
+        return None
+
+
+def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
+    """Point `alias` at `version` and record the move on both versions."""
+    prev = current_alias(client, alias)
+    move = {"alias": alias, "from": prev.version if prev else None, "to": version,
+            "by": _who(), "at": _now(), "reason": reason[:400]}  # fmt: skip
+    client.set_registered_model_alias(MODEL_NAME, alias, version)
+    client.set_model_version_tag(MODEL_NAME, version, f"alias.{alias}.set", json.dumps(move))
+    if prev and prev.version != version:
+        client.set_model_version_tag(
+            MODEL_NAME, prev.version, f"alias.{alias}.removed", json.dumps(move)
+        )
+    client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", json.dumps(move))
+    return move
+
+
+def champion_accuracy(client, champion, prepared_dir: Path, batch_size: int) -> float:
+    """Evaluate the champion on the same prepared test split as the candidate."""
+    import mlflow
+
+    import genderclf.model.layers  # noqa: F401  (custom layers for loading)
+    from genderclf.model.evaluate import predict_split
+
+    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{champion.version}")
+    _, y, p = predict_split(model, prepared_dir, "test", batch_size)
+    threshold = float(champion.tags.get("threshold", 0.5))
+    return float(((p >= threshold).astype(int) == y).mean())
+
+
+def run_register(settings, run_file: Path, eval_file: Path, prepared_dir: Path,
+                 report_file: Path, max_rechecks: int = 3) -> dict[str, Any]:  # fmt: skip
+    """The register stage; writes `reports/register.json` and returns its content."""
+    from mlflow import MlflowClient
+
+    from genderclf.data.fsutil import write_json
+    from genderclf.tracking.setup import configure
+
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_file} not found: run `dvc repro train`")
+    if not eval_file.is_file():
+        raise FileNotFoundError(f"{eval_file} not found: run `dvc repro evaluate`")
+    cfg = settings.registry
+    run = json.loads(run_file.read_text())
+    metrics = json.loads(eval_file.read_text())
+    configure(cfg.retries)
+    client = MlflowClient()
+    acc = float(metrics["accuracy"])
+    tags = {"accuracy": f"{acc:.6f}", "threshold": f"{metrics['threshold']:.6f}",
+            "f1": f"{metrics['f1']:.6f}", "run_id": run["run_id"]}  # fmt: skip
+    mv, created = find_or_register(client, run["run_id"], run["model_uri"], tags, cfg.retries)
+    version = str(mv.version)
+    call_with_retries(lambda: client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version),
+                      cfg.retries, 1.0, "MLflow model registry")  # fmt: skip
+    moves: list[dict[str, Any]] = []
+    champion_acc = None
+    champion_version = None
+    decision = Decision(False, ["not evaluated"])
+    for _ in range(max_rechecks):
+        champ = current_alias(client, CHAMPION)
+        if champ is not None and str(champ.version) == version:
+            decision = Decision(True, [f"version {version} is already the champion"])
+            champion_version, champion_acc = version, acc
+            break
+        champion_version = str(champ.version) if champ else None
+        champion_acc = (champion_accuracy(client, champ, prepared_dir, settings.train.batch_size * 2)
+                        if champ else None)  # fmt: skip
+        decision = decide(acc, champion_acc, cfg.min_accuracy, cfg.min_improvement)
+        if not decision.promote:
+            break
+        # Re-check right before moving: another register may have promoted meanwhile.
+        again = current_alias(client, CHAMPION)
+        if (str(again.version) if again else None) != champion_version:
+            log.info("register: champion changed during evaluation; re-checking")
+            continue
+        moves.append(move_alias(client, CHAMPION, version, "; ".join(decision.reasons)))
+        break
+    label = (
+        "promoted"
+        if decision.promote and moves
+        else ("champion" if decision.promote else "rejected")
+    )
+    client.set_model_version_tag(MODEL_NAME, version, "decision", label)
+    client.set_model_version_tag(
+        MODEL_NAME, version, "decision_reason", "; ".join(decision.reasons)[:4000]
+    )
+    after = current_alias(client, CHAMPION)
+    report = {
+        "model_name": MODEL_NAME,
+        "version": version,
+        "newly_registered": created,
+        "run_id": run["run_id"],
+        "decision": label,
+        "reasons": decision.reasons,
+        "candidate": {"version": version, "accuracy": acc, "f1": metrics["f1"],
+                      "roc_auc": metrics.get("roc_auc"), "threshold": metrics["threshold"]},
+        "champion_before": {"version": champion_version, "accuracy": champion_acc},
+        "champion_after": after.version if after else None,
+        "alias_moves": moves,
+        "policy": {"min_accuracy": cfg.min_accuracy, "min_improvement": cfg.min_improvement},
+        "at": _now(),
+    }  # fmt: skip
+    write_json(report_file, report)
+    import mlflow
+
+    with mlflow.start_run(run_id=run["run_id"]):
+        mlflow.log_artifact(str(report_file), "registry")
+        mlflow.set_tags({"registry.version": version, "registry.decision": label})
+    return report

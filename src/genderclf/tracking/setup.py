@@ -1,0 +1,142 @@
+"""MLflow setup in one place, at call time (never at import), plus lineage tags.
+
+Tracking store: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` in the working
+directory (the repository root when DVC runs the stages). Artifacts go where the store's
+experiment says: local by default, S3 when the server or `MLFLOW_S3_ENDPOINT_URL` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "gender-classification"
+MODEL_NAME = "gender-classifier"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server could not be reached or refused a call."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact(uri: str) -> str:
+    """Drop credentials from a URI before it is printed, logged or stored."""
+    return re.sub(r"//[^/@\s]+@", "//***@", uri)
+
+
+def configure(retries: int = 3, backoff: float = 1.0) -> str:
+    """Point MLflow at the tracking store, create the experiment, check it answers.
+
+    Returns:
+        The tracking URI (with any credentials redacted).
+
+    Raises:
+        TrackingError: the store did not answer after `retries` retries, naming the URI.
+    """
+    # Bound MLflow's own HTTP retries so an unreachable server fails in seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    call_with_retries(lambda: mlflow.set_experiment(EXPERIMENT), retries, backoff,
+                      f"MLflow tracking server at {redact(uri)}")  # fmt: skip
+    return redact(uri)
+
+
+def call_with_retries(fn, retries: int, backoff: float, what: str):
+    """Call `fn`; retry on any MLflow/network error with exponential backoff.
+
+    Raises:
+        TrackingError: still failing after `retries` retries.
+    """
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    for i in range(retries + 1):
+        try:
+            return fn()
+        except (MlflowException, RequestException, OSError) as err:
+            code = getattr(err, "error_code", "")
+            if code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
+                raise
+            if i == retries:
+                raise TrackingError(
+                    f"{what} did not answer after {retries + 1} attempts: "
+                    f"{redact(str(err))[:300]}. Check MLFLOW_TRACKING_URI and that the server "
+                    "is up, then re-run the stage; outputs already on disk are kept."
+                ) from None
+            delay = backoff * 2**i
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, type(err).__name__,
+                        i + 1, retries, delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def file_md5(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def dvc_out_hash(stage: str, out: str, lock_file: Path = Path("dvc.lock")) -> str | None:
+    """The hash DVC recorded in dvc.lock for one output of a stage (None if not run via DVC)."""
+    if not lock_file.is_file():
+        return None
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+        for o in lock.get("stages", {}).get(stage, {}).get("outs", []):
+            if o.get("path") == out:
+                return o.get("md5")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return None
+
+
+def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dict[str, str]:
+    """Tags that tie a run to its code, data and settings."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    source: dict[str, Any] = {}
+    if source_file.is_file():
+        source = json.loads(source_file.read_text())
+    tags = {
+        "mlflow.source.git.commit": commit or "unknown",
+        "git_commit": commit or "unknown",
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "dvc_prepared_md5": dvc_out_hash("augment", prepared_dir) or "unknown",
+        "params_md5": file_md5(params_file) or "unknown",
+        "data_source": str(source.get("source", "unknown")),
+        "data_location": str(source.get("slug") or source.get("uri") or source.get("path")
+                             or source.get("generator") or "unknown"),
+        "data_checksum": str(source.get("checksum", "unknown")),
+    }  # fmt: skip
+    return {k: redact(v) for k, v in tags.items()}
