@@ -79,10 +79,14 @@ class EpochLog(keras.callbacks.Callback):
         if self.mlflow_run:
             import mlflow
 
-            mlflow.log_metrics(
-                {k: v for k, v in row.items() if k not in ("epoch", "phase", "seconds")},
-                step=row["epoch"],
-            )
+            try:
+                mlflow.log_metrics(
+                    {k: v for k, v in row.items() if k not in ("epoch", "phase", "seconds")},
+                    step=row["epoch"],
+                )
+            except Exception as err:  # a tracking hiccup must not kill hours of training
+                log.warning("could not log epoch %d to MLflow (%s); it stays in %s",
+                            row["epoch"], type(err).__name__, self.history_csv)  # fmt: skip
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

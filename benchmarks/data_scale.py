@@ -1,0 +1,121 @@
+"""Data stages at two dataset sizes: wall time and peak memory per stage, side by side.
+
+For each size, a fresh working folder gets a params.yaml derived from the repository's
+(sample source, `--image-size`, `augment.copies: 0`), then each data stage runs as its
+own `genderclf` process. Peak memory is the largest resident set of any process in the
+stage's tree (ru_maxrss of the waited-for children, pool workers included). A plain
+decode + resize pass over the same files, on all cores, runs in the same run as the
+ceiling for the per-image stages.
+
+    uv run python benchmarks/data_scale.py --sizes 2000 50000
+    uv run python benchmarks/data_scale.py --sizes 20000 202599   # CelebA scale (issue 7)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("download", "validate", "split", "augment")
+WRAPPER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "rc = subprocess.run(sys.argv[1:]).returncode; dt = time.perf_counter() - t; "
+    "print('__STAT__', rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)"
+)
+
+
+def run_stage(workdir: Path, stage: str) -> tuple[float, float]:
+    """Run `genderclf <stage>` in `workdir`; return (seconds, peak RSS MiB)."""
+    exe = str(Path(sys.executable).parent / "genderclf")
+    out = subprocess.run([sys.executable, "-c", WRAPPER, exe, stage, "-q"] if stage != "split"
+                         else [sys.executable, "-c", WRAPPER, exe, stage],
+                         cwd=workdir, capture_output=True, text=True)  # fmt: skip
+    stat = [ln for ln in out.stdout.splitlines() if ln.startswith("__STAT__")][-1].split()
+    if stat[1] != "0":
+        raise SystemExit(
+            f"{stage} failed in {workdir}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        )
+    return float(stat[2]), int(stat[3]) / 1024
+
+
+def _decode_resize(paths: list[str], size: int) -> int:
+    from PIL import Image
+
+    for p in paths:
+        with Image.open(p) as im:
+            im.convert("RGB").resize((size, size), Image.BILINEAR)
+    return len(paths)
+
+
+def decode_resize_rate(raw: Path, size: int, workers: int) -> float:
+    """Images/s of a bare decode + resize over the dataset's images, on `workers` processes."""
+    files = sorted(str(p) for p in (raw / "img_align_celeba" / "img_align_celeba").glob("*.jpg"))
+    chunks = [files[i : i + 512] for i in range(0, len(files), 512)]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers) as ex:
+        n = sum(ex.map(_decode_resize, chunks, [size] * len(chunks)))
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", type=int, nargs=2, default=[2000, 50000])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--keep", action="store_true", help="keep the working folders")
+    args = ap.parse_args()
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    workers = len(os.sched_getaffinity(0))
+    results: dict[int, dict] = {}
+    for n in args.sizes:
+        work = Path(tempfile.mkdtemp(prefix=f"data-scale-{n}-"))
+        params = json.loads(json.dumps(base))
+        params["data"]["sample"]["num_images"] = n
+        params["base"]["image_size"] = args.image_size
+        params["augment"]["copies"] = 0
+        params["validate"]["min_rows"] = min(params["validate"]["min_rows"], n)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        res = {s: run_stage(work, s) for s in STAGES}
+        res["decode_resize_ips"] = decode_resize_rate(
+            work / "data" / "raw", args.image_size, workers
+        )
+        results[n] = res
+        print(f"{n:>7} images: " + ", ".join(f"{s} {res[s][0]:.1f}s/{res[s][1]:.0f}MiB" for s in STAGES)
+              + f", decode+resize ceiling {res['decode_resize_ips']:.0f} img/s", flush=True)  # fmt: skip
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(work)])
+    small, large = args.sizes
+    ratio = large / small
+    print(f"\n{'stage':<10} {'time ' + str(small):>12} {'time ' + str(large):>12} {'time ratio':>11}"
+          f" {'image ratio':>12} {'peak MiB ' + str(small):>15} {'peak MiB ' + str(large):>15}"
+          f" {'img/s ' + str(large):>12} {'vs ceiling':>11}")  # fmt: skip
+    for s in STAGES:
+        (t1, m1), (t2, m2) = results[small][s], results[large][s]
+        ips = large / t2
+        ceil = ips / results[large]["decode_resize_ips"]
+        print(f"{s:<10} {t1:>11.1f}s {t2:>11.1f}s {t2 / t1:>11.2f} {ratio:>12.2f} {m1:>15.0f} {m2:>15.0f}"
+              f" {ips:>12.0f} {ceil:>10.0%}")  # fmt: skip
+    peak = max(m for n in args.sizes for s in STAGES for m in [results[n][s][1]])
+    print(
+        f"\npeak resident memory over all stages and sizes: {peak:.0f} MiB "
+        f"({'under' if peak < 2048 else 'OVER'} the 2 GiB target)"
+    )
+    print(
+        f"decode+resize ceiling ({workers} processes): "
+        + ", ".join(f"{n}: {results[n]['decode_resize_ips']:.0f} img/s" for n in args.sizes)
+    )
+
+
+if __name__ == "__main__":
+    main()
