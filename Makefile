@@ -15,9 +15,9 @@ setup: ## Install the locked environment into .venv (uv, from uv.lock)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
 
-demo: setup ## Run the whole pipeline on the bundled sample (no network, no GPU)
+demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over DVC; no network, no GPU)
 	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "make demo needs a git checkout (DVC tracks runs in git)"; exit 1)
-	$(RUN) dvc repro
+	$(RUN) python flows/pipeline.py
 	@$(RUN) dvc metrics show
 	@$(RUN) genderclf compare
 	@echo ""
@@ -39,9 +39,13 @@ format: setup ## Apply ruff fixes and formatting
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-ui: setup ## Start the MLflow UI on 127.0.0.1:5000 (Ctrl-C to stop)
-	@echo "MLflow UI: http://127.0.0.1:5000"
-	$(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on loopback (Ctrl-C stops both)
+	@echo "Prefect UI: http://127.0.0.1:4200   (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it)"
+	@echo "MLflow UI:  http://127.0.0.1:5000"
+	@trap 'kill 0' INT TERM EXIT; \
+	  $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
+	  $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 & \
+	  wait
 
 clean: ## Remove pipeline outputs and local stores (keeps the DVC cache)
 	rm -rf data models metrics plots reports mlflow.db mlruns mlartifacts .cache

@@ -82,18 +82,16 @@ def flow_env(workspace, monkeypatch):
     return workspace
 
 
-def _artifact(key: str) -> dict | None:
-    """The newest artifact with `key`, read from the Prefect API.
-
-    Posted by hand: with the locked FastAPI the server rejects the explicit nulls that
-    Prefect 3.8's own client sends for the unused filters.
-    """
+def _artifact(key: str):
+    """The newest artifact with `key`, read back from the Prefect API."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    body = {"artifacts": {"key": {"any_": [key]}}, "limit": 1, "offset": 0, "sort": "CREATED_DESC"}
     with get_client(sync_client=True) as client:
-        found = client._client.post("/artifacts/filter", json=body).json()
-    return found[0] if found else None
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    return found[0].model_dump(mode="json") if found else None
 
 
 def test_flow_runs_every_stage_retries_download_and_publishes(harness, flow_env):

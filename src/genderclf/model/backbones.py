@@ -21,6 +21,13 @@ class ModelConfigError(ValueError):
     """A train setting the chosen backbone cannot honour; names the param."""
 
 
+# Keras' default BatchNorm momentum (0.99) needs several hundred steps before the moving
+# statistics describe the network being trained; until then inference-mode predictions (and
+# the val_loss that EarlyStopping and the best checkpoint select on) are near the class prior.
+# A from-scratch CNN on a small dataset may not get that many steps: 0.9 converges in ~50.
+_SIMPLE_CNN_BN_MOMENTUM = 0.9
+
+
 def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
     if weights is not None:
         raise ModelConfigError(
@@ -33,7 +40,8 @@ def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
         for j in (1, 2):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                                     name=f"block{i}_conv{j}")(x)  # fmt: skip
-            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = keras.layers.BatchNormalization(momentum=_SIMPLE_CNN_BN_MOMENTUM,
+                                                name=f"block{i}_bn{j}")(x)  # fmt: skip
             x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{i}_pool")(x)
     return keras.Model(inp, x, name="simple_cnn")

@@ -215,6 +215,10 @@ def fit_phases(
         model.load_weights(str(phase1_done))
 
     if t.epochs_finetune > 0:
+        # A phase-1 BackupAndRestore that restored a backup leaves its epoch on the model
+        # (`_initial_epoch`, Keras 3), and the next fit() starts from it: after a resume,
+        # phase 2 would silently skip that many fine-tuning epochs.
+        model._initial_epoch = None
         names = unfreeze_top_blocks(model, t)
         log.info("phase 2: %d backbone layers trainable, lr %.1e", len(names), t.lr_finetune)
         with distribution_scope():
@@ -290,9 +294,11 @@ def run_train(settings: Settings, prepared_dir: Path, paths: dict[str, Path]) ->
             model stays on disk).
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
 
     from genderclf.data.tfrecords import make_dataset, read_meta
-    from genderclf.tracking.setup import configure, lineage_tags
+    from genderclf.tracking.setup import TrackingError, configure, lineage_tags, redact
 
     meta = read_meta(prepared_dir)
     t = settings.train
@@ -319,6 +325,7 @@ def run_train(settings: Settings, prepared_dir: Path, paths: dict[str, Path]) ->
     weights = class_weights(tr["male"], tr["images"], t.class_weights)
 
     run = mlflow.start_run(run_id=run_id or os.environ.get("MLFLOW_RUN_ID"))
+    saved = False
     try:
         backup.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
@@ -329,6 +336,7 @@ def run_train(settings: Settings, prepared_dir: Path, paths: dict[str, Path]) ->
         result = fit_phases(settings, train_ds, val_ds, backup, weights=weights, mlflow_run=True)
         model = result.model
         save_model_atomic(model, paths["model"])
+        saved = True
         hist = result.history
         best = min((r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"],
                    default={})  # fmt: skip
@@ -358,6 +366,18 @@ def run_train(settings: Settings, prepared_dir: Path, paths: dict[str, Path]) ->
         write_json(paths["run"], {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                   "tracking_uri": uri, "model_uri": model_uri})  # fmt: skip
         mlflow.set_tag("stage.train", "done")
+    except (MlflowException, RequestException) as err:
+        # The server went away after `configure()` answered (MLflow's HTTP client has already
+        # retried). Say so in one message; the backup stays, so a re-run repeats no epoch.
+        with contextlib.suppress(MlflowException, RequestException):
+            mlflow.end_run("FAILED")  # pops the active run even when the server is down
+        kept = (f"the trained model is kept in {paths['model']}" if saved
+                else f"completed epochs are kept in {backup}")  # fmt: skip
+        raise TrackingError(
+            f"MLflow tracking server at {uri} failed during the train stage: "
+            f"{redact(str(err))[:300]}. {kept}; run the stage again when the server answers "
+            "(it resumes from the backup without repeating completed epochs)."
+        ) from None
     finally:
         mlflow.end_run()
     shutil.rmtree(backup, ignore_errors=True)

@@ -7,6 +7,7 @@ experiment says: local by default, S3 when the server or `MLFLOW_S3_ENDPOINT_URL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,9 +60,26 @@ def configure(retries: int = 3, backoff: float = 1.0) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-    call_with_retries(lambda: mlflow.set_experiment(EXPERIMENT), retries, backoff,
+    call_with_retries(lambda: _ensure_experiment(uri), retries, backoff,
                       f"MLflow tracking server at {redact(uri)}")  # fmt: skip
     return redact(uri)
+
+
+def _ensure_experiment(uri: str) -> None:
+    """Select the experiment, creating it first if needed.
+
+    With a SQLite store the artifacts go next to the database file (`mlruns/` beside it),
+    not into whatever folder the first process happened to run in.
+    """
+    import mlflow
+
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None and uri.startswith("sqlite:///"):
+        from mlflow.exceptions import MlflowException
+
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        with contextlib.suppress(MlflowException):  # another process may have just created it
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
+    mlflow.set_experiment(EXPERIMENT)
 
 
 def call_with_retries(fn, retries: int, backoff: float, what: str):

@@ -1,0 +1,38 @@
+"""prefect.yaml declares the deployments users rely on, pointing at real flows."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _deployments() -> dict[str, dict]:
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return {d["name"]: d for d in doc["deployments"]}
+
+
+def _flow_name(entrypoint: str) -> str:
+    module, _, attr = entrypoint.partition(":")
+    mod = importlib.import_module(module.removesuffix(".py").replace("/", "."))
+    return getattr(mod, attr).name
+
+
+def test_deployments_names_pools_and_schedules():
+    deps = _deployments()
+    full = {f"{_flow_name(d['entrypoint'])}/{name}": d for name, d in deps.items()}
+    assert set(full) == {"gender-pipeline/weekly", "gender-pipeline/on-demand", "train/gpu"}
+    weekly, on_demand, gpu = full["gender-pipeline/weekly"], full["gender-pipeline/on-demand"], full["train/gpu"]
+    assert weekly["schedules"][0]["cron"].split() == ["0", "3", "*", "*", "1"]
+    assert "schedules" not in on_demand
+    assert weekly["work_pool"]["name"] == on_demand["work_pool"]["name"] == "cpu"
+    assert gpu["work_pool"]["name"] == "gpu"
+    jv = gpu["work_pool"]["job_variables"]
+    request = jv["container_create_kwargs"]["device_requests"][0]
+    assert request["driver"] == "nvidia" and request["capabilities"] == [["gpu"]]
+    assert jv["gpu_limit"] == 1
+    # the weekly run trains on the GPU deployment, by its full name
+    assert weekly["parameters"]["train_on"] == "train/gpu"
