@@ -25,7 +25,11 @@ def test_deployments_names_pools_and_schedules():
     deps = _deployments()
     full = {f"{_flow_name(d['entrypoint'])}/{name}": d for name, d in deps.items()}
     assert set(full) == {"gender-pipeline/weekly", "gender-pipeline/on-demand", "train/gpu"}
-    weekly, on_demand, gpu = full["gender-pipeline/weekly"], full["gender-pipeline/on-demand"], full["train/gpu"]
+    weekly, on_demand, gpu = (
+        full["gender-pipeline/weekly"],
+        full["gender-pipeline/on-demand"],
+        full["train/gpu"],
+    )
     assert weekly["schedules"][0]["cron"].split() == ["0", "3", "*", "*", "1"]
     assert "schedules" not in on_demand
     assert weekly["work_pool"]["name"] == on_demand["work_pool"]["name"] == "cpu"
