@@ -43,8 +43,8 @@ ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on l
 	@echo "Prefect UI: http://127.0.0.1:4200   (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it)"
 	@echo "MLflow UI:  http://127.0.0.1:5000"
 	@trap 'kill 0' INT TERM EXIT; \
-	  $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
-	  $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 & \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
+	  $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 --workers 1 & \
 	  wait
 
 clean: ## Remove pipeline outputs and local stores (keeps the DVC cache)
