@@ -32,6 +32,9 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
+_TOLERANCE = 1e-9
+
+
 def decide(candidate_acc: float, champion_acc: float | None, min_accuracy: float,
            min_improvement: float) -> Decision:  # fmt: skip
     """The promotion policy as a pure function (see module docstring)."""
@@ -42,7 +45,9 @@ def decide(candidate_acc: float, champion_acc: float | None, min_accuracy: float
         return Decision(True, [f"no champion yet and accuracy {candidate_acc:.4f} meets the floor "
                                f"{min_accuracy:.4f}"])  # fmt: skip
     delta = candidate_acc - champion_acc
-    if delta <= 0 or delta < min_improvement:
+    # Accuracies are ratios of counts; in binary floating point 0.94 - 0.92 is 0.0199999...
+    # Compare with a tolerance far below one image, so "at least" means at least.
+    if delta <= _TOLERANCE or delta < min_improvement - _TOLERANCE:
         return Decision(False, [f"accuracy {candidate_acc:.4f} does not beat the champion's "
                                 f"{champion_acc:.4f} by more than 0 and at least "
                                 f"register.min_improvement={min_improvement} (delta {delta:+.4f})"])  # fmt: skip
@@ -98,13 +103,15 @@ def current_alias(client, alias: str):
 def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
     """Point `alias` at `version` and record the move on both versions."""
     prev = current_alias(client, alias)
-    move = {"alias": alias, "from": prev.version if prev else None, "to": version,
+    # str(): some stores return the version as an int; records and comparisons use strings.
+    prev_version = str(prev.version) if prev else None
+    move = {"alias": alias, "from": prev_version, "to": version,
             "by": _who(), "at": _now(), "reason": reason[:400]}  # fmt: skip
     client.set_registered_model_alias(MODEL_NAME, alias, version)
     client.set_model_version_tag(MODEL_NAME, version, f"alias.{alias}.set", json.dumps(move))
-    if prev and prev.version != version:
+    if prev_version is not None and prev_version != version:
         client.set_model_version_tag(
-            MODEL_NAME, prev.version, f"alias.{alias}.removed", json.dumps(move)
+            MODEL_NAME, prev_version, f"alias.{alias}.removed", json.dumps(move)
         )
     client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", json.dumps(move))
     return move

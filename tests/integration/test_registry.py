@@ -1,0 +1,266 @@
+"""The register stage: promotion policy and the MLflow Model Registry, for real.
+
+`decide` is checked as a pure function. `run_register` runs against a real MLflow SQLite
+store in a temporary folder with real Keras models: each candidate is an untrained small
+CNN logged to its own run. The candidate's accuracy comes from its eval.json (which the
+test controls); the champion's is measured by the stage on the prepared test split, and
+the test measures it independently to set up better / worse / equal candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import pytest
+
+from genderclf import config as C
+from genderclf.config import Settings
+from genderclf.tracking.registry import decide, run_register
+from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME, TrackingError
+
+# --- the policy as a pure function -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "floor", "min_improvement", "promote", "reason"),
+    [
+        (0.95, None, 0.9, 0.0, True, "no champion yet"),
+        (0.90, None, 0.9, 0.0, True, "meets the floor"),  # the floor itself is enough
+        (0.89, None, 0.9, 0.0, False, "below register.min_accuracy"),
+        (0.95, 0.93, 0.9, 0.0, True, "beats the champion's 0.9300"),
+        (0.92, 0.93, 0.9, 0.0, False, "does not beat the champion's 0.9300"),
+        (0.93, 0.93, 0.9, 0.0, False, "delta +0.0000"),  # equal: keep the champion
+        (0.85, 0.50, 0.9, 0.0, False, "below register.min_accuracy"),  # better, under floor
+        (0.95, 0.94, 0.9, 0.02, False, "register.min_improvement=0.02"),
+        (0.97, 0.94, 0.9, 0.02, True, "by +0.0300"),
+        # exactly the minimum improvement, as counts give it: 94 vs 92 right of 100
+        # (in floating point 94/100 - 92/100 is 0.0199999...)
+        (94 / 100, 92 / 100, 0.9, 0.02, True, "by +0.0200"),
+        (94 / 100, 93 / 100, 0.9, 0.01, True, "by +0.0100"),
+    ],
+)
+def test_decide(candidate, champion, floor, min_improvement, promote, reason):
+    d = decide(candidate, champion, floor, min_improvement)
+    assert d.promote is promote
+    assert len(d.reasons) == 1 and reason in d.reasons[0]
+
+
+# --- run_register against a real store ---------------------------------------------------------
+
+
+@pytest.fixture
+def reg_settings(model_settings) -> Settings:
+    # A low floor, so that candidates worse than an untrained champion still clear it.
+    return model_settings({"register.min_accuracy": 0.05, "register.min_improvement": 0.0})
+
+
+class Candidates:
+    """Untrained small CNNs, each logged to its own MLflow run, with run.json/eval.json."""
+
+    def __init__(self, settings: Settings, prepared: Path):
+        self.settings, self.prepared, self.n = settings, prepared, 0
+
+    def new(self, accuracy: float, threshold: float = 0.5) -> tuple[Path, Path, float]:
+        """Returns (run.json, eval.json, the model's real accuracy on the test split)."""
+        import mlflow
+
+        from genderclf.data.fsutil import write_json
+        from genderclf.model.backbones import build_model
+        from genderclf.model.evaluate import predict_split
+        from genderclf.model.train import log_keras_model
+        from genderclf.tracking.setup import configure
+
+        self.n += 1
+        keras.utils.set_random_seed(self.n)
+        model = build_model(self.settings.train, self.settings.base.image_size)
+        _, y, p = predict_split(model, self.prepared, "test", 64)
+        real = float(((p >= threshold).astype(int) == y).mean())
+        configure()
+        with mlflow.start_run() as run:
+            model_uri = log_keras_model(model, self.settings.base.image_size)
+        folder = Path(f"candidate{self.n}")
+        write_json(folder / "run.json", {"run_id": run.info.run_id, "model_uri": model_uri})
+        write_json(folder / "eval.json", {"accuracy": accuracy, "threshold": threshold,
+                                          "f1": 0.5, "roc_auc": None})  # fmt: skip
+        return folder / "run.json", folder / "eval.json", real
+
+    def register(self, run_file: Path, eval_file: Path, settings: Settings | None = None):
+        report = run_register(settings or self.settings, run_file, eval_file, self.prepared,
+                              C.REGISTER_REPORT)  # fmt: skip
+        assert json.loads(C.REGISTER_REPORT.read_text()) == report
+        return report
+
+
+@pytest.fixture
+def candidates(mlflow_store, reg_settings, prepared) -> Candidates:
+    return Candidates(reg_settings, prepared)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _alias(alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(MODEL_NAME, alias).version)
+    except MlflowException:
+        return None
+
+
+def _versions() -> list[Any]:
+    return sorted(_client().search_model_versions(f"name='{MODEL_NAME}'"),
+                  key=lambda v: int(v.version))  # fmt: skip
+
+
+def _tags(version: str) -> dict[str, str]:
+    return _client().get_model_version(MODEL_NAME, version).tags
+
+
+@pytest.mark.integration
+def test_promotion_policy_end_to_end(candidates):
+    # 1. the first model that meets the floor becomes champion
+    run_a, eval_a, real_a = candidates.new(accuracy=0.95)
+    r = candidates.register(run_a, eval_a)
+    run_id_a = json.loads(run_a.read_text())["run_id"]
+    assert r["version"] == "1" and r["newly_registered"] is True
+    assert r["decision"] == "promoted"
+    assert r["champion_before"] == {"version": None, "accuracy": None}
+    assert r["champion_after"] == "1"
+    assert "no champion yet" in r["reasons"][0]
+    assert r["policy"] == {"min_accuracy": 0.05, "min_improvement": 0.0}
+    assert r["candidate"]["accuracy"] == 0.95 and r["run_id"] == run_id_a
+    assert [(m["alias"], m["from"], m["to"]) for m in r["alias_moves"]] == [(CHAMPION, None, "1")]
+    assert _alias(CHAMPION) == "1" and _alias(CHALLENGER) == "1"
+    tags = _tags("1")
+    assert tags["run_id"] == run_id_a
+    assert float(tags["accuracy"]) == 0.95 and float(tags["threshold"]) == 0.5
+    assert tags["decision"] == "promoted"
+    move = json.loads(tags[f"alias.{CHAMPION}.set"])
+    assert (move["from"], move["to"]) == (None, "1")
+    assert move["by"] and move["at"] and "no champion yet" in move["reason"]
+    # the training run links to its registry entry and carries the report
+    run = _client().get_run(run_id_a)
+    assert run.data.tags["registry.version"] == "1"
+    assert run.data.tags["registry.decision"] == "promoted"
+    assert "registry/register.json" in {
+        a.path for a in _client().list_artifacts(run_id_a, "registry")
+    }
+
+    # 2. worse than the champion, measured on the same test split: stays challenger
+    run_b, eval_b, _ = candidates.new(accuracy=real_a - 0.04)
+    r = candidates.register(run_b, eval_b)
+    assert (r["version"], r["decision"], r["champion_after"]) == ("2", "rejected", "1")
+    assert r["champion_before"] == {"version": "1", "accuracy": pytest.approx(real_a)}
+    assert "does not beat the champion's" in r["reasons"][0]
+    assert r["alias_moves"] == []
+    assert _alias(CHAMPION) == "1" and _alias(CHALLENGER) == "2"
+    assert _tags("2")["decision"] == "rejected"
+    assert f"alias.{CHAMPION}.set" not in _tags("2")
+
+    # 3. exactly as good as the champion: no churn
+    run_c, eval_c, _ = candidates.new(accuracy=real_a)
+    r = candidates.register(run_c, eval_c)
+    assert (r["version"], r["decision"], r["champion_after"]) == ("3", "rejected", "1")
+    assert "delta +0.0000" in r["reasons"][0]
+
+    # 4. better: promoted, and the move is recorded on both versions
+    run_d, eval_d, _ = candidates.new(accuracy=min(1.0, real_a + 0.2))
+    r = candidates.register(run_d, eval_d)
+    assert (r["version"], r["decision"], r["champion_after"]) == ("4", "promoted", "4")
+    assert "beats the champion's" in r["reasons"][0]
+    assert [(m["from"], m["to"]) for m in r["alias_moves"]] == [("1", "4")]
+    assert _alias(CHAMPION) == "4" and _alias(CHALLENGER) == "4"
+    moved_in = json.loads(_tags("4")[f"alias.{CHAMPION}.set"])
+    moved_out = json.loads(_tags("1")[f"alias.{CHAMPION}.removed"])
+    assert moved_in == moved_out and (moved_in["from"], moved_in["to"]) == ("1", "4")
+    # version 1 keeps the record of its own promotion
+    assert json.loads(_tags("1")[f"alias.{CHAMPION}.set"])["to"] == "1"
+    last = json.loads(_client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"])
+    assert last == moved_in
+
+    # 5. registering the same run again creates no second version
+    r = candidates.register(run_d, eval_d)
+    assert (r["version"], r["newly_registered"], r["decision"]) == ("4", False, "champion")
+    assert "already the champion" in r["reasons"][0]
+    assert r["alias_moves"] == []
+    r = candidates.register(run_b, eval_b)
+    assert (r["version"], r["newly_registered"], r["decision"]) == ("2", False, "rejected")
+    assert _alias(CHAMPION) == "4"
+    versions = _versions()
+    assert [str(v.version) for v in versions] == ["1", "2", "3", "4"]
+    assert len({v.run_id for v in versions}) == 4
+
+
+@pytest.mark.integration
+def test_below_the_floor_is_never_promoted(candidates, reg_settings):
+    strict = reg_settings.model_copy(
+        update={"register_": reg_settings.registry.model_copy(update={"min_accuracy": 0.9})}
+    )
+    run_a, eval_a, _ = candidates.new(accuracy=0.85)
+    r = candidates.register(run_a, eval_a, strict)
+    assert (r["version"], r["decision"], r["champion_after"]) == ("1", "rejected", None)
+    assert "below register.min_accuracy 0.9000" in r["reasons"][0]
+    assert _alias(CHAMPION) is None and _alias(CHALLENGER) == "1"
+    assert f"alias.{CHAMPION}.set" not in _tags("1")
+    # the first one above the floor then becomes champion
+    run_b, eval_b, _ = candidates.new(accuracy=0.93)
+    r = candidates.register(run_b, eval_b, strict)
+    assert (r["version"], r["decision"], r["champion_after"]) == ("2", "promoted", "2")
+
+
+@pytest.mark.integration
+def test_min_improvement_keeps_a_champion_that_is_only_slightly_worse(candidates, reg_settings):
+    run_a, eval_a, real_a = candidates.new(accuracy=0.95)
+    candidates.register(run_a, eval_a)
+    picky = reg_settings.model_copy(
+        update={"register_": reg_settings.registry.model_copy(update={"min_improvement": 0.1})}
+    )
+    run_b, eval_b, _ = candidates.new(accuracy=real_a + 0.05)
+    r = candidates.register(run_b, eval_b, picky)
+    assert (r["decision"], r["champion_after"]) == ("rejected", "1")
+    assert "register.min_improvement=0.1" in r["reasons"][0]
+    run_c, eval_c, _ = candidates.new(accuracy=real_a + 0.15)
+    r = candidates.register(run_c, eval_c, picky)
+    assert (r["decision"], r["champion_after"]) == ("promoted", "3")
+
+
+def test_missing_inputs_name_the_stage_to_run(mlflow_store, reg_settings, prepared, tmp_path):
+    run_file, eval_file = tmp_path / "run.json", tmp_path / "eval.json"
+    with pytest.raises(FileNotFoundError, match=r"run `dvc repro train`"):
+        run_register(reg_settings, run_file, eval_file, prepared, C.REGISTER_REPORT)
+    run_file.write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    with pytest.raises(FileNotFoundError, match=r"run `dvc repro evaluate`"):
+        run_register(reg_settings, run_file, eval_file, prepared, C.REGISTER_REPORT)
+    assert not C.REGISTER_REPORT.exists()
+
+
+def test_unreachable_registry_fails_after_register_retries(
+    mlflow_store, reg_settings, prepared, tmp_path, monkeypatch
+):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    (tmp_path / "eval.json").write_text(json.dumps({"accuracy": 0.95, "threshold": 0.5, "f1": 0.9}))
+    settings = reg_settings.model_copy(
+        update={"register_": reg_settings.registry.model_copy(update={"retries": 2})}
+    )
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"{uri} did not answer after 3 attempts"):
+        run_register(settings, tmp_path / "run.json", tmp_path / "eval.json", prepared,
+                     C.REGISTER_REPORT)  # fmt: skip
+    assert time.monotonic() - started >= 1 + 2  # backoff between the attempts
+    assert not C.REGISTER_REPORT.exists()

@@ -1,0 +1,170 @@
+"""The evaluation maths: threshold choice, calibration error, metrics and slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as M
+
+from genderclf.model.evaluate import (
+    choose_threshold,
+    compute_metrics,
+    expected_calibration_error,
+    slice_metrics,
+)
+
+
+def _f1_at(y: np.ndarray, p: np.ndarray, t: float) -> float:
+    return float(M.f1_score(y, (p >= t).astype(int), zero_division=0))
+
+
+# --- threshold --------------------------------------------------------------------------------
+
+
+def test_threshold_separates_separable_scores():
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.2, 0.3, 0.35, 0.6, 0.9])
+    t = choose_threshold(y, p)
+    assert t == pytest.approx(0.35)  # the lowest positive score: F1 = 1
+    assert _f1_at(y, p, t) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_maximises_f1_over_every_candidate(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(0.35 * y + rng.normal(0.35, 0.2, 300), 0, 1)  # overlapping classes
+    t = choose_threshold(y, p)
+    best = max(_f1_at(y, p, c) for c in np.unique(p))
+    assert _f1_at(y, p, t) == pytest.approx(best)
+    assert t in set(p)  # a threshold that actually occurs in the data
+
+
+def test_threshold_is_not_fooled_by_the_class_prior():
+    # Positives are rare and score low, but higher than every negative: a fixed 0.5
+    # would call everything negative (F1 = 0); the chosen threshold finds them.
+    y = np.array([0] * 90 + [1] * 10)
+    p = np.concatenate([np.linspace(0.01, 0.2, 90), np.linspace(0.25, 0.4, 10)])
+    t = choose_threshold(y, p)
+    assert _f1_at(y, p, 0.5) == 0.0
+    assert 0.2 < t <= 0.25
+    assert _f1_at(y, p, t) == 1.0
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def test_ece_of_a_calibrated_model_is_small():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 200_000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(int)  # P(y=1 | p) = p exactly
+    ece, table = expected_calibration_error(y, p, bins=10)
+    assert ece < 0.01
+    assert table["count"].sum() == p.size
+    assert len(table) == 10
+    np.testing.assert_allclose(table["observed"], table["confidence"], atol=0.02)
+
+
+def test_ece_of_an_overconfident_model_is_large():
+    rng = np.random.default_rng(1)
+    truth = rng.choice([0.3, 0.7], 100_000)  # the real probability of male
+    y = (rng.uniform(0, 1, truth.size) < truth).astype(int)
+    p = np.where(truth > 0.5, 0.99, 0.01)  # claimed: near certainty
+    ece, _ = expected_calibration_error(y, p, bins=10)
+    assert ece == pytest.approx(0.29, abs=0.01)
+
+
+def test_ece_by_hand_with_edge_probabilities():
+    # bin 0 gets 0.0 and 0.2 (confidence 0.1, observed 0.5); bin 1 gets 0.8 and 1.0
+    # (confidence 0.9, observed 1.0): ECE = 0.5 * 0.4 + 0.5 * 0.1
+    y = np.array([0, 1, 1, 1])
+    p = np.array([0.0, 0.2, 0.8, 1.0])
+    ece, table = expected_calibration_error(y, p, bins=2)
+    assert ece == pytest.approx(0.25)
+    assert table.to_dict("list") == {
+        "bin": [0, 1],
+        "confidence": pytest.approx([0.1, 0.9]),
+        "observed": pytest.approx([0.5, 1.0]),
+        "count": [2, 2],
+    }
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.62])
+def test_metrics_match_sklearn(threshold):
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(0.3 * y + rng.uniform(0, 0.7, 500), 0, 1)
+    p[:5] = threshold  # exactly at the threshold counts as male
+    m = compute_metrics(y, p, threshold, bins=10)
+    pred = (p >= threshold).astype(int)
+    assert pred[:5].all()
+    assert m["accuracy"] == pytest.approx(M.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(M.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(M.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(M.f1_score(y, pred))
+    assert m["roc_auc"] == pytest.approx(M.roc_auc_score(y, p))
+    assert m["average_precision"] == pytest.approx(M.average_precision_score(y, p))
+    assert m["confusion_matrix"] == M.confusion_matrix(y, pred, labels=[0, 1]).tolist()
+    assert m["ece"] == pytest.approx(expected_calibration_error(y, p, 10)[0])
+    assert m["threshold"] == threshold
+    assert m["n"] == 500
+
+
+def test_metrics_with_one_class_have_no_auc_instead_of_failing():
+    y = np.ones(20, dtype=int)
+    p = np.linspace(0.2, 0.9, 20)
+    m = compute_metrics(y, p, 0.5)
+    assert m["roc_auc"] is None
+    assert m["average_precision"] is None
+    assert m["recall"] == pytest.approx((p >= 0.5).mean())
+    assert m["confusion_matrix"] == [[0, 0], [int((p < 0.5).sum()), int((p >= 0.5).sum())]]
+
+
+# --- slices -----------------------------------------------------------------------------------
+
+
+def test_slice_metrics_find_the_worst_slice_and_the_gap():
+    # 20 test images: hats are hard (2 of 6 right); Young=0 is worse (0 of 3) but tiny.
+    hat = [1] * 6 + [0] * 14
+    glasses = [0] * 10 + [1] * 10
+    young = [1] * 17 + [0] * 3
+    correct = np.array([1, 1, 0, 0, 0, 0] + [1] * 11 + [0, 0, 0], dtype=float)
+    frame = pd.DataFrame({"Wearing_Hat": hat, "Eyeglasses": glasses, "Young": young})
+
+    s = slice_metrics(frame, correct, ["Wearing_Hat", "Eyeglasses", "Young", "Pale_Skin"])
+
+    overall = correct.mean()  # 13 / 20
+    assert s["by_attribute"]["Wearing_Hat"] == {
+        "with": {"n": 6, "accuracy": pytest.approx(2 / 6)},
+        "without": {"n": 14, "accuracy": pytest.approx(11 / 14)},
+    }
+    assert s["by_attribute"]["Eyeglasses"]["with"] == {"n": 10, "accuracy": pytest.approx(0.7)}
+    assert s["by_attribute"]["Eyeglasses"]["without"] == {"n": 10, "accuracy": pytest.approx(0.6)}
+    # Young=0 has the lowest accuracy, but slices under 5 images are reported, not ranked
+    assert s["by_attribute"]["Young"]["without"] == {"n": 3, "accuracy": 0.0}
+    assert "Pale_Skin" not in s["by_attribute"]  # not a column of this dataset
+    assert s["worst_slice"] == "Wearing_Hat=with"
+    assert s["worst_slice_accuracy"] == pytest.approx(2 / 6)
+    assert s["worst_slice_gap"] == pytest.approx(overall - 2 / 6)
+
+
+def test_slice_metrics_with_no_slice_worse_than_overall():
+    frame = pd.DataFrame({"Young": [1, 0] * 10})
+    s = slice_metrics(frame, np.ones(20), ["Young"])
+    assert s["worst_slice"] == "overall"
+    assert s["worst_slice_gap"] == 0.0
+
+
+def test_slice_metrics_ignore_missing_attribute_values():
+    # Images without the attribute recorded (empty cells after a reindex) are in no slice.
+    frame = pd.DataFrame({"Eyeglasses": [1, 1, 1, 1, 1, "", None, 0, 0, 0, 0, 0]})
+    correct = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=float)
+    s = slice_metrics(frame, correct, ["Eyeglasses"])
+    e = s["by_attribute"]["Eyeglasses"]
+    assert e["with"] == {"n": 5, "accuracy": 0.0}
+    assert e["without"] == {"n": 5, "accuracy": 1.0}
+    assert s["worst_slice"] == "Eyeglasses=with"
