@@ -23,7 +23,7 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 class ShardWriter:
-    """Write serialized examples into `split-XXXXX-of-YYYYY.tfrecord` files of fixed size."""
+    """Write serialized examples into `<split>-<index>-of-<count>.tfrecord` files of fixed size."""
 
     def __init__(self, out_dir: Path, split: str, total_records: int, shard_size: int):
         import tensorflow as tf
