@@ -33,8 +33,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.states import Completed
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "src") not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO / "src"))
+for _p in (REPO, REPO / "src"):  # run as a script from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from genderclf import config as C  # noqa: E402
 

@@ -25,8 +25,9 @@ import yaml
 from prefect import flow, get_run_logger
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "src") not in sys.path:
-    sys.path.insert(0, str(REPO / "src"))
+for _p in (REPO, REPO / "src"):  # run as a script from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 TRAIN_STAGE = "train"
 
