@@ -166,6 +166,14 @@ class TrainSettings(_Section):
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     class_weights: Literal["auto", "off"] = "auto"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads unquoted on/off as booleans (and `dvc exp run -S` drops the quotes).
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return v
+
     @field_validator("epochs_finetune")
     @classmethod
     def _some_epochs(cls, v: int, info: Any) -> int:

@@ -274,3 +274,11 @@ def test_any_file_gives_settings_or_settings_error(tmp_path_factory, text):
         assert str(p) in str(err)
     else:
         assert isinstance(s, Settings)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, "on"), (False, "off"), ("auto", "auto")])
+def test_mixed_precision_accepts_yaml_booleans(real_params, value, expected):
+    """`mixed_precision: off` unquoted (or after `dvc exp run -S`) is YAML's False."""
+    raw = yaml.safe_load(yaml.safe_dump(real_params))
+    raw["train"]["mixed_precision"] = value
+    assert parse_settings(raw).train.mixed_precision == expected

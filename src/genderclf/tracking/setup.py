@@ -59,7 +59,11 @@ def configure(retries: int = 3, backoff: float = 1.0) -> str:
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    # The registry follows the tracking store unless the user points it elsewhere.
+    # (Calling set_registry_uri would also write MLFLOW_REGISTRY_URI into the environment,
+    # where a later configure() would mistake it for the user's choice.)
+    if os.environ.get("MLFLOW_REGISTRY_URI"):
+        mlflow.set_registry_uri(os.environ["MLFLOW_REGISTRY_URI"])
     call_with_retries(lambda: _ensure_experiment(uri), retries, backoff,
                       f"MLflow tracking server at {redact(uri)}")  # fmt: skip
     return redact(uri)
