@@ -55,11 +55,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from genderclf.data.validation import ValidationFailed
     from genderclf.model.backbones import ModelConfigError
     from genderclf.model.evaluate import ModelLoadError
+    from genderclf.predict import PredictError
     from genderclf.tracking.setup import TrackingError
 
     return (C.SettingsError, DownloadError, LayoutError, ValidationFailed, SplitError,
             AugmentError, UnsafeArchiveError, FileNotFoundError, PermissionError,
-            ModelConfigError, ModelLoadError, TrackingError)  # fmt: skip
+            ModelConfigError, ModelLoadError, TrackingError, PredictError)  # fmt: skip
 
 
 def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -217,6 +218,111 @@ def register(params: ParamsOpt = C.PARAMS_FILE) -> None:
         f"register: {r['model_name']} version {r['version']} {r['decision']} "
         f"(champion now: version {r['champion_after']}). " + "; ".join(r["reasons"])
     )
+
+
+@app.command()
+@stage
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
+    model_uri: Annotated[
+        str,
+        typer.Option(
+            "--model-uri",
+            "-m",
+            help=(
+                "MLflow model URI (models:/name@alias, models:/name/3, runs:/<id>/model, s3://...) "
+                "or a local .keras file."
+            ),
+        ),
+    ] = "models:/gender-classifier@champion",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="table (console) | json | csv")
+    ] = "table",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help=("Write json/csv here (atomically) instead of stdout.")
+        ),
+    ] = None,
+    no_detect: Annotated[
+        bool,
+        typer.Option(
+            "--no-detect",
+            help=("Classify whole images (already-cropped faces) instead of detected faces."),
+        ),
+    ] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help=("Override the model's decision threshold on P(male)."), min=0.0, max=1.0
+        ),
+    ] = None,
+    params: ParamsOpt = C.PARAMS_FILE,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify the faces in new photos: one row per face (file, box, label, probability).
+
+    Faces are found with OpenCV's bundled Haar cascade and cropped the way CelebA frames
+    a face (`predict` section of params.yaml; defaults when there is no params.yaml). An
+    image with no face is reported as `no_face`. A file that cannot be used (not an
+    image, truncated, too big) gets an `error` row; the others are still classified and
+    the command exits 1 with a summary.
+    """
+    from genderclf import predict as P
+
+    if fmt not in ("table", "json", "csv"):
+        raise typer.BadParameter("use table, json or csv", param_hint="--format")
+    if output is not None and fmt == "table":
+        raise typer.BadParameter("--output needs --format json or csv", param_hint="--output")
+    cfg = (C.load_settings(params).predict if params.is_file() or params != C.PARAMS_FILE
+           else C.PredictSettings())  # fmt: skip
+    files, other = P.find_images(paths)
+    if not files:
+        raise P.PredictError(f"no images in {', '.join(map(str, paths))} "
+                             f"(extensions: {', '.join(sorted(P.IMAGE_EXTENSIONS))})")  # fmt: skip
+    clf = P.load_classifier(model_uri, threshold)
+    detector = None if no_detect else P.FaceDetector.from_settings(cfg)
+    progress = None
+    if not quiet and len(files) > 5:
+        from tqdm import tqdm
+
+        def progress(it):
+            return tqdm(it, total=len(files), desc="predict", unit="img", file=sys.stderr)
+
+    rows = list(P.predict_images(files, clf, detector, cfg, progress))
+    if fmt == "table":
+        _print_table(rows)
+    else:
+        text = P.write_rows(rows, fmt, output)
+        if text is not None:
+            sys.stdout.write(text)
+    s = P.summarize(rows, len(other))
+    note = f"; {s.left_out} non-image files in the folders left out" if s.left_out else ""
+    typer.echo(f"predict: {s.files} files, {s.faces} {'images' if no_detect else 'faces'} "
+               f"classified, {s.no_face} without a face, {len(s.failed)} failed{note}"
+               + (f" -> {output}" if output else ""), err=True)  # fmt: skip
+    if s.failed:
+        for f, why in s.failed[:20]:
+            typer.secho(f"  {f}: {why}", fg=typer.colors.RED, err=True)
+        if len(s.failed) > 20:
+            typer.secho(f"  ... and {len(s.failed) - 20} more", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """Aligned plain-text columns; paths are never wrapped or cut, so they stay copyable."""
+    head = ("file", "face", "box x,y,w,h", "label", "probability", "status")
+    lines = [head]
+    for r in rows:
+        box = "" if r["x"] is None else f"{r['x']},{r['y']},{r['w']},{r['h']}"
+        prob = "" if r["probability"] is None else f"{r['probability']:.3f}"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
+        face = "" if r["face"] is None else str(r["face"])
+        lines.append((r["file"], face, box, r["label"] or "", prob, status))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
+    for row in lines:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        typer.echo("  ".join([*cells, row[-1]]).rstrip())
 
 
 @app.command()

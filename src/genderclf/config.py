@@ -195,6 +195,25 @@ class RegisterSettings(_Section):
     retries: int = Field(3, ge=0, le=20)
 
 
+class PredictSettings(_Section):
+    """`genderclf predict`: face detection (OpenCV's bundled Haar cascade) and cropping."""
+
+    cascade: str = Field("haarcascade_frontalface_default.xml",
+                         description="a cascade file bundled with OpenCV (cv2.data.haarcascades)")  # fmt: skip
+    scale_factor: float = Field(1.1, gt=1.0, le=2.0)
+    min_neighbors: int = Field(5, ge=1, le=50)
+    min_face: int = Field(40, ge=8, le=4096, description="smallest face side in pixels")
+    detect_max_side: int = Field(1024, ge=128, le=16384,
+                                 description="detect on a copy at most this big (speed)")  # fmt: skip
+    # How CelebA's aligned crops frame a face: the square training crop is about 1.7x the
+    # detector's box and centred 0.1 box-widths above the box centre (measured on the sample).
+    crop_scale: float = Field(1.7, ge=1.0, le=4.0)
+    crop_shift_y: float = Field(-0.1, ge=-1.0, le=1.0)
+    max_pixels: int = Field(50_000_000, ge=10_000, le=1_000_000_000,
+                            description="refuse bigger images (decompression bombs)")  # fmt: skip
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
 class Settings(_Section):
     base: BaseSettings = BaseSettings()
     data: DataSettings = DataSettings()
@@ -204,6 +223,7 @@ class Settings(_Section):
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     register_: RegisterSettings = Field(RegisterSettings(), alias="register")
+    predict: PredictSettings = PredictSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

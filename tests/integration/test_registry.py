@@ -83,7 +83,7 @@ class Candidates:
         with mlflow.start_run() as run:
             model_uri = log_keras_model(model, self.settings.base.image_size)
         folder = Path(f"candidate{self.n}")
-        write_json(folder / "run.json", {"run_id": run.info.run_id, "model_uri": model_uri})
+        write_json(folder / "run.json", {"run_id": run.info.run_id, "keras_model_uri": model_uri})
         write_json(folder / "eval.json", {"accuracy": accuracy, "threshold": threshold,
                                           "f1": 0.5, "roc_auc": None})  # fmt: skip
         return folder / "run.json", folder / "eval.json", real

@@ -127,7 +127,8 @@ def test_smoke_training_learns_the_sample_and_records_it(
     # MLflow: params, one metric point per epoch, lineage, the model as an MLflow model
     run_info = json.loads(C.RUN_FILE.read_text())
     assert run_info["tracking_uri"] == mlflow_store
-    assert run_info["model_uri"] == f"runs:/{run_info['run_id']}/model"
+    assert run_info["keras_model_uri"] == f"runs:/{run_info['run_id']}/keras_model"
+    assert (run_info["image_size"], run_info["resize"]) == (32, "center_crop")
     client = MlflowClient()
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
@@ -148,12 +149,12 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert tags["data_checksum"] == source["checksum"]
     assert tags["data_source"] == "sample"
     assert tags["stage.train"] == "done" and tags["stage.evaluate"] == "done"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/MLmodel" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "keras_model")}
+    assert "keras_model/MLmodel" in artifacts
     assert {"plots/history.csv", "plots/training_curves.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")
     }
-    logged = mlflow.keras.load_model(run_info["model_uri"])
+    logged = mlflow.keras.load_model(run_info["keras_model_uri"])
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(
         np.asarray(logged.predict(x, verbose=0)),

@@ -31,13 +31,21 @@ class AugmentParams:
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB, applying its EXIF orientation (grayscale/CMYK/palette converted)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            # Composite transparency on white rather than letting it turn black.
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, im).convert("RGB")
-        return im.convert("RGB")
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as upright RGB: EXIF orientation applied, any mode converted.
+
+    Transparency is composited on white rather than turning black. Decodes the image, so
+    a truncated file raises OSError here.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
 
 
 def fit_square(im: Image.Image, size: int, mode: str = "center_crop") -> Image.Image:

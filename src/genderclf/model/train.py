@@ -362,9 +362,13 @@ def run_train(settings: Settings, prepared_dir: Path, paths: dict[str, Path]) ->
                             if isinstance(v, (int, float)) and v is not None})  # fmt: skip
         mlflow.log_artifact(str(paths["curves"]), "plots")
         mlflow.log_artifact(str(paths["history"]), "plots")
-        model_uri = log_keras_model(model, settings.base.image_size)
+        keras_uri = log_keras_model(model, settings.base.image_size)
+        # The servable pyfunc model (`runs:/<id>/model`) is logged by register, which knows
+        # evaluation's threshold; run.json carries what it needs to package this one.
         write_json(paths["run"], {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                  "tracking_uri": uri, "model_uri": model_uri})  # fmt: skip
+                                  "tracking_uri": uri, "keras_model_uri": keras_uri,
+                                  "image_size": settings.base.image_size,
+                                  "resize": settings.augment.resize})  # fmt: skip
         mlflow.set_tag("stage.train", "done")
     except (MlflowException, RequestException) as err:
         # The server went away after `configure()` answered (MLflow's HTTP client has already
@@ -388,7 +392,7 @@ def log_keras_model(model: keras.Model, image_size: int) -> str:
     """Log the model to the active run (MLflow Keras flavor) with a signature and an input example.
 
     Returns:
-        The model URI (`runs:/<run_id>/model`).
+        The model URI (`runs:/<run_id>/keras_model`).
     """
     import tempfile
 
@@ -405,8 +409,8 @@ def log_keras_model(model: keras.Model, image_size: int) -> str:
         local.mkdir()
         mlflow.keras.save_model(model, str(local), signature=signature, input_example=example,
                                 pip_requirements=runtime_requirements())  # fmt: skip
-        mlflow.log_artifacts(str(local), "model")
-    return f"runs:/{mlflow.active_run().info.run_id}/model"
+        mlflow.log_artifacts(str(local), "keras_model")
+    return f"runs:/{mlflow.active_run().info.run_id}/keras_model"
 
 
 def runtime_requirements() -> list[str]:

@@ -67,7 +67,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def find_or_register(client, run_id: str, model_uri: str, tags: dict[str, str], retries: int):
+def find_or_register(
+    client,
+    run_id: str,
+    model_uri: str,
+    tags: dict[str, str],
+    retries: int,
+    what: str = "MLflow model registry",
+):
     """The version registered from `run_id`, registering it only if none exists yet."""
     import mlflow
 
@@ -79,7 +86,7 @@ def find_or_register(client, run_id: str, model_uri: str, tags: dict[str, str], 
                 return []
             raise
 
-    found = call_with_retries(existing, retries, 1.0, "MLflow model registry")
+    found = call_with_retries(existing, retries, 1.0, what)
     if found:
         mv = sorted(found, key=lambda v: int(v.version))[0]
         log.info(
@@ -87,17 +94,24 @@ def find_or_register(client, run_id: str, model_uri: str, tags: dict[str, str], 
         )
         return mv, False
     mv = call_with_retries(lambda: mlflow.register_model(model_uri, MODEL_NAME, tags=tags),
-                           retries, 1.0, "MLflow model registry")  # fmt: skip
+                           retries, 1.0, what)  # fmt: skip
     return mv, True
 
 
 def current_alias(client, alias: str):
+    """The version `alias` points at, or None when the alias or the model does not exist.
+
+    Any other failure (server down, HTTP 5xx) raises: reading "no champion" from an
+    unreachable server would promote a candidate without comparing it.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(MODEL_NAME, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
@@ -119,24 +133,61 @@ def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
 
 def champion_accuracy(client, champion, prepared_dir: Path, batch_size: int) -> float:
     """Evaluate the champion on the same prepared test split as the candidate."""
-    import mlflow
-
-    import genderclf.model.layers  # noqa: F401  (custom layers for loading)
     from genderclf.model.evaluate import predict_split
+    from genderclf.predict import load_classifier
 
-    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{champion.version}")
+    model = load_classifier(f"models:/{MODEL_NAME}/{champion.version}").model
     _, y, p = predict_split(model, prepared_dir, "test", batch_size)
     threshold = float(champion.tags.get("threshold", 0.5))
     return float(((p >= threshold).astype(int) == y).mean())
 
 
+def serving_model_uri(client, run: dict[str, Any], threshold: float, settings,
+                      retries: int) -> str:  # fmt: skip
+    """The run's servable pyfunc model (`runs:/<id>/model`), logged from its Keras model once.
+
+    Packaging happens here, not in train, because the serving threshold is the one
+    evaluation chose. A run that already has it (a re-run of register) is not logged again.
+    """
+    import tempfile
+
+    import mlflow
+
+    from genderclf.predict import SERVING_CONFIG, ServingConfig
+    from genderclf.serving import log_serving_model
+
+    run_id = run["run_id"]
+    have = call_with_retries(lambda: client.list_artifacts(run_id, "model/artifacts"),
+                             retries, 1.0, "MLflow artifact store")  # fmt: skip
+    if any(Path(a.path).name == SERVING_CONFIG for a in have):
+        return f"runs:/{run_id}/model"
+    keras_uri = run.get("keras_model_uri") or run["model_uri"]
+    config = ServingConfig(int(run.get("image_size", settings.base.image_size)),
+                           str(run.get("resize", settings.augment.resize)), float(threshold))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(call_with_retries(
+            lambda: mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=tmp),
+            retries, 1.0, "MLflow artifact store"))  # fmt: skip
+        files = sorted(folder.rglob("*.keras"))
+        if not files:
+            raise FileNotFoundError(f"{keras_uri} holds no .keras file: re-run `dvc repro train`")
+        with mlflow.start_run(run_id=run_id):
+            return log_serving_model(files[0], config)
+
+
 def run_register(settings, run_file: Path, eval_file: Path, prepared_dir: Path,
                  report_file: Path, max_rechecks: int = 3) -> dict[str, Any]:  # fmt: skip
-    """The register stage; writes `reports/register.json` and returns its content."""
-    from mlflow import MlflowClient
+    """The register stage; writes `reports/register.json` and returns its content.
 
-    from genderclf.data.fsutil import write_json
-    from genderclf.tracking.setup import configure
+    Raises:
+        FileNotFoundError: run.json or eval.json missing (names the stage to run).
+        TrackingError: the tracking server did not answer after `register.retries` retries,
+            or failed mid-stage; the message names the URI, and nothing on disk is touched.
+    """
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    from genderclf.tracking.setup import TrackingError, configure, redact
 
     if not run_file.is_file():
         raise FileNotFoundError(f"{run_file} not found: run `dvc repro train`")
@@ -145,22 +196,48 @@ def run_register(settings, run_file: Path, eval_file: Path, prepared_dir: Path,
     cfg = settings.registry
     run = json.loads(run_file.read_text())
     metrics = json.loads(eval_file.read_text())
-    configure(cfg.retries)
+    uri = configure(cfg.retries)
+    where = f"MLflow model registry at {uri}"
+    try:
+        return _register(settings, run, metrics, prepared_dir, report_file, where, max_rechecks)
+    except (MlflowException, RequestException) as err:
+        # A call outside the retried ones failed (the server went away mid-stage). Nothing
+        # on disk is touched, and a re-run finds the version already registered from this
+        # run instead of adding a second one.
+        raise TrackingError(
+            f"{where} failed during the register stage: {redact(str(err))[:300]}. The trained "
+            f"model (run {run.get('run_id')}) and {eval_file} are kept; run the stage again when "
+            "the server answers (it reuses the version registered from this run)."
+        ) from None
+
+
+def _register(settings, run: dict[str, Any], metrics: dict[str, Any], prepared_dir: Path,
+              report_file: Path, where: str, max_rechecks: int) -> dict[str, Any]:  # fmt: skip
+    from mlflow import MlflowClient
+
+    from genderclf.data.fsutil import write_json
+
+    cfg = settings.registry
     client = MlflowClient()
+
+    def call(fn):
+        return call_with_retries(fn, cfg.retries, 1.0, where)
+
     acc = float(metrics["accuracy"])
     tags = {"accuracy": f"{acc:.6f}", "threshold": f"{metrics['threshold']:.6f}",
             "f1": f"{metrics['f1']:.6f}", "run_id": run["run_id"]}  # fmt: skip
-    mv, created = find_or_register(client, run["run_id"], run["model_uri"], tags, cfg.retries)
+    model_uri = serving_model_uri(client, run, metrics["threshold"], settings, cfg.retries)
+    mv, created = find_or_register(client, run["run_id"], model_uri, tags, cfg.retries,
+                                   where)  # fmt: skip
     version = str(mv.version)
-    call_with_retries(lambda: client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version),
-                      cfg.retries, 1.0, "MLflow model registry")  # fmt: skip
+    call(lambda: client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version))
     moves: list[dict[str, Any]] = []
     champion_acc = None
     champion_version = None
     decision = Decision(False, ["not evaluated"])
     for _ in range(max_rechecks):
-        champ = current_alias(client, CHAMPION)
-        if champ is not None and str(champ.version) == version:
+        champ = call(lambda: current_alias(client, CHAMPION))
+        if champ is not None and str(champ.version) == version and not moves:
             decision = Decision(True, [f"version {version} is already the champion"])
             champion_version, champion_acc = version, acc
             break
@@ -171,27 +248,34 @@ def run_register(settings, run_file: Path, eval_file: Path, prepared_dir: Path,
         if not decision.promote:
             break
         # Re-check right before moving: another register may have promoted meanwhile.
-        again = current_alias(client, CHAMPION)
+        again = call(lambda: current_alias(client, CHAMPION))
         if (str(again.version) if again else None) != champion_version:
             log.info("register: champion changed during evaluation; re-checking")
             continue
         moves.append(move_alias(client, CHAMPION, version, "; ".join(decision.reasons)))
+        # MLflow has no compare-and-set for aliases: a concurrent register that passed its
+        # own re-check may have moved the alias just after us. Decide again against it.
+        now = call(lambda: current_alias(client, CHAMPION))
+        if (str(now.version) if now else None) != version:
+            log.info("register: champion moved by another run right after ours; re-checking")
+            continue
         break
     label = (
         "promoted"
         if decision.promote and moves
         else ("champion" if decision.promote else "rejected")
     )
-    client.set_model_version_tag(MODEL_NAME, version, "decision", label)
-    client.set_model_version_tag(
+    call(lambda: client.set_model_version_tag(MODEL_NAME, version, "decision", label))
+    call(lambda: client.set_model_version_tag(
         MODEL_NAME, version, "decision_reason", "; ".join(decision.reasons)[:4000]
-    )
-    after = current_alias(client, CHAMPION)
+    ))  # fmt: skip
+    after = call(lambda: current_alias(client, CHAMPION))
     report = {
         "model_name": MODEL_NAME,
         "version": version,
         "newly_registered": created,
         "run_id": run["run_id"],
+        "model_uri": model_uri,
         "decision": label,
         "reasons": decision.reasons,
         "candidate": {"version": version, "accuracy": acc, "f1": metrics["f1"],

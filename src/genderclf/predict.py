@@ -1,0 +1,403 @@
+"""Inference on new photos: find the faces, crop them the way CelebA frames a face, classify.
+
+Real photos are not aligned face crops. Each image is read safely (size checked before
+decoding, EXIF orientation applied, any colour mode converted to RGB), faces are found with
+OpenCV's bundled Haar cascade (no runtime download), each face is cut out as a square
+around the detector's box (`predict.crop_scale`, `predict.crop_shift_y`) and resized like
+the training data. With `detect=False` the whole image is fitted the way the augment stage
+fits val/test images (already-cropped datasets; the served model does the same).
+
+One bad file never stops a batch: it becomes a row with `status: error` and a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from genderclf.data.augment_ops import fit_square, to_rgb
+from genderclf.data.labels import LABEL_NAMES
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
+SERVING_CONFIG = "serving.json"
+DEFAULT_MODEL_URI = "models:/gender-classifier@champion"
+
+
+class PredictError(Exception):
+    """The model cannot be loaded or the request is unusable as a whole."""
+
+
+class ImageError(ValueError):
+    """One input image cannot be used (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What inference must repeat from training: input size, resize mode, threshold."""
+
+    image_size: int
+    resize: str = "center_crop"
+    threshold: float = 0.5
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> ServingConfig:
+        raw = json.loads(Path(path).read_text())
+        return cls(int(raw["image_size"]), str(raw.get("resize", "center_crop")),
+                   float(raw.get("threshold", 0.5)))  # fmt: skip
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def open_rgb(source: str | os.PathLike[str] | bytes, max_pixels: int) -> Image.Image:
+    """Read an image file or encoded bytes as upright RGB, refusing what cannot be used.
+
+    The size is checked from the header before decoding, so a decompression bomb costs
+    nothing. Grayscale, CMYK, palette and alpha images are converted; EXIF rotation applied.
+
+    Raises:
+        ImageError: not an image, truncated or corrupt, or more than `max_pixels` pixels.
+    """
+    raw = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with Image.open(raw) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h:,} pixels, over predict.max_pixels={max_pixels:,}; "
+                    "downscale it or raise the limit in params.yaml"
+                )
+            return to_rgb(im)
+    except ImageError:
+        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise ImageError(f"cannot read the file: {err.strerror or err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refused as a decompression bomb: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        # Truncated JPEGs raise OSError("image file is truncated ..."); broken PNG chunks
+        # raise SyntaxError; odd modes ValueError.
+        raise ImageError(f"corrupt or truncated image: {err}") from None
+
+
+def find_images(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Path]]:
+    """Expand files and folders (recursively) into (images to classify, files left out).
+
+    A file named explicitly is always tried (a non-image then gets its own error); inside a
+    folder only files with an image extension are taken and the rest are returned so the
+    caller can say how many were left out.
+
+    Raises:
+        PredictError: a path does not exist.
+    """
+    images: list[Path] = []
+    other: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    fp = Path(root) / f
+                    (images if fp.suffix.lower() in IMAGE_EXTENSIONS else other).append(fp)
+        elif p.exists():
+            images.append(p)
+        else:
+            raise PredictError(f"{p}: no such file or folder")
+    return images, other
+
+
+# --- faces -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+class FaceDetector:
+    """Frontal faces with one of OpenCV's bundled Haar cascades (found in `cv2.data`)."""
+
+    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml",
+                 scale_factor: float = 1.1, min_neighbors: int = 5, min_face: int = 40,
+                 max_side: int = 1024):  # fmt: skip
+        import cv2
+
+        path = Path(cascade)
+        if not path.is_file():
+            path = Path(cv2.data.haarcascades) / cascade
+        self._cascade = cv2.CascadeClassifier(str(path))
+        if self._cascade.empty():
+            bundled = sorted(p.name for p in Path(cv2.data.haarcascades).glob("*.xml"))
+            raise PredictError(f"predict.cascade: {cascade!r} is not a cascade file; "
+                               f"bundled ones: {', '.join(bundled)}")  # fmt: skip
+        self.scale_factor, self.min_neighbors = scale_factor, min_neighbors
+        self.min_face, self.max_side = min_face, max_side
+
+    @classmethod
+    def from_settings(cls, s) -> FaceDetector:
+        return cls(s.cascade, s.scale_factor, s.min_neighbors, s.min_face, s.detect_max_side)
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        """Face boxes in `rgb` (H, W, 3 uint8) pixel coordinates, left to right."""
+        import cv2
+
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        scale = min(1.0, self.max_side / max(gray.shape))
+        if scale < 1.0:  # big photos: detect on a smaller copy, map the boxes back
+            gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        gray = cv2.equalizeHist(gray)
+        side = max(8, round(self.min_face * scale))
+        found = self._cascade.detectMultiScale(gray, scaleFactor=self.scale_factor,
+                                               minNeighbors=self.min_neighbors,
+                                               minSize=(side, side))  # fmt: skip
+        boxes = [Box(*(round(v / scale) for v in b)) for b in (found if len(found) else [])]
+        return sorted(boxes, key=lambda b: (b.x, b.y))
+
+
+def face_crop(im: Image.Image, box: Box, size: int, scale: float, shift_y: float) -> Image.Image:
+    """The square around `box` framed like a CelebA aligned crop, resized to `size`.
+
+    Parts of the square outside the photo are filled by repeating the edge pixels (as the
+    training crops never contain black borders).
+    """
+    side = max(1, round(box.w * scale))
+    cx = box.x + box.w / 2
+    cy = box.y + box.h / 2 + shift_y * box.w
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    arr = np.asarray(im)
+    h, w = arr.shape[:2]
+    pad = ((max(0, -top), max(0, top + side - h)), (max(0, -left), max(0, left + side - w)), (0, 0))
+    if any(p for pair in pad[:2] for p in pair):
+        arr = np.pad(arr, pad, mode="edge")
+        top, left = top + pad[0][0], left + pad[1][0]
+    crop = Image.fromarray(arr[top : top + side, left : left + side])
+    return crop.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+@dataclass
+class Classifier:
+    """A Keras model (raw RGB 0-255 in, P(male) out) with its serving config."""
+
+    model: Any
+    config: ServingConfig
+    source: str = ""
+
+    def p_male(self, crops: list[Image.Image] | np.ndarray) -> np.ndarray:
+        """P(male) for square crops already at `config.image_size`."""
+        if len(crops) == 0:
+            return np.zeros(0, dtype=np.float32)
+        batch = np.stack([np.asarray(c, dtype=np.float32) for c in crops])
+        out = self.model.predict_on_batch(batch)
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def fit(self, im: Image.Image) -> Image.Image:
+        """A whole image fitted to the model input as val/test images are (no detection)."""
+        return fit_square(im, self.config.image_size, self.config.resize)
+
+    def label(self, p: float) -> tuple[str, float]:
+        """(label, probability of that label) for P(male) = p."""
+        male = p >= self.config.threshold
+        return LABEL_NAMES[int(male)], float(p if male else 1.0 - p)
+
+
+def load_keras(path: str | Path):
+    """A `.keras` file, safe mode on (see `genderclf.model.evaluate.load_model`)."""
+    from genderclf.model.evaluate import ModelLoadError, load_model
+
+    try:
+        return load_model(path)
+    except (ModelLoadError, FileNotFoundError) as err:
+        raise PredictError(str(err)) from None
+
+
+def _from_folder(folder: Path, source: str) -> Classifier:
+    files = sorted(folder.rglob("*.keras"))
+    if not files:
+        raise PredictError(f"{source}: no .keras file in the model (is it a genderclf model?)")
+    model = load_keras(files[0])
+    cfg_files = sorted(folder.rglob(SERVING_CONFIG))
+    cfg = (ServingConfig.read(cfg_files[0]) if cfg_files
+           else ServingConfig(int(model.input_shape[1])))  # fmt: skip
+    return Classifier(model, cfg, source)
+
+
+def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None) -> Classifier:
+    """Load a classifier from a `.keras` file, an MLflow model folder or any MLflow model URI.
+
+    For MLflow URIs (`models:/name@alias`, `models:/name/3`, `runs:/id/model`, `s3://...`)
+    the tracking server is the configured one (`MLFLOW_TRACKING_URI`, else the repo's
+    `sqlite:///mlflow.db`). The threshold is the one evaluation chose, stored with the
+    registered model (`serving.json`); 0.5 for a bare `.keras` file unless given.
+
+    Raises:
+        PredictError: the URI does not resolve or holds no loadable genderclf model.
+    """
+    local = Path(uri)
+    if local.is_file():
+        model = load_keras(local)
+        side = local.parent / SERVING_CONFIG
+        cfg = (
+            ServingConfig.read(side) if side.is_file() else ServingConfig(int(model.input_shape[1]))
+        )
+        clf = Classifier(model, cfg, str(local))
+    elif local.is_dir():
+        clf = _from_folder(local, str(local))
+    else:
+        if "://" not in uri and not uri.startswith("models:/"):
+            raise PredictError(f"{uri}: no such model file, and not an MLflow URI "
+                               "(models:/name@alias, runs:/<run_id>/model, s3://...)")  # fmt: skip
+        import tempfile
+
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from genderclf.tracking.setup import configure, redact
+
+        configure(0)
+        tmp = tempfile.mkdtemp(prefix="genderclf-model-")
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except (MlflowException, OSError) as err:
+            hint = (" (no champion yet: run the pipeline first, e.g. `make demo`)"
+                    if "champion" in uri else "")  # fmt: skip
+            raise PredictError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
+                               f"{hint}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
+        clf = _from_folder(folder, uri)
+    if threshold is not None:
+        clf.config = ServingConfig(clf.config.image_size, clf.config.resize, threshold)
+    return clf
+
+
+# --- batch prediction ------------------------------------------------------------------------
+
+COLUMNS = ("file", "face", "x", "y", "w", "h", "label", "probability", "p_male", "status", "error")
+
+
+@dataclass
+class Summary:
+    files: int = 0
+    faces: int = 0
+    no_face: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    left_out: int = 0
+
+
+def _row(file: str, **kw: Any) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS)
+    row.update(file=file, **kw)
+    return row
+
+
+def predict_images(
+    files: list[Path],
+    clf: Classifier,
+    detector: FaceDetector | None,
+    settings,
+    progress: Callable[[Iterable[Path]], Iterable[Path]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One row per face (or per image with `detector=None`), per face-less or bad image.
+
+    Rows come in input order. Model calls are batched across files (`settings.batch_size`).
+
+    Args:
+        files: image paths (see `find_images`).
+        clf: the classifier.
+        detector: a face detector, or None to classify whole images.
+        settings: the `predict` settings section.
+        progress: wraps the file iterable (e.g. a tqdm bar).
+    """
+    pending: list[tuple[dict[str, Any], Image.Image]] = []
+    ready: list[dict[str, Any]] = []  # rows in input order, some waiting for their score
+
+    def flush() -> Iterator[dict[str, Any]]:
+        p = clf.p_male([c for _, c in pending])
+        for (row, _), q in zip(pending, p, strict=True):
+            label, prob = clf.label(float(q))
+            row.update(label=label, probability=round(prob, 6), p_male=round(float(q), 6))
+        pending.clear()
+        yield from ready
+        ready.clear()
+
+    for f in progress(files) if progress else files:
+        name = str(f)
+        try:
+            im = open_rgb(f, settings.max_pixels)
+            if detector is None:
+                crops = [(None, clf.fit(im))]
+            else:
+                boxes = detector.detect(np.asarray(im))
+                crops = [(b, face_crop(im, b, clf.config.image_size, settings.crop_scale,
+                                       settings.crop_shift_y)) for b in boxes]  # fmt: skip
+        except ImageError as err:
+            ready.append(_row(name, status="error", error=str(err)))
+            continue
+        if not crops:
+            ready.append(_row(name, status="no_face", error="no face found"))
+            continue
+        for i, (b, crop) in enumerate(crops):
+            box = asdict(b) if b else {}
+            row = _row(name, face=i if b else None, status="ok", **box)
+            ready.append(row)
+            pending.append((row, crop))
+        if len(pending) >= settings.batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def summarize(rows: list[dict[str, Any]], left_out: int = 0) -> Summary:
+    s = Summary(left_out=left_out)
+    seen: set[str] = set()
+    for r in rows:
+        if r["file"] not in seen:
+            seen.add(r["file"])
+            s.files += 1
+        if r["status"] == "ok":
+            s.faces += 1
+        elif r["status"] == "no_face":
+            s.no_face += 1
+        else:
+            s.failed.append((r["file"], r["error"]))
+    return s
+
+
+def write_rows(rows: list[dict[str, Any]], fmt: str, out: Path | None) -> str | None:
+    """Write rows as json or csv to `out` atomically (or return the text when `out` is None)."""
+    if fmt == "json":
+        text = json.dumps(rows, indent=2) + "\n"
+    else:
+        import csv
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    if out is None:
+        return text
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return None
