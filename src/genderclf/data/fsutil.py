@@ -115,10 +115,22 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
     """Extract a zip or tar archive into `target`, refusing unsafe members.
 
     Every member is checked before anything is written: absolute paths, `..`
-    components and links that point outside `target` raise UnsafeArchiveError.
+    components and links that point outside `target` raise UnsafeArchiveError, and
+    nothing is left behind (not even `target` itself, when it did not exist before). An
+    extraction that fails part-way (a corrupt member, a full disk) removes a `target` it
+    created.
     """
     archive, target = Path(archive), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
+    created = not target.exists()
+    try:
+        _extract(archive, target)
+    except BaseException:
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _extract(archive: Path, target: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
@@ -126,6 +138,7 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
                 # A zip symlink has the S_IFLNK bits in the high word of external_attr.
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
                     raise UnsafeArchiveError(f"archive member {info.filename!r} is a symbolic link")
+            target.mkdir(parents=True, exist_ok=True)
             z.extractall(target)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
@@ -144,6 +157,7 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
                         )
                 elif not (m.isfile() or m.isdir()):
                     raise UnsafeArchiveError(f"archive member {m.name!r} is a special file")
+            target.mkdir(parents=True, exist_ok=True)
             t.extractall(target, members=members, filter="data")
     else:
         raise ValueError(f"{archive}: not a zip or tar archive")

@@ -6,6 +6,7 @@ the source path (relative to `data/raw/`) and the variant number (0 = original).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,32 @@ def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
 
 
+def _os_error(err: Exception, path: Path) -> OSError:
+    """TensorFlow's file errors as the OSError a Python write would raise.
+
+    `tf.io.TFRecordWriter` reports a full disk as `ResourceExhaustedError` and a refused
+    write as `PermissionDeniedError` (not OSError), so callers that handle ENOSPC/EROFS
+    would otherwise see a TensorFlow traceback.
+    """
+    import tensorflow as tf
+
+    text = str(err)
+    if isinstance(err, tf.errors.ResourceExhaustedError) or "No space left" in text:
+        code = errno.ENOSPC
+    elif "Read-only file system" in text:
+        code = errno.EROFS
+    elif isinstance(err, tf.errors.PermissionDeniedError):
+        code = errno.EACCES
+    else:
+        code = errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 class ShardWriter:
-    """Write serialized examples into `<split>-<index>-of-<count>.tfrecord` files of fixed size."""
+    """Write serialized examples into `<split>-<index>-of-<count>.tfrecord` files of fixed size.
+
+    Raises OSError (with the errno: ENOSPC, EROFS, EACCES) when a shard cannot be written.
+    """
 
     def __init__(self, out_dir: Path, split: str, total_records: int, shard_size: int):
         import tensorflow as tf
@@ -48,19 +73,32 @@ class ShardWriter:
             "variant": tf.train.Feature(int64_list=tf.train.Int64List(value=[variant])),
         }
         ex = tf.train.Example(features=tf.train.Features(feature=feats))
-        self._writer.write(ex.SerializeToString())
+        try:
+            self._writer.write(ex.SerializeToString())
+        except tf.errors.OpError as err:
+            raise _os_error(err, self.out_dir / self.files[-1]) from err
         self._count += 1
 
     def _open_next(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._close_current()
         name = shard_name(self.split, len(self.files), self.num_shards)
         self.files.append(name)
-        self._writer = self._tf.io.TFRecordWriter(str(self.out_dir / name))
+        try:
+            self._writer = self._tf.io.TFRecordWriter(str(self.out_dir / name))
+        except self._tf.errors.OpError as err:
+            raise _os_error(err, self.out_dir / name) from err
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()  # flushes: a full disk may only show here
+            except self._tf.errors.OpError as err:
+                raise _os_error(err, self.out_dir / self.files[-1]) from err
+            finally:
+                self._writer = None
 
     def close(self) -> int:
-        if self._writer is not None:
-            self._writer.close()
+        self._close_current()
         return self._count
 
 

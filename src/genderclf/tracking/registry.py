@@ -12,10 +12,12 @@ history survives later moves.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,6 +133,62 @@ def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
     return move
 
 
+LOCK_MODEL = f"{MODEL_NAME}.promotion-lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(client, where: str, timeout: float = 300.0, stale_after: float = 900.0):
+    """Mutual exclusion between register stages while they re-check and move `champion`.
+
+    The lock is a registered model named `gender-classifier.promotion-lock`: creating a
+    registered model is atomic in every MLflow store (a second create fails with
+    RESOURCE_ALREADY_EXISTS), and every register already talks to the same registry. It
+    exists only for the few calls of a re-check and alias move. A lock left by a killed
+    process is taken over after `stale_after` seconds.
+
+    Raises:
+        TrackingError: the lock stayed held by a live holder for `timeout` seconds.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from genderclf.tracking.setup import TrackingError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(
+                LOCK_MODEL, tags={"holder": _who(), "since": f"{time.time():.3f}"},
+                description="held by `genderclf register` while it moves the champion alias",
+            )  # fmt: skip
+            break
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        try:
+            held = client.get_registered_model(LOCK_MODEL)
+        except MlflowException:
+            continue  # released meanwhile
+        since = float(held.tags.get("since", "0") or 0)
+        if time.time() - since > stale_after:
+            log.warning("register: taking over a stale promotion lock held by %s",
+                        held.tags.get("holder"))  # fmt: skip
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(LOCK_MODEL)
+            continue
+        if time.monotonic() > deadline:
+            raise TrackingError(
+                f"{where}: the promotion lock (registered model {LOCK_MODEL}) has been held "
+                f"by {held.tags.get('holder')} for {time.time() - since:.0f}s; if no other "
+                "register is running, delete that registered model and run register again"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(LOCK_MODEL)
+
+
 def champion_accuracy(client, champion, prepared_dir: Path, batch_size: int) -> float:
     """Evaluate the champion on the same prepared test split as the candidate."""
     from genderclf.model.evaluate import predict_split
@@ -143,7 +201,7 @@ def champion_accuracy(client, champion, prepared_dir: Path, batch_size: int) -> 
 
 
 def serving_model_uri(client, run: dict[str, Any], threshold: float, settings,
-                      retries: int) -> str:  # fmt: skip
+                      retries: int, where: str = "MLflow artifact store") -> str:  # fmt: skip
     """The run's servable pyfunc model (`runs:/<id>/model`), logged from its Keras model once.
 
     Packaging happens here, not in train, because the serving threshold is the one
@@ -158,7 +216,7 @@ def serving_model_uri(client, run: dict[str, Any], threshold: float, settings,
 
     run_id = run["run_id"]
     have = call_with_retries(lambda: client.list_artifacts(run_id, "model/artifacts"),
-                             retries, 1.0, "MLflow artifact store")  # fmt: skip
+                             retries, 1.0, where)  # fmt: skip
     if any(Path(a.path).name == SERVING_CONFIG for a in have):
         return f"runs:/{run_id}/model"
     keras_uri = run.get("keras_model_uri") or run["model_uri"]
@@ -167,7 +225,7 @@ def serving_model_uri(client, run: dict[str, Any], threshold: float, settings,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(call_with_retries(
             lambda: mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=tmp),
-            retries, 1.0, "MLflow artifact store"))  # fmt: skip
+            retries, 1.0, where))  # fmt: skip
         files = sorted(folder.rglob("*.keras"))
         if not files:
             raise FileNotFoundError(f"{keras_uri} holds no .keras file: re-run `dvc repro train`")
@@ -226,7 +284,8 @@ def _register(settings, run: dict[str, Any], metrics: dict[str, Any], prepared_d
     acc = float(metrics["accuracy"])
     tags = {"accuracy": f"{acc:.6f}", "threshold": f"{metrics['threshold']:.6f}",
             "f1": f"{metrics['f1']:.6f}", "run_id": run["run_id"]}  # fmt: skip
-    model_uri = serving_model_uri(client, run, metrics["threshold"], settings, cfg.retries)
+    model_uri = serving_model_uri(client, run, metrics["threshold"], settings, cfg.retries,
+                                  where)  # fmt: skip
     mv, created = find_or_register(client, run["run_id"], model_uri, tags, cfg.retries,
                                    where)  # fmt: skip
     version = str(mv.version)
@@ -247,12 +306,14 @@ def _register(settings, run: dict[str, Any], metrics: dict[str, Any], prepared_d
         decision = decide(acc, champion_acc, cfg.min_accuracy, cfg.min_improvement)
         if not decision.promote:
             break
-        # Re-check right before moving: another register may have promoted meanwhile.
-        again = call(lambda: current_alias(client, CHAMPION))
-        if (str(again.version) if again else None) != champion_version:
-            log.info("register: champion changed during evaluation; re-checking")
-            continue
-        moves.append(move_alias(client, CHAMPION, version, "; ".join(decision.reasons)))
+        # Re-check and move under the promotion lock (MLflow has no compare-and-set for
+        # aliases): another register may have promoted while this one was scoring.
+        with promotion_lock(client, where):
+            again = call(lambda: current_alias(client, CHAMPION))
+            if (str(again.version) if again else None) != champion_version:
+                log.info("register: champion changed during evaluation; re-checking")
+                continue
+            moves.append(move_alias(client, CHAMPION, version, "; ".join(decision.reasons)))
         # MLflow has no compare-and-set for aliases: a concurrent register that passed its
         # own re-check may have moved the alias just after us. Decide again against it.
         now = call(lambda: current_alias(client, CHAMPION))

@@ -1,0 +1,247 @@
+"""One pipeline run, in a temporary git repository, that serves two checks:
+
+* Training killed with SIGKILL mid-run by the OS (as an OOM kill), then `dvc repro` again:
+  it resumes from the last completed epoch, says so, finishes, and the outputs match
+  `dvc.lock`.
+* Secrets: with canary values in `KAGGLE_KEY`, `AWS_SECRET_ACCESS_KEY` and the MLflow
+  password in the environment of every stage, nothing the run leaves (MLflow params, tags,
+  artifacts, Prefect logs, reports/, metrics/, plots/, stdout/stderr) contains them.
+
+The run: `dvc repro` (killed in train) -> `dvc repro train` (resumes) -> the Prefect flow
+`python flows/pipeline.py` (evaluate and register; everything else is cached), all against
+one real MLflow server and Prefect's own temporary API server.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.reliability.conftest import BIN, delete_registered_model
+
+from genderclf import config as C
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CANARIES = {
+    "KAGGLE_KEY": "kaggle-canary-7f3a9c11e2",
+    "AWS_SECRET_ACCESS_KEY": "aws-canary-51bd02f9aa",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-canary-c0ffee4242",
+}
+
+
+def _env(repo: Path, tracking_uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "PREFECT_")) and k != "PYTHONPATH"}  # fmt: skip
+    env.update(CANARIES)
+    env.update({
+        "KAGGLE_USERNAME": "canary-user", "AWS_ACCESS_KEY_ID": "AKIACANARY0000000000",
+        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(repo / "src"),  # the copy DVC hashes, not the editable install
+        "PREFECT_HOME": str(repo.parent / "prefect-home"),
+        # Prefect's temporary API server gets 20 s to start by default: too few on a busy CI box.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache"),
+        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+    })  # fmt: skip
+    return env
+
+
+def _run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+def _train_process(repo: Path) -> int | None:
+    """The pid of the `genderclf train` process DVC started in `repo`, if running."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            continue
+        if cwd == str(repo) and any(a.endswith(b"genderclf") for a in args) and b"train" in args:
+            return int(d.name)
+    return None
+
+
+def _history_rows(repo: Path) -> int:
+    files = list((repo / ".cache" / "train").glob("*/history.csv"))
+    return max((len(f.read_text().splitlines()) - 1 for f in files), default=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_params, mlflow_server) -> dict[str, Any]:
+    repo = tmp_path_factory.mktemp("faults") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO_ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    for folder in ("src", "flows"):
+        shutil.copytree(REPO_ROOT / folder, repo / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    params = copy.deepcopy(tiny_params)
+    params["data"]["sample"]["num_images"] = 160
+    params["augment"]["copies"] = 0
+    params["train"].update(backbone="simple_cnn", weights=None, batch_size=16, epochs_head=3,
+                           epochs_finetune=1, early_stopping_patience=10)  # fmt: skip
+    params["register"]["min_accuracy"] = 0.0  # plumbing, not model quality
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(repo, mlflow_server.uri)
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@example.com")
+    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), (*git, "commit", "-qm", "init")):
+        _run(repo, env, *cmd)
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    try:
+        delete_registered_model()
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+    # 1. `dvc repro`; SIGKILL the train stage once its first epoch is logged
+    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline, pid, train_env = time.monotonic() + 540, None, b""
+    while time.monotonic() < deadline and first.poll() is None:
+        pid = pid or _train_process(repo)
+        if pid and not train_env:
+            train_env = Path(f"/proc/{pid}/environ").read_bytes()
+        if pid and _history_rows(repo) >= 1:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    out1, err1 = first.communicate(timeout=120)
+    assert pid is not None and first.returncode != 0, out1 + err1
+    killed_after = _history_rows(repo)
+
+    # 2. `dvc repro train` again: resumes
+    second = _run(repo, env, str(BIN / "dvc"), "repro", "train")
+    # 3. the Prefect flow runs what is left (evaluate, register), DVC skipping the rest
+    third = _run(repo, env, sys.executable, "flows/pipeline.py")
+    return {"repo": repo, "env": env, "first": (out1, err1), "second": second, "third": third,
+            "killed_after": killed_after, "train_env": train_env,
+            "server": mlflow_server}  # fmt: skip
+
+
+def test_killed_training_resumes_and_the_outputs_match_dvc_lock(pipeline):
+    repo, done = pipeline["repo"], pipeline["killed_after"]
+    out1, err1 = pipeline["first"]
+    assert 1 <= done < 4, out1 + err1  # killed mid-run: after epoch 1, before the last
+    assert "Running stage 'train'" in out1
+
+    second = pipeline["second"].stdout
+    assert f"train: resuming from phase 1 after epoch {done}" in second
+    assert second.count("phase 1 epoch") == 3 - done  # no completed epoch trained twice
+    assert second.count("phase 2 epoch") == 1
+    metrics = json.loads((repo / C.METRICS_DIR / "train.json").read_text())
+    assert metrics["resumed"] == f"phase 1 after epoch {done}" and metrics["epochs"] == 4
+    hist = (repo / C.PLOTS_DIR / "history.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in hist[1:]] == [["1", "1"], ["2", "1"], ["3", "1"], ["4", "2"]]
+    assert not list((repo / ".cache" / "train").glob("*"))  # the backup is gone once done
+
+    summary = json.loads(pipeline["third"].stdout[pipeline["third"].stdout.index("{") :])
+    assert (summary["evaluate"], summary["register"]) == ("ran", "ran")
+    assert {summary[s] for s in ("download", "validate", "split", "augment", "train")} == {
+        "skipped"
+    }
+
+    # complete and consistent: DVC sees nothing to do, and every hash in dvc.lock matches
+    status = _run(repo, pipeline["env"], str(BIN / "dvc"), "status").stdout
+    assert "Data and pipelines are up to date" in status, status
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    from genderclf.tracking.setup import file_md5
+
+    for stage in ("train", "evaluate"):
+        for out in lock["stages"][stage]["outs"]:
+            path = repo / out["path"]
+            if path.is_file():
+                assert file_md5(path) == out["md5"], out["path"]
+    from genderclf.model.evaluate import load_model
+
+    load_model(repo / C.MODEL_FILE)  # a whole, loadable model
+    report = json.loads((repo / C.REGISTER_REPORT).read_text())
+    run_id = json.loads((repo / C.RUN_FILE).read_text())["run_id"]
+    assert report["run_id"] == run_id and report["decision"] == "promoted"
+
+
+def _prefect_log_messages(home: Path) -> list[str]:
+    dbs = list(home.rglob("*.db"))
+    assert dbs, f"no Prefect database under {home}"
+    messages: list[str] = []
+    for db in dbs:
+        with sqlite3.connect(db) as con:
+            tables = {r[0] for r in con.execute("select name from sqlite_master")}
+            if "log" in tables:
+                messages += [r[0] for r in con.execute("select message from log")]
+    return messages
+
+
+def _files_with(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            hits += [f"{p} contains {n!r}" for n in needles if n in data]
+    return hits
+
+
+def test_no_secret_reaches_tracking_logs_or_outputs(pipeline):
+    from mlflow import MlflowClient
+
+    from genderclf.tracking.setup import EXPERIMENT
+
+    repo, server = pipeline["repo"], pipeline["server"]
+    secrets = list(CANARIES.values())
+    # not vacuous: the stages really ran with the canaries in their environment
+    for value in secrets:
+        assert value.encode() in pipeline["train_env"]
+
+    # stdout/stderr of every command
+    out1, err1 = pipeline["first"]
+    streams = [out1, err1] + [
+        s for k in ("second", "third") for s in (pipeline[k].stdout, pipeline[k].stderr)
+    ]
+    assert not [v for v in secrets for s in streams if v in s]
+
+    # Prefect: the flow's and every stage task's log lines
+    messages = _prefect_log_messages(Path(pipeline["env"]["PREFECT_HOME"]))
+    assert any("Running stage 'evaluate'" in m for m in messages)
+    assert not [m for m in messages for v in secrets if v in m]
+    assert not _files_with(Path(pipeline["env"]["PREFECT_HOME"]), [v.encode() for v in secrets])
+
+    # MLflow: params and tags of every run, through the API, then every stored byte
+    client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    assert runs
+    for run in runs:
+        text = json.dumps({"params": run.data.params, "tags": run.data.tags})
+        assert not [v for v in secrets if v in text], run.info.run_id
+    for mv in client.search_model_versions("name='gender-classifier'"):
+        assert not [v for v in secrets if v in json.dumps(mv.tags)]
+    needles = [v.encode() for v in secrets]
+    assert not _files_with(server.root, needles)  # the store and all artifacts
+
+    # the workspace's outputs (reports/, metrics/, plots/, models/, dvc.lock)
+    for name in ("reports", "metrics", "plots", "models", "dvc.lock", ".dvc"):
+        path = repo / name
+        assert not (_files_with(path, needles) if path.is_dir() else
+                    [v for v in needles if v in path.read_bytes()]), name  # fmt: skip
