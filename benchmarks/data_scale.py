@@ -91,8 +91,10 @@ def main() -> None:
             work / "data" / "raw", args.image_size, workers
         )
         results[n] = res
+        res["loadavg"] = os.getloadavg()
         print(f"{n:>7} images: " + ", ".join(f"{s} {res[s][0]:.1f}s/{res[s][1]:.0f}MiB" for s in STAGES)
-              + f", decode+resize ceiling {res['decode_resize_ips']:.0f} img/s", flush=True)  # fmt: skip
+              + f", decode+resize ceiling {res['decode_resize_ips']:.0f} img/s"
+              + f" (load avg {res['loadavg'][0]:.2f}/{res['loadavg'][1]:.2f})", flush=True)  # fmt: skip
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)])
     small, large = args.sizes
@@ -115,6 +117,20 @@ def main() -> None:
         f"decode+resize ceiling ({workers} processes): "
         + ", ".join(f"{n}: {results[n]['decode_resize_ips']:.0f} img/s" for n in args.sizes)
     )
+    # Issue 7 targets, judged on the larger size (fixed start-up costs dominate the smaller).
+    print("\ntargets:")
+    print(
+        f"  peak memory < 2 GiB at both sizes: {'met' if peak < 2048 else 'NOT met'} ({peak:.0f} MiB)"
+    )
+    for s in STAGES:
+        tr = results[large][s][0] / results[small][s][0]
+        print(f"  {s}: time ratio {tr:.2f} <= image ratio {ratio:.2f}: "
+              f"{'met' if tr <= ratio else 'NOT met'}")  # fmt: skip
+    for s in ("validate", "augment"):
+        frac = large / results[large][s][0] / results[large]["decode_resize_ips"]
+        print(f"  {s}: {frac:.0%} of the decode+resize rate (target >= 50%): "
+              f"{'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
