@@ -390,6 +390,6 @@ def test_server_lost_after_training_keeps_the_model_and_a_rerun_finishes(
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "model")}
+    assert "keras_model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "keras_model")}
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert not backup.exists()
