@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,21 @@ def shrink(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict
     for k, v in {**TINY, **(overrides or {})}.items():
         set_dotted(out, k, v)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment_restored():
+    """Undo any MLFLOW_* variable a test leaves behind.
+
+    `mlflow.set_tracking_uri` / `set_registry_uri` also write MLFLOW_*_URI into os.environ,
+    outside monkeypatch's reach; a leftover server address would be inherited by every
+    later test's subprocesses (dvc, genderclf, flows).
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="session")

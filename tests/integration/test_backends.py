@@ -343,6 +343,10 @@ def test_train_register_and_load_champion_through_the_server(
     for k, v in env.items():
         if k.startswith("MLFLOW_"):
             monkeypatch.setenv(k, v)
+    # set_*_uri also write MLFLOW_*_URI into os.environ: let monkeypatch own (and undo) them,
+    # or later tests' subprocesses would inherit this server's address.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
     try:
