@@ -25,7 +25,7 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      plots: plots/*.png, reports/augment_preview.png, reports/validation/data_docs/index.html"
 	@echo "      compare runs: $(UV) run dvc exp show   |   versions: $(UV) run genderclf compare"
 
-test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~15 min on 2 cores)
+test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~5 min on 2 cores)
 	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup node_modules ## Run only the `slow` tests: training, flows, full pipeline, servers (CI runs them too)
