@@ -7,7 +7,6 @@ a params.yaml shrunk from the real one, so DVC hashes and runs exactly the proje
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tests.pipeline_copy import copy_pipeline
 
 from genderclf import config as C
 
@@ -66,13 +66,7 @@ def _skipped(output: str) -> set[str]:
 def pipeline(tmp_path_factory, tiny_params) -> tuple[Path, dict, subprocess.CompletedProcess[str]]:
     """A git repo with the pipeline, after a first `dvc repro augment`."""
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copytree(REPO_ROOT / "src", repo / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    copy_pipeline(repo)
     params = dict(tiny_params)
     _write_params(repo, params)
     _run(repo, "git", "init", "-q")

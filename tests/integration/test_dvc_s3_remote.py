@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.pipeline_copy import copy_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,13 +120,7 @@ def pipeline_params(tiny_params) -> dict[str, Any]:
 def repo(tmp_path_factory, pipeline_params, s3_server) -> Path:
     """A git repo with the pipeline after a full `dvc repro`, its default remote on S3."""
     repo = tmp_path_factory.mktemp("dvc-s3") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copytree(REPO_ROOT / "src", repo / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    copy_pipeline(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(pipeline_params, sort_keys=False))
     _run(repo, "git", "init", "-q")
     # The remote as README "Scaling out" sets it up: the bucket in .dvc/config, the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
+from tests.pipeline_copy import copy_pipeline
 
 from genderclf import config as C
 
@@ -39,12 +39,7 @@ def workspace(tmp_path_factory, tiny_params) -> Path:
     """A git repo with the pipeline (tiny params) and a dvc wrapper that fails once."""
     root = tmp_path_factory.mktemp("flow")
     repo = root / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(repo)
     params = yaml.safe_load(yaml.safe_dump(tiny_params))
     params["train"].update(backbone="simple_cnn", epochs_head=1, epochs_finetune=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.pipeline_copy import copy_pipeline
 
 from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME
@@ -104,13 +104,7 @@ def pipeline(
     """A git repo with the pipeline after a first full `dvc repro`, committed as a user
     would (dvc.lock, metrics); also the commit the run was made from."""
     repo = tmp_path_factory.mktemp("full") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copytree(REPO_ROOT / "src", repo / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    copy_pipeline(repo)
     _write_params(repo, pipeline_params)
     _run(repo, "git", "init", "-q")
     code = _commit(repo, "pipeline")

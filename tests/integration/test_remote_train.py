@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.pipeline_copy import copy_pipeline
 
 from genderclf import config as C
 
@@ -56,13 +56,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.fixture
 def setup(tmp_path, tiny_params, monkeypatch):
     parent, clone = tmp_path / "parent", tmp_path / "worker-clone"
-    parent.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, parent / name)
-    (parent / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", parent / ".dvc" / "config")
-    for d in ("src", "flows"):
-        shutil.copytree(REPO_ROOT / d, parent / d, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(parent, ("src", "flows"))
     params = yaml.safe_load(yaml.safe_dump(tiny_params))
     params["train"].update(backbone="simple_cnn", epochs_head=1, epochs_finetune=1)
     (parent / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

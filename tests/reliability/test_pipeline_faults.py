@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.pipeline_copy import copy_pipeline
 from tests.reliability.conftest import BIN, delete_registered_model
 
 from genderclf import config as C
@@ -91,14 +91,7 @@ def _history_rows(repo: Path) -> int:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_params, mlflow_server) -> dict[str, Any]:
     repo = tmp_path_factory.mktemp("faults") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(REPO_ROOT / name, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy2(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    for folder in ("src", "flows"):
-        shutil.copytree(REPO_ROOT / folder, repo / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    copy_pipeline(repo, ("src", "flows"))
     params = copy.deepcopy(tiny_params)
     params["data"]["sample"]["num_images"] = 160
     params["augment"]["copies"] = 0
