@@ -6,7 +6,6 @@ the registry. Neither may write outside its folder or run code it carries.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import tarfile
@@ -14,6 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.archives import make_tar as _tar
+from tests.archives import make_zip as _zip
+from tests.archives import tar_link as _link
 from tests.reliability.conftest import BIN
 
 from genderclf.data import sources
@@ -22,36 +24,6 @@ from genderclf.data.sources import SOURCE_NAME, download
 from genderclf.model.evaluate import ModelLoadError, load_model
 
 GOOD = [("data/a.txt", b"a"), ("data/sub/b.txt", b"b")]
-
-
-def _zip(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None):
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members:
-            z.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink[0])
-            info.external_attr = 0o120777 << 16  # S_IFLNK | 0777
-            z.writestr(info, symlink[1])
-    return path
-
-
-def _tar(path: Path, members: list[tuple[str, bytes] | tarfile.TarInfo]) -> Path:
-    with tarfile.open(path, "w:gz") as t:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                t.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                t.addfile(info, io.BytesIO(m[1]))
-    return path
-
-
-def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
 
 
 # Each hostile archive puts good members first, so a refusal after writing them would show.

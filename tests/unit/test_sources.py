@@ -21,6 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tests.archives import make_tar as _tar
+from tests.archives import make_zip as _zip
+from tests.archives import tar_link as _link
 
 from genderclf.data.fsutil import UnsafeArchiveError, iter_files, safe_extract, tree_checksum
 from genderclf.data.layouts import read_layout
@@ -553,36 +556,6 @@ def test_kaggle_credentials_sources(tmp_path):
 
 
 # --- safe_extract --------------------------------------------------------------------------
-
-
-def _zip(path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None):
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members:
-            z.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink[0])
-            info.external_attr = 0o120777 << 16  # S_IFLNK | 0777
-            z.writestr(info, symlink[1])
-    return path
-
-
-def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]):
-    with tarfile.open(path, "w:gz") as t:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                t.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                t.addfile(info, io.BytesIO(m[1]))
-    return path
-
-
-def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
 
 
 GOOD = [("data/a.txt", b"a"), ("data/sub/b.txt", b"b")]
