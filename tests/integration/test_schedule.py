@@ -1,0 +1,119 @@
+"""The weekly schedule fires: a real Prefect server, `prefect deploy --all` of prefect.yaml.
+
+Prefect 3.8's scheduler failed on SQLAlchemy 2.1 (`Can't evaluate bulk DML statement` in
+`_insert_scheduled_flow_runs`, a traceback every loop) and created no scheduled run, so
+`gender-pipeline/weekly` never ran. This deploys the repository's own prefect.yaml to a
+server on loopback and waits for the server itself to create the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def _wait_health(api: str, timeout: float, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+        try:
+            _api(f"{api}/health")
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{api} did not answer in {timeout}s")
+
+
+def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, (
+        f"prefect {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc.stdout
+
+
+def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
+    project = tmp_path / "project"  # deploy from a copy: `prefect deploy` may write .prefect/
+    project.mkdir()
+    shutil.copy2(REPO_ROOT / "prefect.yaml", project / "prefect.yaml")
+    for folder in ("flows", "src"):
+        shutil.copytree(REPO_ROOT / folder, project / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
+           "PYTHONPATH": f"{project}{os.pathsep}{project / 'src'}"}  # fmt: skip
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_health(api, 120, server, log)
+        for pool in ("cpu", "gpu"):
+            _prefect(["work-pool", "create", pool, "--type", "process"], tmp_path, env)
+        _prefect(["--no-prompt", "deploy", "--all"], project, env)
+        weekly = _api(f"{api}/deployments/name/gender-pipeline/weekly")
+        assert weekly["schedules"] and weekly["schedules"][0]["active"]
+
+        runs: list[dict] = []
+        deadline = time.monotonic() + 90
+        while not runs and time.monotonic() < deadline:
+            runs = _api(f"{api}/flow_runs/filter", {
+                "flow_runs": {"deployment_id": {"any_": [weekly["id"]]}}, "limit": 50,
+            })  # fmt: skip
+            time.sleep(1)
+        assert runs, f"no scheduled run after 90 s; server log:\n{log.read_text()[-4000:]}"
+        assert {r["state_type"] for r in runs} == {"SCHEDULED"}
+        for r in runs:  # every Monday 03:00 UTC, as the cron in prefect.yaml says
+            start = datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00"))
+            assert (
+                start.weekday(),
+                start.hour,
+                start.minute,
+                start.utcoffset().total_seconds(),
+            ) == (0, 3, 0, 0)
+        other = _api(f"{api}/deployments/name/gender-pipeline/on-demand")
+        assert not _api(f"{api}/flow_runs/filter", {
+            "flow_runs": {"deployment_id": {"any_": [other["id"]]}}})  # fmt: skip
+        time.sleep(3)  # one more scheduler loop
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+    assert "Can't evaluate bulk DML" not in text
