@@ -69,16 +69,14 @@ def prepare(work: Path, num_images: int, copies: int) -> None:
 
 def time_augment_stage(work: Path) -> tuple[float, dict]:
     """Run the augment stage's function in-process (no CLI start-up); return (seconds, meta)."""
-    from genderclf.config import load_settings
-    from genderclf.data.augment import run_augment
+    from genderclf.config import PATHS, load_settings
+    from genderclf.stages import augment
 
     settings = load_settings(work / "params.yaml")
-    out = work / "data" / "prepared"
-    shutil.rmtree(out, ignore_errors=True)
+    paths = PATHS.under(work)
+    shutil.rmtree(paths.prepared, ignore_errors=True)
     t = time.perf_counter()
-    meta = run_augment(
-        settings, work / "data" / "raw", work / "data" / "splits", out, progress=False
-    )
+    meta = augment.run(settings, paths, progress=False).meta
     return time.perf_counter() - t, meta
 
 

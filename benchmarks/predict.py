@@ -72,7 +72,7 @@ class Timed:
 
 
 def run(files: list[Path], clf, detect: bool, cfg) -> dict[str, float]:
-    import genderclf.predict as P
+    import genderclf.inference as P
 
     timer = Timed()
     detector = P.FaceDetector.from_settings(cfg) if detect else None
@@ -128,10 +128,10 @@ def main() -> None:
     import keras
 
     from genderclf import config as C
+    from genderclf.inference import Classifier, ServingConfig
     from genderclf.model.backbones import build_model
-    from genderclf.predict import Classifier, ServingConfig
 
-    settings = C.load_settings() if C.PARAMS_FILE.is_file() else C.Settings()
+    settings = C.load_settings()  # run from the repository root
     cfg = settings.predict
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -140,14 +140,16 @@ def main() -> None:
         print(f"{len(files)} photos 640x480 with {pasted} faces pasted; {os.cpu_count()} CPUs; "
               f"batch {cfg.batch_size}; keras backend {keras.config.backend()}")  # fmt: skip
         size = settings.base.image_size
-        demo = Classifier(build_model(settings.train, size), ServingConfig(size))
+        demo = Classifier(
+            build_model(settings.train, size), ServingConfig(size, "center_crop", 0.5)
+        )
         with_det = run(files, demo, True, cfg)
         report(f"{settings.train.backbone} {size}px, detect", with_det)
         no_det = run(files, demo, False, cfg)
         report(f"{settings.train.backbone} {size}px, --no-detect", no_det)
         if not args.skip_vgg16:
-            vgg = Classifier(build_model(C.TrainSettings(backbone="vgg16"), 224),
-                             ServingConfig(224))  # fmt: skip
+            vgg16 = settings.train.model_copy(update={"backbone": "vgg16"})
+            vgg = Classifier(build_model(vgg16, 224), ServingConfig(224, "center_crop", 0.5))
             report("vgg16 224px, detect", run(files, vgg, True, cfg))
         print(f"face detection share of the wall time ({settings.train.backbone}): "
               f"{100 * with_det['detect'] / with_det['wall']:.1f}%; detection costs "

@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,52 +38,22 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from flows import dvc  # noqa: E402
 from genderclf import config as C  # noqa: E402
+from genderclf.tracking.runs import finish_flow_run, start_flow_run  # noqa: E402
 
 # Only the stages that touch the network get retries; a retry around a deterministic
-# stage would hide bugs.
+# stage would hide bugs. Inside a stage, the network calls retry on their own
+# (`data.kaggle.retries`, `register.retries`); these re-run the stage's whole process,
+# for what kills a process (a dropped worker, a connection reset before the stage's own
+# retry starts).
 RETRIES = {"download": 2, "register": 2}
 RETRY_DELAY_S = 5.0
 LOCK_FILE = Path(".dvc") / "tmp" / "gender-pipeline.lock"
 
 
-class StageFailed(RuntimeError):
-    """`dvc repro` failed for one stage; the message carries its last output lines."""
-
-
 class WorkspaceBusy(RuntimeError):
     """Another pipeline run holds the workspace."""
-
-
-def dvc_exe() -> str:
-    """The dvc executable: `GENDERCLF_DVC` if set, else the one next to this Python."""
-    return os.environ.get("GENDERCLF_DVC") or str(Path(sys.executable).parent / "dvc")
-
-
-def stage_order(root: Path) -> list[tuple[str, list[str]]]:
-    """Stages of `dvc.yaml` in dependency order, each with its upstream stages (from DVC)."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        order = list(reversed(list(nx.topological_sort(graph))))
-        names = {s: getattr(s, "name", str(s)) for s in graph.nodes}
-        return [(names[s], sorted(names[u] for u in graph.successors(s))) for s in order
-                if hasattr(s, "cmd") and s.cmd]  # fmt: skip
-
-
-def stale_stages(root: Path) -> set[str]:
-    """Stages DVC reports as changed (deps, params, outs or missing lock entries).
-
-    One in-process `dvc status` instead of one `dvc repro` process per stage: on an
-    up-to-date pipeline the flow then starts no DVC process at all. A stage downstream of
-    a stale one runs too (its inputs will change); see `plan`.
-    """
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return {name.split(":")[-1] for name in repo.status()}
 
 
 def plan(order: list[tuple[str, list[str]]], stale: set[str]) -> dict[str, bool]:
@@ -137,29 +106,25 @@ def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> C.Settings:
     """Validate `section.key: value` overrides, then write them into params.yaml.
 
+    Format and comments of the file are kept (ruamel.yaml), as `dvc exp run -S` does.
+
     Raises:
         SettingsError: an override names an unknown key or an invalid value; the file
             is left untouched.
     """
     from ruamel.yaml import YAML
 
-    raw = _merged(params_file, overrides)
-    settings = C.parse_settings(raw, f"{params_file} with overrides {overrides}")
+    from genderclf.io import atomic_file
+
+    settings = C.parse_settings(C.with_overrides(C.read_params(params_file), overrides),
+                                f"{params_file} with overrides {overrides}")  # fmt: skip
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(params_file.read_text())
     for dotted, value in overrides.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            if p not in node:
-                node[p] = {}
-            node = node[p]
-        node[leaf] = value
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    with open(tmp, "w") as f:
+        C.set_dotted(doc, dotted, value)
+    with atomic_file(params_file) as tmp, open(tmp, "w") as f:
         ry.dump(doc, f)
-    os.replace(tmp, params_file)
     return settings
 
 
@@ -177,25 +142,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def run_stage(stage: str, root: str) -> Any:
     """Run one DVC stage (`dvc repro --single-item`), streaming its output to the log."""
     logger = get_run_logger()
-    proc = subprocess.Popen(
-        [dvc_exe(), "repro", "--single-item", stage], cwd=root, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
-    )  # fmt: skip
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if "\r" in line:  # progress bars: keep the last frame only
-            line = line.rsplit("\r", 1)[-1]
-        lines.append(line)
-        if line:
-            logger.info(line)
-    rc = proc.wait()
-    if rc != 0:
-        tail = "\n".join(lines[-15:])
-        raise StageFailed(f"stage {stage!r} failed (dvc exited {rc}):\n{tail}")
-    text = "\n".join(lines)
-    if f"Stage '{stage}' didn't change" in text or "is cached - skipping" in text:
+    if not dvc.repro_stage(Path(root), stage, on_line=logger.info):
         return Completed(name="Skipped", message=f"{stage}: up to date, DVC skipped it",
                          data={"stage": stage, "ran": False})  # fmt: skip
     return {"stage": stage, "ran": True}
@@ -207,9 +154,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def publish_artifacts(root: Path) -> None:
     """Validation summary, evaluation metrics and the promotion decision, as Prefect artifacts."""
-    val = _read_json(root / C.VALIDATION_METRICS)
+    paths = C.PATHS.under(root)
+    val = _read_json(paths.validation_metrics)
     if val:
-        rejected = root / C.REJECTED_FILE
+        rejected = paths.rejected
         sample = rejected.read_text().splitlines()[1:11] if rejected.is_file() else []
         reasons = "\n".join(f"| {k} | {v} |" for k, v in sorted(val["reject_reasons"].items()))
         create_markdown_artifact(
@@ -224,7 +172,7 @@ def publish_artifacts(root: Path) -> None:
             ),
             description="Data validation: counts and rejected files",
         )  # fmt: skip
-    ev = _read_json(root / C.METRICS_DIR / "eval.json")
+    ev = _read_json(paths.eval_metrics)
     if ev:
         keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "threshold", "n")
         create_table_artifact(
@@ -232,7 +180,7 @@ def publish_artifacts(root: Path) -> None:
             table=[{"metric": k, "value": ev.get(k)} for k in keys],
             description="Test-split metrics (threshold chosen on the validation split)",
         )
-    reg = _read_json(root / C.REGISTER_REPORT)
+    reg = _read_json(paths.register_report)
     if reg:
         before = reg["champion_before"]
         create_markdown_artifact(
@@ -247,28 +195,6 @@ def publish_artifacts(root: Path) -> None:
             ),
             description="Model registry decision",
         )  # fmt: skip
-
-
-def start_mlflow_run(flow_run_id: str, flow_run_name: str) -> tuple[str, str]:
-    """Create the MLflow run every stage of this flow run logs into. Returns (id, url)."""
-    from mlflow import MlflowClient
-
-    from genderclf.tracking.setup import EXPERIMENT, configure, tracking_uri
-
-    configure()
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    run = client.create_run(exp.experiment_id, run_name=flow_run_name,
-                            tags={"prefect.flow_run_id": flow_run_id,
-                                  "prefect.flow_run_name": flow_run_name})  # fmt: skip
-    uri = tracking_uri()
-    base = (
-        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    )
-    from genderclf.tracking.setup import redact
-
-    url = f"{redact(base).rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
-    return run.info.run_id, url
 
 
 @flow(name="gender-pipeline", log_prints=True)
@@ -293,27 +219,28 @@ def gender_pipeline(
 
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
-    params_file = root / C.PARAMS_FILE
+    params_file = root / C.PATHS.params
     # The stages run in `root` and default to its sqlite store; so does the flow.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     # Fail before any stage runs: a bad override or params file is a SettingsError here.
     if overrides:
-        C.parse_settings(_merged(params_file, overrides), f"{params_file} with overrides")
+        C.parse_settings(C.with_overrides(C.read_params(params_file), overrides),
+                         f"{params_file} with overrides")  # fmt: skip
     with workspace_lock(root, lock_timeout):
         if overrides:
             apply_overrides(params_file, overrides)
             logger.info("overrides written to %s: %s", params_file, overrides)
         else:
             C.load_settings(params_file)
-        run_id, url = start_mlflow_run(str(flow_run.id), str(flow_run.name))
+        run_id, url = start_flow_run(str(flow_run.id), str(flow_run.name))
         os.environ["MLFLOW_RUN_ID"] = run_id  # the train stage adopts this run
         create_link_artifact(key="mlflow-run", link=url, link_text=f"MLflow run {run_id[:8]}",
                              description="Every stage of this flow run logs into this MLflow run")  # fmt: skip
         logger.info("MLflow run: %s", url)
         summary: dict[str, Any] = {"mlflow_run_id": run_id, "mlflow_run_url": url}
         try:
-            order = stage_order(root)
-            todo = plan(order, stale_stages(root))
+            order = dvc.stage_order(root)
+            todo = plan(order, dvc.stale_stages(root))
             for stage, _upstream in order:
                 if not todo[stage]:
                     skip_stage.with_options(task_run_name=f"{stage} (up to date)")(stage)
@@ -334,34 +261,9 @@ def gender_pipeline(
                 summary[stage] = "skipped" if state.name == "Skipped" else "ran"
         finally:
             os.environ.pop("MLFLOW_RUN_ID", None)
-            _finish_mlflow_run(run_id)
+            finish_flow_run(run_id)
         publish_artifacts(root)
     return summary
-
-
-def _merged(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    import yaml
-
-    raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
-    raw = raw or {}
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise C.SettingsError(f"override {dotted!r}: {p!r} is not a section")
-        node[leaf] = value
-    return raw
-
-
-def _finish_mlflow_run(run_id: str) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    with contextlib.suppress(Exception):
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id)
 
 
 def main(argv: list[str] | None = None) -> int:

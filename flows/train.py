@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,41 +27,9 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from flows import dvc  # noqa: E402
+
 TRAIN_STAGE = "train"
-
-
-def _dvc(root: Path, *args: str) -> str:
-    from flows.pipeline import dvc_exe
-
-    proc = subprocess.run([dvc_exe(), *args], cwd=root, capture_output=True, text=True,
-                          env=os.environ.copy())  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"dvc {' '.join(args)} failed in {root}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        )
-    return proc.stdout
-
-
-def _read_lock(root: Path) -> dict[str, Any]:
-    p = root / "dvc.lock"
-    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {"schema": "2.0", "stages": {}}
-
-
-def _write_lock(root: Path, lock: dict[str, Any]) -> None:
-    (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-
-
-def _uncached_outs(root: Path, stage: str) -> list[str]:
-    """Outputs of `stage` that DVC does not cache (they travel in the flow result)."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
-    paths = []
-    for kind in ("outs", "metrics", "plots"):
-        for item in spec.get(kind, []):
-            if isinstance(item, dict):
-                ((path, opts),) = item.items()
-                if opts and opts.get("cache") is False:
-                    paths.append(path)
-    return paths
 
 
 @flow(name="train", log_prints=True, persist_result=True)
@@ -81,19 +47,19 @@ def train_flow(
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
     (root / "params.yaml").write_text(params_yaml)
-    lock = _read_lock(root)
+    lock = dvc.read_lock(root)
     lock.setdefault("stages", {}).update(upstream_lock)
-    _write_lock(root, lock)
+    dvc.write_lock(root, lock)
     logger.info("pulling prepared data from the DVC remote")
-    _dvc(root, "pull", "augment")
+    dvc.run(root, "pull", "augment")
     if mlflow_run_id:  # log into the parent flow run's MLflow run
         os.environ["MLFLOW_RUN_ID"] = mlflow_run_id
-    out = _dvc(root, "repro", "--single-item", TRAIN_STAGE)
+    out = dvc.run(root, "repro", "--single-item", TRAIN_STAGE)
     logger.info(out[-3000:])
-    _dvc(root, "push", TRAIN_STAGE)
-    entry = _read_lock(root)["stages"][TRAIN_STAGE]
+    dvc.run(root, "push", TRAIN_STAGE)
+    entry = dvc.read_lock(root)["stages"][TRAIN_STAGE]
     files = {p: base64.b64encode((root / p).read_bytes()).decode()
-             for p in _uncached_outs(root, TRAIN_STAGE) if (root / p).is_file()}  # fmt: skip
+             for p in dvc.uncached_outs(root, TRAIN_STAGE) if (root / p).is_file()}  # fmt: skip
     return {"lock": entry, "files": files}
 
 
@@ -102,9 +68,9 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    lock = _read_lock(root)["stages"]
+    lock = dvc.read_lock(root)["stages"]
     upstream = {k: v for k, v in lock.items() if k in ("download", "validate", "split", "augment")}
-    _dvc(root, "push", "augment")
+    dvc.run(root, "push", "augment")
     logger.info("prepared data pushed; running deployment %s", deployment)
     params = {"params_yaml": (root / "params.yaml").read_text(), "upstream_lock": upstream,
               "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID")}  # fmt: skip
@@ -114,13 +80,13 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
             f"remote training {deployment} ended {fr.state.name if fr.state else 'without a state'}"
         )
     result = fr.state.result()
-    full = _read_lock(root)
+    full = dvc.read_lock(root)
     full.setdefault("stages", {})[TRAIN_STAGE] = result["lock"]
-    _write_lock(root, full)
+    dvc.write_lock(root, full)
     for path, b64 in result["files"].items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(base64.b64decode(b64))
-    _dvc(root, "pull", TRAIN_STAGE)
+    dvc.run(root, "pull", TRAIN_STAGE)
     logger.info("model pulled from the DVC remote; continuing locally")
     return "ran (remote)"
 

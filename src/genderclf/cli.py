@@ -1,7 +1,9 @@
 """`genderclf`: one command per pipeline stage (what `dvc.yaml` calls), plus tools.
 
-Each command only parses arguments, loads settings, calls the stage function, writes
-files and logs. Known failures print one readable message and exit 1, no traceback.
+Each command parses its arguments, loads the settings, runs `stages.<name>.run`, hands
+the report to `tracking` where the stage is tracked, and prints one summary line. Known
+failures print one readable message and exit 1, no traceback. The `run_<stage>` functions
+are that glue without the argument parsing (tests and notebooks call them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from genderclf import config as C
+from genderclf.config import PATHS, GenderclfError, Paths, Settings, load_settings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -46,24 +48,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from genderclf.data.augment import AugmentError
-    from genderclf.data.fsutil import UnsafeArchiveError
-    from genderclf.data.layouts import LayoutError
-    from genderclf.data.sources import DownloadError
-    from genderclf.data.split import SplitError
-    from genderclf.data.validation import ValidationFailed
-    from genderclf.model.backbones import ModelConfigError
-    from genderclf.model.evaluate import ModelLoadError
-    from genderclf.predict import PredictError
-    from genderclf.tracking.setup import TrackingError
-
-    return (C.SettingsError, DownloadError, LayoutError, ValidationFailed, SplitError,
-            AugmentError, UnsafeArchiveError, FileNotFoundError, PermissionError,
-            ModelConfigError, ModelLoadError, TrackingError, PredictError)  # fmt: skip
-
-
-def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command: logging set up, known errors shown as one message and exit 1."""
 
     @functools.wraps(fn)
@@ -71,98 +56,118 @@ def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
         _setup_logging()
         try:
             return fn(*args, **kwargs)
-        except _known_errors() as err:
+        except (GenderclfError, FileNotFoundError, PermissionError) as err:
             typer.secho(f"error ({fn.__name__}): {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+# --- the stages, as functions -----------------------------------------------------------------
+
+
+def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
+    """Train and log the run to MLflow; the backup is dropped once both are done."""
+    from genderclf.stages import train
+    from genderclf.tracking.runs import TrainingRun
+
+    backup = train.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
+    with TrainingRun(settings, paths, backup) as run:
+        report = train.run(settings, paths, on_epoch=run.log_epoch)
+        run.log_training(report)
+    train.discard_backup(report)
+    return report
+
+
+def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:
+    """Evaluate and log the metrics and plots into the training run."""
+    from genderclf.stages import evaluate
+    from genderclf.tracking.runs import log_evaluation
+
+    report = evaluate.run(settings, paths)
+    log_evaluation(paths, report.metrics, report.plots)
+    return report
+
+
+def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
+    """Register against the configured MLflow registry; returns register.json's content."""
+    from genderclf.stages import register
+    from genderclf.tracking.registry import MlflowRegistry
+
+    registry = MlflowRegistry(settings.registry.retries)  # connects on first use
+    with registry.failures_explained(paths):
+        return register.run(settings, paths, registry)
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+
 @app.command()
-@stage
-def download(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+@command
+def download(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
     """Fetch the dataset (`data.source`: sample | kaggle | dir | s3) into data/raw/.
 
     The folder is replaced only when the download is complete; data/raw/SOURCE.json
     records the source, time, file count and a content checksum.
     """
-    from genderclf.data.sources import download as run
+    from genderclf.stages import download as stage
 
-    settings = C.load_settings(params)
-    rec = run(settings, C.RAW_DIR, progress=not quiet)
-    typer.echo(f"download: {rec['file_count']} files from {rec['source']} -> {C.RAW_DIR}/ "
-               f"({rec['checksum'][:19]}...)")  # fmt: skip
+    rec = stage.run(load_settings(params), PATHS, progress=not quiet).record
+    refused = f"; {len(rec['refused'])} links refused" if rec["refused"] else ""
+    typer.echo(f"download: {rec['file_count']} files from {rec['source']} -> {PATHS.raw}/ "
+               f"({rec['checksum'][:19]}...){refused}")  # fmt: skip
 
 
 @app.command()
-@stage
-def validate(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+@command
+def validate(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
     """Check every image and the label table (Great Expectations); write the manifest.
 
     Writes data/validated/manifest.csv (usable images) and reports/validation/
     (rejected.csv with a reason per file, GX results JSON, Data Docs HTML). Fails when an
     expectation fails or more than `validate.max_reject_fraction` of the files are rejected.
     """
-    from genderclf.data.validation import validate as run
+    from genderclf.stages import validate as stage
 
-    settings = C.load_settings(params)
-    s = run(
-        settings,
-        C.RAW_DIR,
-        C.MANIFEST_FILE,
-        C.VALIDATION_REPORT_DIR,
-        C.VALIDATION_METRICS,
-        progress=not quiet,
-    )
+    s = stage.run(load_settings(params), PATHS, progress=not quiet).summary
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["reject_reasons"].items())) or "none"
-    typer.echo(
-        f"validate: {s['usable']} usable, {s['rejected']} rejected ({reasons}); "
-        f"male fraction {s['male_fraction']}; expectations passed. "
-        f"Reports: {C.VALIDATION_REPORT_DIR}/"
-    )
+    typer.echo(f"validate: {s['usable']} usable, {s['rejected']} rejected ({reasons}); male "
+               f"fraction {s['male_fraction']}; expectations passed. Reports: "
+               f"{PATHS.validation}/")  # fmt: skip
 
 
 @app.command()
-@stage
-def split(params: ParamsOpt = C.PARAMS_FILE) -> None:
+@command
+def split(params: ParamsOpt = PATHS.params) -> None:
     """Split the manifest into data/splits/{train,val,test}.csv (`split.strategy`)."""
-    import pandas as pd
+    from genderclf.data.split import balance_table
+    from genderclf.stages import split as stage
 
-    from genderclf.data.split import balance_table, identity_overlap, split_manifest, write_splits
-
-    settings = C.load_settings(params)
-    if not C.MANIFEST_FILE.is_file():
-        raise FileNotFoundError(f"{C.MANIFEST_FILE} not found: run `dvc repro validate` first")
-    manifest = pd.read_csv(C.MANIFEST_FILE, dtype={"identity": str, "partition": str},
-                           keep_default_na=False)  # fmt: skip
-    parts = split_manifest(manifest, settings.split, settings.base.seed)
-    write_splits(parts, C.SPLITS_DIR)
-    typer.echo(f"split ({settings.split.strategy}):\n{balance_table(parts)}")
-    if (manifest["identity"] != "").any():
-        typer.echo(f"identities in more than one split: {identity_overlap(parts)}")
+    r = stage.run(load_settings(params), PATHS)
+    typer.echo(f"split ({r.strategy}):\n{balance_table(r.counts)}")
+    if r.identity_overlap is not None:
+        typer.echo(f"identities in more than one split: {r.identity_overlap}")
 
 
 @app.command()
-@stage
-def augment(params: ParamsOpt = C.PARAMS_FILE, quiet: QuietOpt = False) -> None:
+@command
+def augment(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
     """Write sharded TFRecords at `base.image_size` to data/prepared/, train augmented.
 
     Also saves reports/augment_preview.png (originals next to their variants).
     """
-    from genderclf.data.augment import preview, run_augment
+    from genderclf.stages import augment as stage
 
-    settings = C.load_settings(params)
-    meta = run_augment(settings, C.RAW_DIR, C.SPLITS_DIR, C.PREPARED_DIR, progress=not quiet)
-    preview(settings, C.RAW_DIR, C.SPLITS_DIR, C.AUGMENT_PREVIEW)
+    r = stage.run(load_settings(params), PATHS, progress=not quiet)
     counts = ", ".join(f"{s} {m['records']} records/{len(m['shards'])} shards"
-                       for s, m in meta["splits"].items())  # fmt: skip
-    typer.echo(f"augment: {counts} at {meta['image_size']}px -> {C.PREPARED_DIR}/; "
-               f"preview {C.AUGMENT_PREVIEW}")  # fmt: skip
+                       for s, m in r.meta["splits"].items())  # fmt: skip
+    typer.echo(f"augment: {counts} at {r.meta['image_size']}px -> {r.prepared}/; "
+               f"preview {r.preview}")  # fmt: skip
 
 
 @app.command()
-@stage
-def train(params: ParamsOpt = C.PARAMS_FILE) -> None:
+@command
+def train(params: ParamsOpt = PATHS.params) -> None:
     """Fine-tune the backbone (`train.backbone`) on data/prepared/ in two phases.
 
     Phase 1 trains the head on the frozen backbone, phase 2 unfreezes the top
@@ -170,50 +175,37 @@ def train(params: ParamsOpt = C.PARAMS_FILE) -> None:
     last completed epoch when run again. Writes models/model.keras, models/run.json,
     metrics/train.json and plots/history.csv, and logs the run to MLflow.
     """
-    from genderclf.model.train import run_train
-
-    settings = C.load_settings(params)
-    paths = {"model": C.MODEL_FILE, "run": C.RUN_FILE, "metrics": C.METRICS_DIR / "train.json",
-             "history": C.PLOTS_DIR / "history.csv", "curves": C.PLOTS_DIR / "training_curves.png",
-             "params": params, "source": C.SOURCE_FILE}  # fmt: skip
-    m = run_train(settings, C.PREPARED_DIR, paths)
+    m = run_train(load_settings(params)).metrics
     typer.echo(f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} "
-               f"-> {C.MODEL_FILE}")  # fmt: skip
+               f"-> {PATHS.model}")  # fmt: skip
 
 
 @app.command()
-@stage
-def evaluate(params: ParamsOpt = C.PARAMS_FILE) -> None:
+@command
+def evaluate(params: ParamsOpt = PATHS.params) -> None:
     """Score the model on the test split: metrics/eval.json and plots/ (also in MLflow).
 
     Accuracy, precision, recall, F1, ROC-AUC and calibration at a threshold chosen on the
     validation split; accuracy per attribute slice; the most confident mistakes.
     """
-    from genderclf.model.evaluate import run_evaluate
-
-    settings = C.load_settings(params)
-    m = run_evaluate(settings, C.PREPARED_DIR, C.SPLITS_DIR, C.MODEL_FILE, C.RUN_FILE,
-                     C.METRICS_DIR / "eval.json", C.PLOTS_DIR)  # fmt: skip
+    m = run_evaluate(load_settings(params)).metrics
     auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
     typer.echo(f"evaluate: accuracy {m['accuracy']:.4f} precision {m['precision']:.4f} "
                f"recall {m['recall']:.4f} f1 {m['f1']:.4f} roc_auc {auc} "
-               f"(threshold {m['threshold']:.3f} from val) -> metrics/eval.json, plots/")  # fmt: skip
+               f"(threshold {m['threshold']:.3f} from val) -> {PATHS.eval_metrics}, "
+               f"{PATHS.plots}/")  # fmt: skip
 
 
 @app.command()
-@stage
-def register(params: ParamsOpt = C.PARAMS_FILE) -> None:
+@command
+def register(params: ParamsOpt = PATHS.params) -> None:
     """Register the model as a version of `gender-classifier`; promote it if it wins.
 
     Points `challenger` at the new version; moves `champion` only if the test accuracy
     is >= `register.min_accuracy` and beats the champion (evaluated on the same test
     split) by at least `register.min_improvement`. Writes reports/register.json.
     """
-    from genderclf.tracking.registry import run_register
-
-    settings = C.load_settings(params)
-    r = run_register(settings, C.RUN_FILE, C.METRICS_DIR / "eval.json", C.PREPARED_DIR,
-                     C.REGISTER_REPORT)  # fmt: skip
+    r = run_register(load_settings(params))
     typer.echo(
         f"register: {r['model_name']} version {r['version']} {r['decision']} "
         f"(champion now: version {r['champion_after']}). " + "; ".join(r["reasons"])
@@ -221,7 +213,7 @@ def register(params: ParamsOpt = C.PARAMS_FILE) -> None:
 
 
 @app.command()
-@stage
+@command
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
     model_uri: Annotated[
@@ -240,9 +232,7 @@ def predict(
     ] = "table",
     output: Annotated[
         Path | None,
-        typer.Option(
-            "--output", "-o", help=("Write json/csv here (atomically) instead of stdout.")
-        ),
+        typer.Option("--output", "-o", help="Write json/csv here (atomically) instead of stdout."),
     ] = None,
     no_detect: Annotated[
         bool,
@@ -253,50 +243,51 @@ def predict(
     ] = False,
     threshold: Annotated[
         float | None,
-        typer.Option(
-            help=("Override the model's decision threshold on P(male)."), min=0.0, max=1.0
-        ),
+        typer.Option(help="Override the model's decision threshold on P(male).", min=0.0, max=1.0),
     ] = None,
-    params: ParamsOpt = C.PARAMS_FILE,
+    params: ParamsOpt = PATHS.params,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify the faces in new photos: one row per face (file, box, label, probability).
 
     Faces are found with OpenCV's bundled Haar cascade and cropped the way CelebA frames
-    a face (`predict` section of params.yaml; defaults when there is no params.yaml). An
-    image with no face is reported as `no_face`. A file that cannot be used (not an
-    image, truncated, too big) gets an `error` row; the others are still classified and
-    the command exits 1 with a summary.
+    a face. The image size and threshold come from the model; detection and cropping
+    from the `predict` section of params.yaml, or of the registered model when there is
+    no params.yaml. An image with no face is reported as `no_face`. A file that cannot be
+    used (not an image, truncated, too big) gets an `error` row; the others are still
+    classified and the command exits 1 with a summary.
     """
-    from genderclf import predict as P
+    from genderclf import inference as I
+    from genderclf.console import Progress, render_table
+    from genderclf.tracking.serving import load_classifier
 
     if fmt not in ("table", "json", "csv"):
         raise typer.BadParameter("use table, json or csv", param_hint="--format")
     if output is not None and fmt == "table":
         raise typer.BadParameter("--output needs --format json or csv", param_hint="--output")
-    cfg = (C.load_settings(params).predict if params.is_file() or params != C.PARAMS_FILE
-           else C.PredictSettings())  # fmt: skip
-    files, other = P.find_images(paths)
+    settings = load_settings(params) if params.is_file() or params != PATHS.params else None
+    files, other = I.find_images(paths)
     if not files:
-        raise P.PredictError(f"no images in {', '.join(map(str, paths))} "
-                             f"(extensions: {', '.join(sorted(P.IMAGE_EXTENSIONS))})")  # fmt: skip
-    clf = P.load_classifier(model_uri, threshold)
-    detector = None if no_detect else P.FaceDetector.from_settings(cfg)
-    progress = None
-    if not quiet and len(files) > 5:
-        from tqdm import tqdm
-
-        def progress(it):
-            return tqdm(it, total=len(files), desc="predict", unit="img", file=sys.stderr)
-
-    rows = list(P.predict_images(files, clf, detector, cfg, progress))
+        raise I.PredictError(f"no images in {', '.join(map(str, paths))} "
+                             f"(extensions: {', '.join(sorted(I.IMAGE_EXTENSIONS))})")  # fmt: skip
+    fallback = (I.ServingConfig(0, settings.augment.resize, I.DEFAULT_THRESHOLD,
+                                settings.predict.model_dump()) if settings else None)  # fmt: skip
+    clf = load_classifier(model_uri, threshold, fallback)
+    cfg = settings.predict if settings else clf.config.predict_settings()
+    if cfg is None:
+        raise I.PredictError(f"{model_uri} carries no `predict` settings: run from the project "
+                             "(with its params.yaml) or pass --params")  # fmt: skip
+    detector = None if no_detect else I.FaceDetector.from_settings(cfg)
+    with Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar:
+        rows = list(I.predict_images(files, clf, detector, cfg, bar.wrap))
     if fmt == "table":
-        _print_table(rows)
+        typer.echo(render_table(("file", "face", "box x,y,w,h", "label", "probability", "status"),
+                                [_table_row(r) for r in rows], right=["probability"]))  # fmt: skip
     else:
-        text = P.write_rows(rows, fmt, output)
+        text = I.write_rows(rows, fmt, output)
         if text is not None:
             sys.stdout.write(text)
-    s = P.summarize(rows, len(other))
+    s = I.summarize(rows, len(other))
     note = f"; {s.left_out} non-image files in the folders left out" if s.left_out else ""
     typer.echo(f"predict: {s.files} files, {s.faces} {'images' if no_detect else 'faces'} "
                f"classified, {s.no_face} without a face, {len(s.failed)} failed{note}"
@@ -309,24 +300,16 @@ def predict(
         raise typer.Exit(1)
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    """Aligned plain-text columns; paths are never wrapped or cut, so they stay copyable."""
-    head = ("file", "face", "box x,y,w,h", "label", "probability", "status")
-    lines = [head]
-    for r in rows:
-        box = "" if r["x"] is None else f"{r['x']},{r['y']},{r['w']},{r['h']}"
-        prob = "" if r["probability"] is None else f"{r['probability']:.3f}"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
-        face = "" if r["face"] is None else str(r["face"])
-        lines.append((r["file"], face, box, r["label"] or "", prob, status))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
-    for row in lines:
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
-        typer.echo("  ".join([*cells, row[-1]]).rstrip())
+def _table_row(r: dict[str, Any]) -> tuple[str, ...]:
+    box = "" if r["x"] is None else f"{r['x']},{r['y']},{r['w']},{r['h']}"
+    prob = "" if r["probability"] is None else f"{r['probability']:.3f}"
+    status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
+    face = "" if r["face"] is None else str(r["face"])
+    return (r["file"], face, box, r["label"] or "", prob, status)
 
 
 @app.command()
-@stage
+@command
 def compare(
     runs: Annotated[
         int, typer.Option("--runs", help="Compare the N most recent runs instead.")

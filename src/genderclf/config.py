@@ -1,52 +1,90 @@
-"""Settings and paths: `params.yaml` loaded once into typed, validated settings.
+"""Settings (`params.yaml`, typed) and Paths (every path the stages share, defined once).
 
-Every number the pipeline uses lives in `params.yaml`; this module gives it types and
-ranges so that a bad value fails at start with a message naming the key, instead of
-deep inside a stage. Every path the stages share is defined here, once.
+The committed `params.yaml` is the only home of pipeline defaults: the settings classes
+below give each key a type and a range but no default value, so the code holds no second
+copy that could disagree with the file. A missing key, a misspelt key, a wrong type or an
+out-of-range value fails at start with a message that names the key.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# --- Paths (relative to the repository root, where `dvc repro` runs the stages) -----------
-PARAMS_FILE = Path("params.yaml")
-DATA_DIR = Path("data")
-RAW_DIR = DATA_DIR / "raw"
-SOURCE_FILE = RAW_DIR / "SOURCE.json"
-VALIDATED_DIR = DATA_DIR / "validated"
-MANIFEST_FILE = VALIDATED_DIR / "manifest.csv"
-SPLITS_DIR = DATA_DIR / "splits"
-PREPARED_DIR = DATA_DIR / "prepared"
-REPORTS_DIR = Path("reports")
-VALIDATION_REPORT_DIR = REPORTS_DIR / "validation"
-REJECTED_FILE = VALIDATION_REPORT_DIR / "rejected.csv"
-VALIDATION_METRICS = Path("metrics") / "validation.json"
-AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
-REGISTER_REPORT = REPORTS_DIR / "register.json"
-MODELS_DIR = Path("models")
-MODEL_FILE = MODELS_DIR / "model.keras"
-RUN_FILE = MODELS_DIR / "run.json"
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
+
+class GenderclfError(Exception):
+    """Base of every error a user can fix; the CLI prints its message alone, no traceback."""
+
+
+class SettingsError(GenderclfError, ValueError):
+    """`params.yaml` is missing, unreadable or holds an invalid value."""
+
+
+# --- Paths ---------------------------------------------------------------------------------
 
 SPLITS = ("train", "val", "test")
+SOURCE_NAME = "SOURCE.json"  # inside the raw folder: where the data came from, its checksum
 
 
-class SettingsError(ValueError):
-    """Raised when `params.yaml` is missing, unreadable or holds an invalid value."""
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder the stages read or write, relative to the workspace root.
+
+    `dvc.yaml` names the same paths (a test keeps the two in step). Tests and tools that
+    keep data elsewhere override single fields: `dataclasses.replace(paths, raw=...)`.
+    """
+
+    params: Path = Path("params.yaml")
+    raw: Path = Path("data/raw")
+    manifest: Path = Path("data/validated/manifest.csv")
+    validation: Path = Path("reports/validation")
+    validation_metrics: Path = Path("metrics/validation.json")
+    splits: Path = Path("data/splits")
+    prepared: Path = Path("data/prepared")
+    augment_preview: Path = Path("reports/augment_preview.png")
+    model: Path = Path("models/model.keras")
+    run: Path = Path("models/run.json")
+    train_metrics: Path = Path("metrics/train.json")
+    history: Path = Path("plots/history.csv")
+    curves: Path = Path("plots/training_curves.png")
+    eval_metrics: Path = Path("metrics/eval.json")
+    plots: Path = Path("plots")
+    register_report: Path = Path("reports/register.json")
+    # Training backups live outside DVC's outputs, so `dvc repro` never deletes them.
+    train_backups: Path = Path(".cache/train")
+
+    @property
+    def source_file(self) -> Path:
+        """`SOURCE.json` inside the raw folder: where the data came from, its checksum."""
+        return self.raw / SOURCE_NAME
+
+    @property
+    def rejected(self) -> Path:
+        """One row per file validation refused, with the reason."""
+        return self.validation / "rejected.csv"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.validation / "data_docs"
+
+    def split_file(self, split: str) -> Path:
+        return self.splits / f"{split}.csv"
+
+    def under(self, root: str | os.PathLike[str]) -> Paths:
+        """The same layout below `root` (absolute paths are kept as they are)."""
+        root = Path(root)
+        return replace(self, **{f.name: root / getattr(self, f.name) for f in fields(self)})
+
+
+PATHS = Paths()
+
+
+# --- Settings ------------------------------------------------------------------------------
 
 
 class _Section(BaseModel):
@@ -55,116 +93,119 @@ class _Section(BaseModel):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Workers = Annotated[int, Field(ge=0, le=256, description="0 = one per CPU core")]
+Retries = Annotated[int, Field(ge=0, le=20)]
 
 
 class BaseSettings(_Section):
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    image_size: int = Field(64, ge=16, le=512, description="square side in pixels")
+    seed: int = Field(ge=0, le=2**31 - 1)
+    image_size: int = Field(ge=16, le=512, description="square side in pixels")
 
 
 class SampleSource(_Section):
-    num_images: int = Field(3000, ge=20, le=1_000_000)
-    images_per_identity: int = Field(10, ge=1, le=100)
-    male_fraction: Probability = 0.42
+    num_images: int = Field(ge=20, le=1_000_000)
+    images_per_identity: int = Field(ge=1, le=100)
+    male_fraction: Probability
     cue_flip_fraction: Probability = Field(
-        0.03, description="share of faces drawn with the other class's cues (label noise)"
+        description="share of faces drawn with the other class's cues (label noise)"
     )
-    workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
+    workers: Workers
 
 
 class KaggleSource(_Section):
-    slug: str = Field("jessicali9530/celeba-dataset", pattern=r"^[\w.-]+/[\w.-]+(/\d+)?$")
-    retries: int = Field(4, ge=0, le=20)
-    backoff_seconds: float = Field(2.0, ge=0.0, le=600.0)
+    slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+(/\d+)?$")
+    retries: Retries
+    backoff_seconds: float = Field(ge=0.0, le=600.0)
 
 
 class DirSource(_Section):
-    path: str | None = None
+    path: str | None
 
 
 class S3Source(_Section):
-    uri: str | None = Field(None, pattern=r"^s3://[a-z0-9.\-]{3,63}(/.*)?$")
+    uri: str | None = Field(pattern=r"^s3://[a-z0-9.\-]{3,63}(/.*)?$")
     endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint; falls back to AWS_ENDPOINT_URL"
+        description="S3-compatible endpoint; falls back to AWS_ENDPOINT_URL"
     )
-    retries: int = Field(4, ge=0, le=20)
+    retries: Retries
 
 
 class DataSettings(_Section):
-    source: Literal["sample", "kaggle", "dir", "s3"] = "sample"
-    layout: Literal["auto", "celeba", "class_folders"] = "auto"
-    sample: SampleSource = SampleSource()
-    kaggle: KaggleSource = KaggleSource()
-    dir: DirSource = DirSource()
-    s3: S3Source = S3Source()
+    source: Literal["sample", "kaggle", "dir", "s3"]
+    layout: Literal["auto", "celeba", "class_folders"]
+    sample: SampleSource
+    kaggle: KaggleSource
+    dir: DirSource
+    s3: S3Source
 
     @model_validator(mode="after")
     def _source_has_location(self) -> DataSettings:
-        if self.source == "dir" and not self.dir.path:
-            raise ValueError("data.source is 'dir' but data.dir.path is empty: set it to a folder")
-        if self.source == "s3" and not self.s3.uri:
-            raise ValueError("data.source is 's3' but data.s3.uri is empty: set s3://bucket/prefix")
+        where = {"dir": (self.dir.path, "data.dir.path", "a folder"),
+                 "s3": (self.s3.uri, "data.s3.uri", "s3://bucket/prefix")}  # fmt: skip
+        value, key, what = where.get(self.source, ("-", "", ""))
+        if not value:
+            raise ValueError(f"data.source is {self.source!r} but {key} is empty: set it to {what}")
         return self
 
 
 class ValidateSettings(_Section):
-    min_rows: int = Field(100, ge=1)
-    min_side: int = Field(32, ge=1, le=4096)
-    male_fraction_min: Probability = 0.2
-    male_fraction_max: Probability = 0.8
-    max_reject_fraction: Probability = 0.05
-    allow_format_mismatch: bool = False
-    workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
+    min_rows: int = Field(ge=1)
+    min_side: int = Field(ge=1, le=4096)
+    male_fraction_min: Probability
+    male_fraction_max: Probability
+    max_reject_fraction: Probability
+    allow_format_mismatch: bool
+    workers: Workers
 
-    @model_validator(mode="after")
-    def _bounds_ordered(self) -> ValidateSettings:
-        if self.male_fraction_min > self.male_fraction_max:
-            raise ValueError(
-                "validate.male_fraction_min must be <= validate.male_fraction_max "
-                f"(got {self.male_fraction_min} > {self.male_fraction_max})"
-            )
-        return self
+    @field_validator("male_fraction_max")
+    @classmethod
+    def _bounds_ordered(cls, v: float, info: Any) -> float:
+        low = info.data.get("male_fraction_min")
+        if low is not None and low > v:
+            raise ValueError(f"validate.male_fraction_min must be <= validate.male_fraction_max "
+                             f"(got {low} > {v})")  # fmt: skip
+        return v
 
 
 class SplitSettings(_Section):
-    strategy: Literal["official", "stratified", "group"] = "official"
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    strategy: Literal["official", "stratified", "group"]
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    test_fraction: float = Field(gt=0.0, lt=0.5)
 
 
 class AugmentSettings(_Section):
-    copies: int = Field(1, ge=0, le=20, description="extra augmented variants per train image")
-    flip: bool = True
-    rotation_deg: float = Field(10.0, ge=0.0, le=45.0)
-    zoom: float = Field(0.1, ge=0.0, le=0.5)
-    shift: float = Field(0.05, ge=0.0, le=0.3)
-    brightness: float = Field(0.15, ge=0.0, le=0.9)
-    contrast: float = Field(0.15, ge=0.0, le=0.9)
-    resize: Literal["center_crop", "stretch"] = "center_crop"
-    jpeg_quality: int = Field(95, ge=50, le=100)
-    shard_size: int = Field(2000, ge=16, le=100_000, description="records per TFRecord shard")
-    workers: int = Field(0, ge=0, le=256, description="0 = one per CPU core")
+    copies: int = Field(ge=0, le=20, description="extra augmented variants per train image")
+    flip: bool
+    rotation_deg: float = Field(ge=0.0, le=45.0)
+    zoom: float = Field(ge=0.0, le=0.5)
+    shift: float = Field(ge=0.0, le=0.3)
+    brightness: float = Field(ge=0.0, le=0.9)
+    contrast: float = Field(ge=0.0, le=0.9)
+    resize: Literal["center_crop", "stretch"]
+    jpeg_quality: int = Field(ge=50, le=100)
+    shard_size: int = Field(ge=16, le=100_000, description="records per TFRecord shard")
+    workers: Workers
 
 
 class TrainSettings(_Section):
-    backbone: Literal["vgg16", "vgg19", "resnet50", "mobilenet_v2", "simple_cnn"] = "vgg16"
-    weights: Literal["imagenet"] | None = None
-    batch_size: int = Field(32, ge=1, le=4096)
-    epochs_head: int = Field(3, ge=0, le=1000)
-    epochs_finetune: int = Field(3, ge=0, le=1000)
-    lr_head: float = Field(1e-3, gt=0.0, le=1.0)
-    lr_finetune: float = Field(1e-4, gt=0.0, le=1.0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    finetune_blocks: int = Field(1, ge=0, le=10)
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    online_augment: bool = True
-    aug_rotation: float = Field(0.03, ge=0.0, le=0.5, description="fraction of a full turn")
-    aug_zoom: float = Field(0.1, ge=0.0, le=0.5)
-    aug_contrast: float = Field(0.1, ge=0.0, le=0.9)
-    early_stopping_patience: int = Field(3, ge=1, le=100)
-    reduce_lr_patience: int = Field(2, ge=1, le=100)
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
-    class_weights: Literal["auto", "off"] = "auto"
+    backbone: Literal["vgg16", "vgg19", "resnet50", "mobilenet_v2", "simple_cnn"]
+    weights: Literal["imagenet"] | None
+    batch_size: int = Field(ge=1, le=4096)
+    epochs_head: int = Field(ge=0, le=1000)
+    epochs_finetune: int = Field(ge=0, le=1000)
+    lr_head: float = Field(gt=0.0, le=1.0)
+    lr_finetune: float = Field(gt=0.0, le=1.0)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    finetune_blocks: int = Field(ge=0, le=10)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    online_augment: bool
+    aug_rotation: float = Field(ge=0.0, le=0.5, description="fraction of a full turn")
+    aug_zoom: float = Field(ge=0.0, le=0.5)
+    aug_contrast: float = Field(ge=0.0, le=0.9)
+    early_stopping_patience: int = Field(ge=1, le=100)
+    reduce_lr_patience: int = Field(ge=1, le=100)
+    mixed_precision: Literal["auto", "on", "off"]
+    class_weights: Literal["auto", "off"]
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -183,47 +224,43 @@ class TrainSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    slices: list[str] = ["Young", "Eyeglasses", "Pale_Skin", "Wearing_Hat", "Heavy_Makeup"]
-    calibration_bins: int = Field(10, ge=2, le=100)
-    mistakes_grid: int = Field(16, ge=0, le=256)
-    threshold: Literal["val_f1", "fixed"] = "val_f1"
+    slices: list[str]
+    calibration_bins: int = Field(ge=2, le=100)
+    mistakes_grid: int = Field(ge=0, le=256)
+    threshold: Literal["val_f1", "fixed"]
 
 
 class RegisterSettings(_Section):
-    min_accuracy: Probability = 0.9
-    min_improvement: float = Field(0.0, ge=0.0, le=1.0)
-    retries: int = Field(3, ge=0, le=20)
+    min_accuracy: Probability
+    min_improvement: float = Field(ge=0.0, le=1.0)
+    retries: Retries
 
 
 class PredictSettings(_Section):
     """`genderclf predict`: face detection (OpenCV's bundled Haar cascade) and cropping."""
 
-    cascade: str = Field("haarcascade_frontalface_default.xml",
-                         description="a cascade file bundled with OpenCV (cv2.data.haarcascades)")  # fmt: skip
-    scale_factor: float = Field(1.1, gt=1.0, le=2.0)
-    min_neighbors: int = Field(5, ge=1, le=50)
-    min_face: int = Field(40, ge=8, le=4096, description="smallest face side in pixels")
-    detect_max_side: int = Field(1024, ge=128, le=16384,
-                                 description="detect on a copy at most this big (speed)")  # fmt: skip
-    # How CelebA's aligned crops frame a face: the square training crop is about 1.7x the
-    # detector's box and centred 0.1 box-widths above the box centre (measured on the sample).
-    crop_scale: float = Field(1.7, ge=1.0, le=4.0)
-    crop_shift_y: float = Field(-0.1, ge=-1.0, le=1.0)
-    max_pixels: int = Field(50_000_000, ge=10_000, le=1_000_000_000,
-                            description="refuse bigger images (decompression bombs)")  # fmt: skip
-    batch_size: int = Field(64, ge=1, le=4096)
+    cascade: str = Field(description="a cascade file bundled with OpenCV (cv2.data.haarcascades)")
+    scale_factor: float = Field(gt=1.0, le=2.0)
+    min_neighbors: int = Field(ge=1, le=50)
+    min_face: int = Field(ge=8, le=4096, description="smallest face side in pixels")
+    detect_max_side: int = Field(ge=128, le=16384, description="detect on a copy at most this big")
+    # How CelebA's aligned crops frame a face (measured on the sample): see params.yaml.
+    crop_scale: float = Field(ge=1.0, le=4.0)
+    crop_shift_y: float = Field(ge=-1.0, le=1.0)
+    max_pixels: int = Field(ge=10_000, le=1_000_000_000, description="refuse bigger images")
+    batch_size: int = Field(ge=1, le=4096)
 
 
 class Settings(_Section):
-    base: BaseSettings = BaseSettings()
-    data: DataSettings = DataSettings()
-    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
-    split: SplitSettings = SplitSettings()
-    augment: AugmentSettings = AugmentSettings()
-    train: TrainSettings = TrainSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
-    register_: RegisterSettings = Field(RegisterSettings(), alias="register")
-    predict: PredictSettings = PredictSettings()
+    base: BaseSettings
+    data: DataSettings
+    validate_: ValidateSettings = Field(alias="validate")
+    split: SplitSettings
+    augment: AugmentSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+    register_: RegisterSettings = Field(alias="register")
+    predict: PredictSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -239,17 +276,52 @@ class Settings(_Section):
 
     def flat(self) -> dict[str, Any]:
         """All settings as `section.key` -> value, e.g. for MLflow params."""
-        out: dict[str, Any] = {}
+        return flatten(self.model_dump(by_alias=True))
 
-        def walk(prefix: str, obj: Any) -> None:
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = obj
 
-        walk("", self.model_dump(by_alias=True))
-        return out
+# --- dotted keys (`train.lr_head`): the one walker for params, overrides and MLflow ----------
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(tree: Any, key: str, value: Any) -> None:
+    """Set `section.sub.key` in a nested mapping, creating missing sections.
+
+    Raises:
+        SettingsError: a part of the key names a value that is not a section.
+    """
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        if p not in node:
+            node[p] = {}
+        node = node[p]
+        if not hasattr(node, "keys"):
+            raise SettingsError(f"override {key!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the parsed params with `section.key: value` overrides applied."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for k, v in overrides.items():
+        set_dotted(out, k, v)
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -260,6 +332,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         ctx = e.get("ctx") or {}
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml for the allowed keys)"
+        elif e["type"] == "missing":
+            msg = "missing (every key must be set; copy it from the project's params.yaml)"
         elif e["type"] == "literal_error" and "expected" in ctx:
             msg = f"allowed values are {ctx['expected']}"
         got = e.get("input")
@@ -286,11 +360,11 @@ def parse_settings(raw: Any, source: str = "params.yaml") -> Settings:
         raise SettingsError(_format_errors(err, source)) from None
 
 
-def load_settings(path: str | os.PathLike[str] = PARAMS_FILE) -> Settings:
-    """Read and validate `params.yaml`.
+def read_params(path: str | os.PathLike[str] = PATHS.params) -> dict[str, Any]:
+    """`params.yaml` parsed, not validated.
 
     Raises:
-        SettingsError: the file is missing, is not YAML, or holds an invalid value.
+        SettingsError: the file is missing or is not YAML.
     """
     p = Path(path)
     if not p.is_file():
@@ -298,21 +372,19 @@ def load_settings(path: str | os.PathLike[str] = PARAMS_FILE) -> Settings:
             f"{p}: settings file not found; run from the repository root or pass --params"
         )
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError:
         raise
     # Not only YAMLError: PyYAML's scalar constructors raise ValueError, IndexError, KeyError
     # or AttributeError on bad input (`seed: 2024-13-45`, `!!int`, `!!bool x`).
     except Exception as err:
         raise SettingsError(f"{p}: not valid YAML: {err}") from None
-    return parse_settings(raw, str(p))
 
 
-def cpu_workers(requested: int) -> int:
-    """Resolve a `workers: 0` setting to the number of usable CPU cores."""
-    if requested > 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+def load_settings(path: str | os.PathLike[str] = PATHS.params) -> Settings:
+    """Read and validate `params.yaml`.
+
+    Raises:
+        SettingsError: the file is missing, is not YAML, or holds an invalid value.
+    """
+    return parse_settings(read_params(path), str(path))

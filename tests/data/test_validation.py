@@ -15,10 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from tests.helpers.stages import validate
 
 from genderclf.data.layouts import read_layout
 from genderclf.data.sample import ATTR_FILE, CELEBA_ATTRIBUTES, IMAGE_SUBDIR, PARTITION_FILE
-from genderclf.data.validation import ValidationFailed, check_image, check_images, validate
+from genderclf.data.validation import check_image, check_images
+from genderclf.stages.validate import ValidationFailed
 
 IMG = IMAGE_SUBDIR.as_posix()
 N_GOOD = 30
@@ -74,9 +76,7 @@ def raw_dir(tmp_path_factory, make_celeba, make_image) -> Path:
 
 
 def _run(settings, raw_dir: Path, out: Path):
-    return validate(settings, raw_dir, out / "data" / "validated" / "manifest.csv",
-                    out / "reports" / "validation", out / "metrics" / "validation.json",
-                    progress=False)  # fmt: skip
+    return validate(settings, raw_dir, out)
 
 
 def _read_rejected(out: Path) -> dict[str, str]:

@@ -26,9 +26,7 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -39,14 +37,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.helpers import BIN, REPO_ROOT
+from tests.helpers.servers import free_port
 
 from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SERVER_SCRIPT = REPO_ROOT / "docker" / "mlflow-server.sh"
 BUCKET = "mlflow-artifacts"
 ARTIFACT_PREFIX = "mlartifacts"
@@ -58,12 +56,6 @@ S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
 AUTH = importlib.util.find_spec("flask_wtf") is not None
 NO_AUTH_REASON = ("Flask-WTF is not installed (mlflow[auth]): the server runs without "
                   "authentication here")  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path | None:
@@ -133,7 +125,7 @@ def postgres() -> Iterator[Postgres]:
         "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--no-locale")  # fmt: skip
     pwfile.unlink()
     run("mkdir", "-m", "700", str(sock))
-    port = _free_port()
+    port = free_port()
     opts = f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c full_page_writes=off"
     run(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60",
         "start")  # fmt: skip
@@ -186,7 +178,7 @@ def _clean_env() -> dict[str, str]:
 def mlflow_server(tmp_path_factory, postgres, s3) -> Iterator[str]:
     """`docker/mlflow-server.sh` on loopback: PostgreSQL store, S3 artifacts, basic auth."""
     work = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {
         **_clean_env(),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -244,12 +236,12 @@ def mlflow_server(tmp_path_factory, postgres, s3) -> Iterator[str]:
 def workspace(tmp_path, monkeypatch, model_settings, sample_data, prepared) -> Path:
     """A pipeline workspace after the data stages: params.yaml, data/raw, splits, prepared."""
     raw, splits = sample_data
-    shutil.copytree(raw, tmp_path / C.RAW_DIR)
-    shutil.copytree(splits, tmp_path / C.SPLITS_DIR)
-    shutil.copytree(prepared, tmp_path / C.PREPARED_DIR)
+    shutil.copytree(raw, tmp_path / C.PATHS.raw)
+    shutil.copytree(splits, tmp_path / C.PATHS.splits)
+    shutil.copytree(prepared, tmp_path / C.PATHS.prepared)
     # a floor of 0: one epoch on the tiny sample is enough to become the first champion
     settings = model_settings({"register.min_accuracy": 0.0})
-    (tmp_path / C.PARAMS_FILE).write_text(
+    (tmp_path / C.PATHS.params).write_text(
         yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -283,7 +275,7 @@ def _check_predictions(champion, workspace: Path) -> None:
     import pandas as pd
 
     assert champion.metadata.get_input_schema().input_names() == ["image"]
-    files = sorted((workspace / C.RAW_DIR).rglob("*.jpg"))[:3]
+    files = sorted((workspace / C.PATHS.raw).rglob("*.jpg"))[:3]
     assert len(files) == 3
     served = champion.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
     assert len(served) == 3
@@ -316,8 +308,8 @@ def test_train_register_and_load_champion_through_the_server(
     for stage in ("train", "evaluate", "register"):
         _stage(workspace, env, stage)
 
-    run = json.loads((workspace / C.RUN_FILE).read_text())
-    report = json.loads((workspace / C.REGISTER_REPORT).read_text())
+    run = json.loads((workspace / C.PATHS.run).read_text())
+    report = json.loads((workspace / C.PATHS.register_report).read_text())
     assert report["decision"] == "promoted", report
     version = report["version"]
     assert report["champion_after"] == version

@@ -6,52 +6,23 @@ a params.yaml shrunk from the real one, so DVC hashes and runs exactly the proje
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from tests.pipeline_copy import copy_pipeline
+from tests.helpers import BIN
+from tests.helpers.workspace import copy_pipeline, git_init
+from tests.helpers.workspace import dvc as _dvc
+from tests.helpers.workspace import run as _run
+from tests.helpers.workspace import write_params as _write_params
 
 from genderclf import config as C
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_STAGES = ("download", "validate", "split", "augment")
-BIN = Path(sys.executable).parent  # the venv: dvc and the genderclf command
-
-
-def _env(repo: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(repo / "src")  # the copy DVC hashes, not the editable install
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
-    env["GIT_CONFIG_GLOBAL"] = os.devnull
-    env["GIT_CONFIG_NOSYSTEM"] = "1"
-    return env
-
-
-def _run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-        )
-    return proc
-
-
-def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return _run(repo, str(BIN / "dvc"), *args, check=check)
-
-
-def _write_params(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _ran(output: str) -> set[str]:
@@ -69,10 +40,7 @@ def pipeline(tmp_path_factory, tiny_params) -> tuple[Path, dict, subprocess.Comp
     copy_pipeline(repo)
     params = dict(tiny_params)
     _write_params(repo, params)
-    _run(repo, "git", "init", "-q")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com",
-         "commit", "-qm", "pipeline")  # fmt: skip
+    git_init(repo)
     first = _dvc(repo, "repro", "augment")
     return repo, params, first
 
@@ -82,33 +50,33 @@ def test_first_run_writes_every_contracted_output(pipeline):
     assert _ran(first.stdout) == set(DATA_STAGES)
     n = params["data"]["sample"]["num_images"]
 
-    source = yaml.safe_load((repo / C.SOURCE_FILE).read_text())  # JSON is YAML
+    source = yaml.safe_load((repo / C.PATHS.source_file).read_text())  # JSON is YAML
     assert source["source"] == "sample"
     assert source["file_count"] == n + 3
 
-    manifest = pd.read_csv(repo / C.MANIFEST_FILE)
+    manifest = pd.read_csv(repo / C.PATHS.manifest)
     assert len(manifest) == n  # the sample has no bad files
     assert set(manifest["label"]) == {0, 1}
-    rejected = (repo / C.REJECTED_FILE).read_text().splitlines()
+    rejected = (repo / C.PATHS.rejected).read_text().splitlines()
     assert rejected == ["path,reason"]
-    assert (repo / C.VALIDATION_REPORT_DIR / "gx_results.json").is_file()
-    assert list((repo / C.VALIDATION_REPORT_DIR / "data_docs").rglob("index.html"))
-    metrics = yaml.safe_load((repo / C.VALIDATION_METRICS).read_text())
+    assert (repo / C.PATHS.validation / "gx_results.json").is_file()
+    assert list((repo / C.PATHS.validation / "data_docs").rglob("index.html"))
+    metrics = yaml.safe_load((repo / C.PATHS.validation_metrics).read_text())
     assert metrics["usable"] == n
     assert metrics["expectations_passed"] is True
 
-    splits = {s: pd.read_csv(repo / C.SPLITS_DIR / f"{s}.csv") for s in C.SPLITS}
+    splits = {s: pd.read_csv(repo / C.PATHS.splits / f"{s}.csv") for s in C.SPLITS}
     assert sum(len(df) for df in splits.values()) == n
     assert all(len(df) > 0 for df in splits.values())
 
-    meta = yaml.safe_load((repo / C.PREPARED_DIR / "meta.json").read_text())
+    meta = yaml.safe_load((repo / C.PATHS.prepared / "meta.json").read_text())
     assert meta["image_size"] == params["base"]["image_size"]
     copies = params["augment"]["copies"]
     for s, df in splits.items():
         assert meta["splits"][s]["records"] == len(df) * (1 + copies if s == "train" else 1)
         for shard in meta["splits"][s]["shards"]:
-            assert (repo / C.PREPARED_DIR / shard).stat().st_size > 0
-    assert (repo / C.AUGMENT_PREVIEW).stat().st_size > 0
+            assert (repo / C.PATHS.prepared / shard).stat().st_size > 0
+    assert (repo / C.PATHS.augment_preview).stat().st_size > 0
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(DATA_STAGES)
@@ -121,13 +89,13 @@ def test_first_run_writes_every_contracted_output(pipeline):
 def test_second_run_is_a_no_op(pipeline):
     repo, _, _ = pipeline
     lock_before = (repo / "dvc.lock").read_text()
-    meta_before = (repo / C.PREPARED_DIR / "meta.json").read_bytes()
+    meta_before = (repo / C.PATHS.prepared / "meta.json").read_bytes()
     again = _dvc(repo, "repro", "augment")
     assert _ran(again.stdout) == set()
     assert _skipped(again.stdout) == set(DATA_STAGES)
     assert "up to date" in again.stdout
     assert (repo / "dvc.lock").read_text() == lock_before
-    assert (repo / C.PREPARED_DIR / "meta.json").read_bytes() == meta_before
+    assert (repo / C.PATHS.prepared / "meta.json").read_bytes() == meta_before
     # later stages (train, ...) have not run; the data stages are all up to date
     assert "up to date" in _dvc(repo, "status", "--with-deps", "augment").stdout
 
@@ -146,8 +114,8 @@ def test_changing_copies_reruns_only_augment(pipeline):
     run = _dvc(repo, "repro", "augment")
     assert _ran(run.stdout) == {"augment"}
     assert _skipped(run.stdout) == {"download", "validate", "split"}
-    meta = yaml.safe_load((repo / C.PREPARED_DIR / "meta.json").read_text())
-    n_train = len(pd.read_csv(repo / C.SPLITS_DIR / "train.csv"))
+    meta = yaml.safe_load((repo / C.PATHS.prepared / "meta.json").read_text())
+    n_train = len(pd.read_csv(repo / C.PATHS.splits / "train.csv"))
     assert meta["splits"]["train"]["records"] == n_train * (1 + copies)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["augment"]["params"]["params.yaml"]["augment.copies"] == copies
@@ -155,7 +123,7 @@ def test_changing_copies_reruns_only_augment(pipeline):
     # A bad value: the stage fails at start, naming the key, and dvc.lock keeps the last
     # good run, whose cached outputs `dvc checkout` brings back (DVC removes a stage's
     # outputs before running it).
-    meta_before = (repo / C.PREPARED_DIR / "meta.json").read_bytes()
+    meta_before = (repo / C.PATHS.prepared / "meta.json").read_bytes()
     lock_before = (repo / "dvc.lock").read_text()
     _write_params(repo, {**params, "augment": {**params["augment"], "copies": -1}})
     failed = _dvc(repo, "repro", "augment", check=False)
@@ -167,7 +135,7 @@ def test_changing_copies_reruns_only_augment(pipeline):
     assert (repo / "dvc.lock").read_text() == lock_before
     _write_params(repo, changed)
     _dvc(repo, "checkout", *DATA_STAGES)
-    assert (repo / C.PREPARED_DIR / "meta.json").read_bytes() == meta_before
+    assert (repo / C.PATHS.prepared / "meta.json").read_bytes() == meta_before
 
 
 @pytest.mark.parametrize(

@@ -11,24 +11,19 @@ bucket on the local server the way README "Scaling out" says, and then:
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from tests.pipeline_copy import copy_pipeline
+from tests.helpers import BIN
+from tests.helpers.workspace import copy_pipeline, git_commit, pipeline_env, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 BUCKET = "genderclf-dvc"
 PREFIX = "dvcstore"
 S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
@@ -53,30 +48,16 @@ def s3_server() -> Iterator[str]:
 
 def _env(repo: Path) -> dict[str, str]:
     """No MLflow or AWS settings from the machine; the S3 credentials DVC reads from env."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(repo / "src")  # the copy DVC hashes, not the editable install
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
-    env["GIT_CONFIG_GLOBAL"] = os.devnull
-    env["GIT_CONFIG_NOSYSTEM"] = "1"
-    env["AWS_ACCESS_KEY_ID"] = S3_KEY_ID
-    env["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
-    env["AWS_DEFAULT_REGION"] = "us-east-1"
-    env["AWS_CONFIG_FILE"] = str(repo.parent / "no-aws-config")
-    env["AWS_SHARED_CREDENTIALS_FILE"] = str(repo.parent / "no-aws-credentials")
-    return env
+    return pipeline_env(
+        repo, drop=("MLFLOW_", "AWS_"), AWS_ACCESS_KEY_ID=S3_KEY_ID,
+        AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=str(repo.parent / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(repo.parent / "no-aws-credentials"),
+    )  # fmt: skip
 
 
 def _run(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True,
-                          timeout=540)  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    return run(repo, *args, env=_env(repo))
 
 
 def _dvc(repo: Path, *args: str) -> str:
@@ -106,17 +87,6 @@ def _digest(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_params(tiny_params) -> dict[str, Any]:
-    params = copy.deepcopy(tiny_params)
-    params["data"]["sample"]["num_images"] = 160
-    params["augment"]["copies"] = 0
-    params["train"].update(backbone="simple_cnn", weights=None, batch_size=32, epochs_head=1,
-                           epochs_finetune=1)  # fmt: skip
-    params["register"]["min_accuracy"] = 0.0  # plumbing, not model quality
-    return params
-
-
-@pytest.fixture(scope="module")
 def repo(tmp_path_factory, pipeline_params, s3_server) -> Path:
     """A git repo with the pipeline after a full `dvc repro`, its default remote on S3."""
     repo = tmp_path_factory.mktemp("dvc-s3") / "repo"
@@ -128,9 +98,7 @@ def repo(tmp_path_factory, pipeline_params, s3_server) -> Path:
     _dvc(repo, "remote", "add", "--default", "--force", "s3", f"s3://{BUCKET}/{PREFIX}")
     _dvc(repo, "remote", "modify", "s3", "endpointurl", s3_server)
     _dvc(repo, "repro")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com",
-         "commit", "-qm", "pipeline run")  # fmt: skip
+    git_commit(repo, "pipeline run", env=_env(repo))
     return repo
 
 

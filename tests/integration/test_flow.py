@@ -10,21 +10,19 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
-from tests.pipeline_copy import copy_pipeline
+from tests.helpers import BIN
+from tests.helpers.workspace import copy_pipeline, git_init
 
 from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 STAGES = ["download", "validate", "split", "augment", "train", "evaluate", "register"]
 
 
@@ -43,13 +41,7 @@ def workspace(tmp_path_factory, tiny_params) -> Path:
     params = yaml.safe_load(yaml.safe_dump(tiny_params))
     params["train"].update(backbone="simple_cnn", epochs_head=1, epochs_finetune=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull}
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init"],
-    ):
-        subprocess.run(cmd, cwd=repo, check=True, env=env)  # fmt: skip
+    git_init(repo)
     # A transient fault at the process boundary: the first `dvc repro` of download fails
     # the way a dropped connection does; every later call is the real dvc.
     marker = root / "download-failed-once"
@@ -109,7 +101,7 @@ def test_flow_runs_every_stage_retries_download_and_publishes(harness, flow_env)
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["train.backbone"] == "simple_cnn"  # logged by the train stage
     assert "test_accuracy" in run.data.metrics  # logged by the evaluate stage
-    assert json.loads((repo / C.RUN_FILE).read_text())["run_id"] == result["mlflow_run_id"]
+    assert json.loads((repo / C.PATHS.run).read_text())["run_id"] == result["mlflow_run_id"]
 
     # Prefect artifacts
     table = _artifact("evaluation-metrics")

@@ -9,53 +9,27 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from tests.pipeline_copy import copy_pipeline
+from tests.helpers import BIN
+from tests.helpers.workspace import copy_pipeline
+from tests.helpers.workspace import dvc as _dvc
+from tests.helpers.workspace import git_commit as _commit
+from tests.helpers.workspace import pipeline_env as _env
+from tests.helpers.workspace import run as _run
+from tests.helpers.workspace import write_params as _write_params
 
 from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
 MODEL_STAGES = {"train", "evaluate", "register"}
-
-
-def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")}  # fmt: skip
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(repo / "src")  # the copy DVC hashes, not the editable install
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
-    env["GIT_CONFIG_GLOBAL"] = os.devnull
-    env["GIT_CONFIG_NOSYSTEM"] = "1"
-    return env
-
-
-def _run(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    proc = subprocess.run(args, cwd=cwd or repo, env=env or _env(repo), capture_output=True,
-                          text=True, timeout=540)  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run(repo, str(BIN / "dvc"), *args)
 
 
 def _ran(output: str) -> set[str]:
@@ -66,35 +40,11 @@ def _skipped(output: str) -> set[str]:
     return {s for s in STAGES if f"Stage '{s}' didn't change" in output}
 
 
-def _write_params(repo: Path, params: dict[str, Any]) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def _client(repo: Path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-@pytest.fixture(scope="module")
-def pipeline_params(tiny_params) -> dict[str, Any]:
-    params = copy.deepcopy(tiny_params)
-    params["data"]["sample"]["num_images"] = 160
-    params["augment"]["copies"] = 0
-    params["train"].update(backbone="simple_cnn", weights=None, batch_size=32, epochs_head=1,
-                           epochs_finetune=1)  # fmt: skip
-    # Plumbing, not model quality: one tiny epoch per phase is no 0.9 model, and the test
-    # needs a champion to exist after the first run.
-    params["register"]["min_accuracy"] = 0.0
-    return params
-
-
-def _commit(repo: Path, message: str) -> str:
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com",
-         "commit", "-qm", message)  # fmt: skip
-    return _run(repo, "git", "rev-parse", "HEAD").stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -121,28 +71,28 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
 
     # train
     for out in (
-        C.MODEL_FILE,
-        C.RUN_FILE,
-        C.METRICS_DIR / "train.json",
-        C.PLOTS_DIR / "history.csv",
+        C.PATHS.model,
+        C.PATHS.run,
+        C.PATHS.train_metrics,
+        C.PATHS.history,
     ):
         assert (repo / out).is_file(), out
     # evaluate: the metric keys users rely on, and slices (the sample has attributes)
-    ev = json.loads((repo / C.METRICS_DIR / "eval.json").read_text())
+    ev = json.loads((repo / C.PATHS.eval_metrics).read_text())
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert isinstance(ev[key], float) and 0.0 <= ev[key] <= 1.0, key
-    assert ev["n"] == len((repo / C.SPLITS_DIR / "test.csv").read_text().splitlines()) - 1
+    assert ev["n"] == len((repo / C.PATHS.splits / "test.csv").read_text().splitlines()) - 1
     assert {"Young", "Eyeglasses"} <= set(ev["slices"]["by_attribute"])
     for png in ("confusion_matrix", "roc", "pr", "calibration", "slices", "mistakes"):
-        assert (repo / C.PLOTS_DIR / f"{png}.png").stat().st_size > 0, png
+        assert (repo / C.PATHS.plots / f"{png}.png").stat().st_size > 0, png
     # register
-    report = json.loads((repo / C.REGISTER_REPORT).read_text())
+    report = json.loads((repo / C.PATHS.register_report).read_text())
     assert (report["version"], report["decision"], report["champion_after"]) == (
         "1",
         "promoted",
         "1",
     )
-    run_id = json.loads((repo / C.RUN_FILE).read_text())["run_id"]
+    run_id = json.loads((repo / C.PATHS.run).read_text())["run_id"]
     assert report["run_id"] == run_id
 
     client = _client(repo)
@@ -159,7 +109,7 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
     prepared_md5 = next(o["md5"] for o in lock["stages"]["augment"]["outs"]
                         if o["path"] == "data/prepared")  # fmt: skip
     assert tags["dvc_prepared_md5"] == prepared_md5
-    source = json.loads((repo / C.SOURCE_FILE).read_text())
+    source = json.loads((repo / C.PATHS.source_file).read_text())
     assert tags["data_checksum"] == source["checksum"]
     assert tags["registry.version"] == "1"
 
@@ -172,7 +122,7 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
 
 def test_changing_a_train_param_reruns_exactly_train_evaluate_register(pipeline, pipeline_params):
     repo, _, _ = pipeline
-    before = json.loads((repo / C.RUN_FILE).read_text())["run_id"]
+    before = json.loads((repo / C.PATHS.run).read_text())["run_id"]
     params = copy.deepcopy(pipeline_params)
     params["train"]["lr_head"] = pipeline_params["train"]["lr_head"] * 2
     _write_params(repo, params)
@@ -189,8 +139,8 @@ def test_changing_a_train_param_reruns_exactly_train_evaluate_register(pipeline,
         lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr_head"]
         == params["train"]["lr_head"]
     )
-    assert json.loads((repo / C.RUN_FILE).read_text())["run_id"] != before
-    report = json.loads((repo / C.REGISTER_REPORT).read_text())
+    assert json.loads((repo / C.PATHS.run).read_text())["run_id"] != before
+    report = json.loads((repo / C.PATHS.register_report).read_text())
     assert (report["version"], report["newly_registered"]) == ("2", True)
     assert report["champion_before"]["version"] == "1"
     assert _ran(_dvc(repo, "repro").stdout) == set()  # and then nothing is left to do
@@ -199,13 +149,13 @@ def test_changing_a_train_param_reruns_exactly_train_evaluate_register(pipeline,
 
 def test_dvc_exp_run_with_a_train_param_reruns_train_evaluate_register(pipeline):
     repo, _, _ = pipeline
-    before = json.loads((repo / C.RUN_FILE).read_text())["run_id"]
+    before = json.loads((repo / C.PATHS.run).read_text())["run_id"]
     run = _dvc(repo, "exp", "run", "-n", "lr-head-0.0005", "-S", "train.lr_head=0.0005")
     assert _ran(run.stdout) == MODEL_STAGES
     assert _skipped(run.stdout) == set(STAGES) - MODEL_STAGES
     # the experiment's results are in the workspace: a new MLflow run, a new version
-    assert json.loads((repo / C.RUN_FILE).read_text())["run_id"] != before
-    report = json.loads((repo / C.REGISTER_REPORT).read_text())
+    assert json.loads((repo / C.PATHS.run).read_text())["run_id"] != before
+    report = json.loads((repo / C.PATHS.register_report).read_text())
     assert report["newly_registered"] is True and report["version"] not in ("1", "2")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr_head"] == 0.0005
@@ -215,7 +165,7 @@ def test_dvc_exp_run_with_a_train_param_reruns_train_evaluate_register(pipeline)
     ours = next(e for e in exps if e.get("name") == "lr-head-0.0005")
     data = ours["revs"][0]["data"]
     eval_metrics = data["metrics"]["metrics/eval.json"]["data"]
-    ev = json.loads((repo / C.METRICS_DIR / "eval.json").read_text())
+    ev = json.loads((repo / C.PATHS.eval_metrics).read_text())
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert eval_metrics[key] == pytest.approx(ev[key]), key
     assert data["params"]["params.yaml"]["data"]["train"]["lr_head"] == 0.0005
@@ -252,10 +202,10 @@ def test_cli_image_size_the_backbone_cannot_take_names_the_param(pipeline, pipel
     params = copy.deepcopy(pipeline_params)
     params["base"]["image_size"] = 16
     params["train"]["backbone"] = "vgg16"
-    model_before = (repo / C.MODEL_FILE).read_bytes()
+    model_before = (repo / C.PATHS.model).read_bytes()
     proc = _train_cli(repo, params, repo)
     assert "error (train): base.image_size=16 is too small for train.backbone=vgg16" in proc.stderr
-    assert (repo / C.MODEL_FILE).read_bytes() == model_before
+    assert (repo / C.PATHS.model).read_bytes() == model_before
 
 
 def test_cli_train_without_prepared_data_names_the_stage_to_run(pipeline, pipeline_params,

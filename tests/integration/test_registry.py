@@ -16,10 +16,11 @@ from typing import Any
 
 import keras
 import pytest
+from tests.helpers.stages import register as run_register
 
 from genderclf import config as C
 from genderclf.config import Settings
-from genderclf.tracking.registry import decide, run_register
+from genderclf.stages.register import decide
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME, TrackingError
 
 # --- the policy as a pure function -------------------------------------------------------------
@@ -68,10 +69,10 @@ class Candidates:
         """Returns (run.json, eval.json, the model's real accuracy on the test split)."""
         import mlflow
 
-        from genderclf.data.fsutil import write_json
+        from genderclf.io import write_json
         from genderclf.model.backbones import build_model
-        from genderclf.model.evaluate import predict_split
-        from genderclf.model.train import log_keras_model
+        from genderclf.model.scoring import predict_split
+        from genderclf.tracking.runs import log_keras_model
         from genderclf.tracking.setup import configure
 
         self.n += 1
@@ -90,8 +91,8 @@ class Candidates:
 
     def register(self, run_file: Path, eval_file: Path, settings: Settings | None = None):
         report = run_register(settings or self.settings, run_file, eval_file, self.prepared,
-                              C.REGISTER_REPORT)  # fmt: skip
-        assert json.loads(C.REGISTER_REPORT.read_text()) == report
+                              C.PATHS.register_report)  # fmt: skip
+        assert json.loads(C.PATHS.register_report.read_text()) == report
         return report
 
 
@@ -235,11 +236,11 @@ def test_min_improvement_keeps_a_champion_that_is_only_slightly_worse(candidates
 def test_missing_inputs_name_the_stage_to_run(mlflow_store, reg_settings, prepared, tmp_path):
     run_file, eval_file = tmp_path / "run.json", tmp_path / "eval.json"
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro train`"):
-        run_register(reg_settings, run_file, eval_file, prepared, C.REGISTER_REPORT)
+        run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
     run_file.write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro evaluate`"):
-        run_register(reg_settings, run_file, eval_file, prepared, C.REGISTER_REPORT)
-    assert not C.REGISTER_REPORT.exists()
+        run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
+    assert not C.PATHS.register_report.exists()
 
 
 def test_unreachable_registry_fails_after_register_retries(
@@ -261,6 +262,36 @@ def test_unreachable_registry_fails_after_register_retries(
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"{uri} did not answer after 3 attempts"):
         run_register(settings, tmp_path / "run.json", tmp_path / "eval.json", prepared,
-                     C.REGISTER_REPORT)  # fmt: skip
+                     C.PATHS.register_report)  # fmt: skip
     assert time.monotonic() - started >= 1 + 2  # backoff between the attempts
-    assert not C.REGISTER_REPORT.exists()
+    assert not C.PATHS.register_report.exists()
+
+
+@pytest.mark.integration
+def test_compare_marks_the_champion_and_lists_every_alias(candidates):
+    """`genderclf compare` against a real registry: three versions, the champion moved."""
+    from typer.testing import CliRunner
+
+    from genderclf.cli import app
+
+    run_a, eval_a, real_a = candidates.new(accuracy=0.95)
+    candidates.register(run_a, eval_a)  # v1 champion
+    run_b, eval_b, _ = candidates.new(accuracy=min(1.0, real_a + 0.2))
+    candidates.register(run_b, eval_b)  # v2 champion (moved from v1)
+    run_c, eval_c, _ = candidates.new(accuracy=real_a - 0.04)
+    candidates.register(run_c, eval_c)  # v3 challenger, rejected
+    assert (_alias(CHAMPION), _alias(CHALLENGER)) == ("2", "3")
+
+    result = CliRunner().invoke(app, ["compare"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["version", "aliases", "decision"] and "test_accuracy" in header
+    rows = {line.split()[0]: line.split() for line in lines[1:4]}
+    assert set(rows) == {"3", "*2", "1"}, lines
+    assert rows["*2"][1:3] == ["champion", "promoted"]
+    assert rows["3"][1:3] == ["challenger", "rejected"]
+    assert rows["1"][1:3] == ["-", "promoted"]
+    assert lines[-1] == "(* = champion)"
+    runs = CliRunner().invoke(app, ["compare", "--runs", "5"])
+    assert runs.exit_code == 0 and len(runs.output.splitlines()) == 1 + 3, runs.output

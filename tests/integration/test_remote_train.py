@@ -10,41 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.pipeline_copy import copy_pipeline
+from tests.helpers import BIN
+from tests.helpers.servers import free_port, wait_http
+from tests.helpers.workspace import copy_pipeline
 
 from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 STAGES = ["download", "validate", "split", "augment", "train", "evaluate", "register"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout}s")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -84,7 +64,7 @@ def setup(tmp_path, tiny_params, monkeypatch):
             env,
         )
 
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env["PREFECT_API_URL"] = api
     procs: list[subprocess.Popen] = []
@@ -96,7 +76,7 @@ def setup(tmp_path, tiny_params, monkeypatch):
             cwd=tmp_path, env=env, stdout=open(logs / "server.log", "w"),  # noqa: SIM115 (lives as long as the process)
             stderr=subprocess.STDOUT,
         ))  # fmt: skip
-        _wait_http(f"{api}/health", 120)
+        wait_http(f"{api}/health", 120)
         _run(
             [str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], tmp_path, env
         )
@@ -134,7 +114,7 @@ def test_parent_trains_on_the_gpu_pool_worker_through_the_dvc_remote(setup):
     assert [result[s] for s in STAGES if s != "train"] == ["ran"] * 6
 
     # the worker trained, in its own clone, and pushed the model to the shared remote
-    assert (clone / C.MODEL_FILE).is_file()
+    assert (clone / C.PATHS.model).is_file()
     worker_log = (logs / "worker.log").read_text()
     assert "Finished in state Completed" in worker_log, worker_log[-3000:]
 
@@ -143,7 +123,7 @@ def test_parent_trains_on_the_gpu_pool_worker_through_the_dvc_remote(setup):
     assert set(lock["stages"]) == set(STAGES)
     status = _run([str(BIN / "dvc"), "status"], parent, env)
     assert "up to date" in status, status
-    assert (parent / C.MODEL_FILE).read_bytes() == (clone / C.MODEL_FILE).read_bytes()
+    assert (parent / C.PATHS.model).read_bytes() == (clone / C.PATHS.model).read_bytes()
     clone_lock = yaml.safe_load((clone / "dvc.lock").read_text())
     assert lock["stages"]["train"] == clone_lock["stages"]["train"]
 
@@ -151,5 +131,5 @@ def test_parent_trains_on_the_gpu_pool_worker_through_the_dvc_remote(setup):
     run = MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.params["train.backbone"] == "simple_cnn"
     assert "test_accuracy" in run.data.metrics
-    assert json.loads((parent / C.RUN_FILE).read_text())["run_id"] == result["mlflow_run_id"]
-    assert (parent / C.REGISTER_REPORT).is_file()
+    assert json.loads((parent / C.PATHS.run).read_text())["run_id"] == result["mlflow_run_id"]
+    assert (parent / C.PATHS.register_report).is_file()

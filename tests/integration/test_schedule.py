@@ -8,48 +8,18 @@ server on loopback and waits for the server itself to create the runs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tests.helpers import BIN, REPO_ROOT
+from tests.helpers.servers import free_port, http_json, wait_http
 
 pytestmark = pytest.mark.integration
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(url: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
-
-
-def _wait_health(api: str, timeout: float, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        try:
-            _api(f"{api}/health")
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{api} did not answer in {timeout}s")
 
 
 def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -68,7 +38,7 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
     for folder in ("flows", "src"):
         shutil.copytree(REPO_ROOT / folder, project / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
@@ -80,17 +50,17 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        _wait_health(api, 120, server, log)
+        wait_http(f"{api}/health", 120, server, log)
         for pool in ("cpu", "gpu"):
             _prefect(["work-pool", "create", pool, "--type", "process"], tmp_path, env)
         _prefect(["--no-prompt", "deploy", "--all"], project, env)
-        weekly = _api(f"{api}/deployments/name/gender-pipeline/weekly")
+        weekly = http_json(f"{api}/deployments/name/gender-pipeline/weekly")
         assert weekly["schedules"] and weekly["schedules"][0]["active"]
 
         runs: list[dict] = []
         deadline = time.monotonic() + 90
         while not runs and time.monotonic() < deadline:
-            runs = _api(f"{api}/flow_runs/filter", {
+            runs = http_json(f"{api}/flow_runs/filter", {
                 "flow_runs": {"deployment_id": {"any_": [weekly["id"]]}}, "limit": 50,
             })  # fmt: skip
             time.sleep(1)
@@ -104,8 +74,8 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
                 start.minute,
                 start.utcoffset().total_seconds(),
             ) == (0, 3, 0, 0)
-        other = _api(f"{api}/deployments/name/gender-pipeline/on-demand")
-        assert not _api(f"{api}/flow_runs/filter", {
+        other = http_json(f"{api}/deployments/name/gender-pipeline/on-demand")
+        assert not http_json(f"{api}/flow_runs/filter", {
             "flow_runs": {"deployment_id": {"any_": [other["id"]]}}})  # fmt: skip
         time.sleep(3)  # one more scheduler loop
     finally:

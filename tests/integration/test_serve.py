@@ -11,49 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tests.helpers import BIN
+from tests.helpers.servers import free_port, http_json, wait_http
 
 from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _post(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
 
 
 @pytest.fixture
@@ -61,12 +30,12 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     """Register a model as champion; returns the image files to classify."""
     import keras
     import mlflow
+    from tests.helpers.stages import register as run_register
 
-    from genderclf.data.fsutil import write_json
+    from genderclf.inference import Classifier, ServingConfig, open_rgb
+    from genderclf.io import write_json
     from genderclf.model.backbones import build_model
-    from genderclf.model.train import log_keras_model
-    from genderclf.predict import Classifier, ServingConfig, open_rgb
-    from genderclf.tracking.registry import run_register
+    from genderclf.tracking.runs import log_keras_model
     from genderclf.tracking.setup import configure
 
     settings = model_settings({"register.min_accuracy": 0.5})
@@ -80,7 +49,7 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     keras.utils.set_random_seed(11)
     model = build_model(settings.train, size)
     # Threshold at the median score of these images, so both labels occur in the answers.
-    clf = Classifier(model, ServingConfig(size))
+    clf = Classifier(model, ServingConfig(size, "center_crop", 0.5))
     p = clf.p_male([clf.fit(open_rgb(f, 10**8)) for f in files])
     threshold = float(np.median(p))
     configure()
@@ -91,7 +60,7 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     write_json(Path("metrics/eval.json"), {"accuracy": 0.95, "threshold": threshold,
                                            "f1": 0.9, "roc_auc": 0.97})  # fmt: skip
     report = run_register(settings, Path("models/run.json"), Path("metrics/eval.json"),
-                          prepared, C.REGISTER_REPORT)  # fmt: skip
+                          prepared, C.PATHS.register_report)  # fmt: skip
     assert report["decision"] == "promoted" and report["model_uri"].endswith("/model")
     return files
 
@@ -109,7 +78,7 @@ def test_served_champion_answers_like_predict_no_detect(champion, mlflow_store, 
     assert len(expected) == len(files)
     assert {r["label"] for r in expected} == {"male", "female"}
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
@@ -118,10 +87,10 @@ def test_served_champion_answers_like_predict_no_detect(champion, mlflow_store, 
             env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        _wait(f"http://127.0.0.1:{port}/ping", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
         images = [base64.b64encode(f.read_bytes()).decode() for f in files]
         images.append(base64.b64encode(b"\xff\xd8\xff\xe0 not really a jpeg").decode())
-        answer = _post(
+        answer = http_json(
             f"http://127.0.0.1:{port}/invocations",
             {"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}},
         )
@@ -142,7 +111,7 @@ def test_served_champion_answers_like_predict_no_detect(champion, mlflow_store, 
 def test_registered_model_carries_the_evaluated_threshold(champion, mlflow_store):
     import mlflow
 
-    from genderclf.predict import load_classifier
+    from genderclf.tracking.serving import load_classifier
 
     evaluated = json.loads(Path("metrics/eval.json").read_text())["threshold"]
     clf = load_classifier("models:/gender-classifier@champion")

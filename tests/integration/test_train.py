@@ -24,31 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tests.helpers import BIN
+from tests.helpers.stages import train as run_train
 
 from genderclf import config as C
 from genderclf.config import Settings
 from genderclf.data.tfrecords import PreparedDataError
 from genderclf.model.backbones import ModelConfigError
-from genderclf.model.train import BACKUP_ROOT, run_train
 from genderclf.tracking.setup import EXPERIMENT, TrackingError
 
-BIN = Path(sys.executable).parent
+BACKUP_ROOT = C.PATHS.train_backups
 
 
-def _paths(params_file: Path, source_file: Path) -> dict[str, Path]:
-    """The `paths` mapping `genderclf train` passes to `run_train` (relative to the cwd)."""
-    return {
-        "model": C.MODEL_FILE,
-        "run": C.RUN_FILE,
-        "metrics": C.METRICS_DIR / "train.json",
-        "history": C.PLOTS_DIR / "history.csv",
-        "curves": C.PLOTS_DIR / "training_curves.png",
-        "params": params_file,
-        "source": source_file,
-    }
-
-
-def _write_params(settings: Settings, path: Path = C.PARAMS_FILE) -> Path:
+def _write_params(settings: Settings, path: Path = C.PATHS.params) -> Path:
     path.write_text(yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False))
     return path
 
@@ -87,8 +75,9 @@ def test_smoke_training_learns_the_sample_and_records_it(
 ):
     import mlflow
     from mlflow import MlflowClient
+    from tests.helpers.stages import evaluate as run_evaluate
 
-    from genderclf.model.evaluate import load_model, run_evaluate
+    from genderclf.model.saving import load_model
 
     raw, splits = sample_data
     # 8 images a step: enough steps in one epoch per phase for BatchNorm to settle.
@@ -99,16 +88,16 @@ def test_smoke_training_learns_the_sample_and_records_it(
     _git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "params")
     commit = _git("rev-parse", "HEAD")
 
-    metrics = run_train(settings, prepared_augmented, _paths(params, raw / "SOURCE.json"))
+    metrics = run_train(settings, prepared_augmented, params, raw / "SOURCE.json")
 
     # the stage contract
-    for out in (C.MODEL_FILE, C.RUN_FILE, C.METRICS_DIR / "train.json", C.PLOTS_DIR / "history.csv",
-                C.PLOTS_DIR / "training_curves.png"):  # fmt: skip
+    for out in (C.PATHS.model, C.PATHS.run, C.PATHS.train_metrics, C.PATHS.history,
+                C.PATHS.curves):  # fmt: skip
         assert out.is_file() and out.stat().st_size > 0, out
-    assert json.loads((C.METRICS_DIR / "train.json").read_text()) == json.loads(json.dumps(metrics))
+    assert json.loads((C.PATHS.train_metrics).read_text()) == json.loads(json.dumps(metrics))
     assert metrics["epochs"] == 2 and metrics["resumed"] == "no"
     assert not list(BACKUP_ROOT.glob("*"))  # the backup goes once the stage is done
-    hist = _history(C.PLOTS_DIR / "history.csv")
+    hist = _history(C.PATHS.history)
     assert [(int(r["epoch"]), int(r["phase"])) for r in hist] == [(1, 1), (2, 2)]
     loss = [float(r["loss"]) for r in hist]
     assert loss[1] < loss[0], f"training loss did not fall: {loss}"
@@ -117,15 +106,14 @@ def test_smoke_training_learns_the_sample_and_records_it(
     # accuracy on the test split of people never seen in training), against the accuracy of
     # always answering the majority class. Measured (4 runs): accuracy 0.73-0.81 against a
     # majority rate of 0.5, ROC AUC 0.85-0.90.
-    ev = run_evaluate(settings, prepared_augmented, splits, C.MODEL_FILE, C.RUN_FILE,
-                      C.METRICS_DIR / "eval.json", C.PLOTS_DIR)  # fmt: skip
+    ev = run_evaluate(settings, prepared_augmented, splits)
     tn, fp, fn, tp = np.array(ev["confusion_matrix"]).ravel()
     majority = max(tn + fp, fn + tp) / ev["n"]
     assert ev["accuracy"] >= majority + 0.1, (ev["accuracy"], majority)
     assert ev["roc_auc"] >= 0.75
 
     # MLflow: params, one metric point per epoch, lineage, the model as an MLflow model
-    run_info = json.loads(C.RUN_FILE.read_text())
+    run_info = json.loads(C.PATHS.run.read_text())
     assert run_info["tracking_uri"] == mlflow_store
     assert run_info["keras_model_uri"] == f"runs:/{run_info['run_id']}/keras_model"
     assert (run_info["image_size"], run_info["resize"]) == (32, "center_crop")
@@ -158,7 +146,7 @@ def test_smoke_training_learns_the_sample_and_records_it(
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(
         np.asarray(logged.predict(x, verbose=0)),
-        np.asarray(load_model(C.MODEL_FILE).predict(x, verbose=0)),
+        np.asarray(load_model(C.PATHS.model).predict(x, verbose=0)),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -209,31 +197,31 @@ def test_killed_training_resumes_without_repeating_an_epoch(mlflow_store, model_
     assert proc.returncode == -signal.SIGKILL
     done_before = len(_history(history))
     assert 1 <= done_before < 4
-    assert not C.MODEL_FILE.exists()
+    assert not C.PATHS.model.exists()
     assert (history.parent / "phase1").is_dir()  # Keras' BackupAndRestore checkpoint
 
     again = subprocess.run([str(BIN / "genderclf"), "train"], env=env, text=True,
                            capture_output=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"train: resuming from phase 1 after epoch {done_before}" in again.stdout
-    hist = _history(C.PLOTS_DIR / "history.csv")
+    hist = _history(C.PATHS.history)
     assert [(int(r["epoch"]), int(r["phase"])) for r in hist] == [(1, 1), (2, 1), (3, 1), (4, 2)], (
         again.stdout + again.stderr[-3000:]
     )
     # the re-run trained only the epochs that were missing
     assert again.stdout.count("phase 1 epoch") == 3 - done_before
     assert again.stdout.count("phase 2 epoch") == 1
-    metrics = json.loads((C.METRICS_DIR / "train.json").read_text())
+    metrics = json.loads((C.PATHS.train_metrics).read_text())
     assert metrics["resumed"] == f"phase 1 after epoch {done_before}"
     assert metrics["epochs"] == 4
-    assert C.MODEL_FILE.is_file()
+    assert C.PATHS.model.is_file()
     assert not history.parent.exists()
 
     # both processes wrote to one MLflow run; no epoch was logged twice
     client = MlflowClient(mlflow_store)
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
-    assert [r.info.run_id for r in runs] == [json.loads(C.RUN_FILE.read_text())["run_id"]]
+    assert [r.info.run_id for r in runs] == [json.loads(C.PATHS.run.read_text())["run_id"]]
     assert runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert len(steps) == len(set(steps))
@@ -246,8 +234,8 @@ def test_killed_training_resumes_without_repeating_an_epoch(mlflow_store, model_
 def test_missing_prepared_data_names_the_stage_to_run(mlflow_store, model_settings, tmp_path):
     params = _write_params(model_settings())
     with pytest.raises(PreparedDataError, match=r"run `dvc repro augment`"):
-        run_train(model_settings(), tmp_path / "data" / "prepared", _paths(params, Path("x")))
-    assert not C.MODEL_FILE.exists()
+        run_train(model_settings(), tmp_path / "data" / "prepared", params, Path("x"))
+    assert not C.PATHS.model.exists()
 
 
 def test_prepared_data_at_another_image_size_names_the_param(
@@ -256,7 +244,7 @@ def test_prepared_data_at_another_image_size_names_the_param(
     settings = model_settings({"base.image_size": 48})
     params = _write_params(settings)
     with pytest.raises(FileNotFoundError, match=r"32px but base\.image_size=48.*dvc repro augment"):
-        run_train(settings, prepared, _paths(params, Path("x")))
+        run_train(settings, prepared, params, Path("x"))
 
 
 def test_backbone_that_cannot_take_the_image_size_fails_before_training(
@@ -264,7 +252,7 @@ def test_backbone_that_cannot_take_the_image_size_fails_before_training(
 ):
     settings = model_settings({"train.backbone": "vgg16", "base.image_size": 16})
     with pytest.raises(ModelConfigError, match=r"base\.image_size=16"):
-        run_train(settings, prepared, _paths(Path("params.yaml"), Path("x")))
+        run_train(settings, prepared, Path("params.yaml"), Path("x"))
     assert not BACKUP_ROOT.exists()
 
 
@@ -278,12 +266,12 @@ def test_unreachable_tracking_server_fails_before_training(
     params = _write_params(settings)
     started = time.monotonic()
     with pytest.raises(TrackingError) as err:
-        run_train(settings, prepared, _paths(params, Path("x")))
+        run_train(settings, prepared, params, Path("x"))
     message = str(err.value)
     assert f"MLflow tracking server at {uri} did not answer after 4 attempts" in message
     assert "MLFLOW_TRACKING_URI" in message
     assert time.monotonic() - started >= 1 + 2 + 4  # configure()'s backoff between attempts
-    assert not BACKUP_ROOT.exists() and not C.MODEL_FILE.exists()  # nothing was trained
+    assert not BACKUP_ROOT.exists() and not C.PATHS.model.exists()  # nothing was trained
 
 
 # --- tracking server lost after training -----------------------------------------------------
@@ -358,7 +346,7 @@ def test_server_lost_after_training_keeps_the_model_and_a_rerun_finishes(
 ):
     from mlflow import MlflowClient
 
-    from genderclf.model.evaluate import load_model
+    from genderclf.model.saving import load_model
 
     uri, server_root = gated_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -368,25 +356,25 @@ def test_server_lost_after_training_keeps_the_model_and_a_rerun_finishes(
     (server_root / "trip").touch()
 
     with pytest.raises(TrackingError) as err:
-        run_train(settings, prepared, _paths(params, Path("x")))
+        run_train(settings, prepared, params, Path("x"))
     assert (server_root / "down").exists()  # the outage came after training, as designed
     message = str(err.value)
     assert f"MLflow tracking server at {uri} failed during the train stage" in message
-    assert f"the trained model is kept in {C.MODEL_FILE}" in message
-    load_model(C.MODEL_FILE)  # a complete, loadable model
-    assert [int(r["epoch"]) for r in _history(C.PLOTS_DIR / "history.csv")] == [1, 2]
-    assert not C.RUN_FILE.exists()  # evaluate/register cannot pick up a half-logged run
+    assert f"the trained model is kept in {C.PATHS.model}" in message
+    load_model(C.PATHS.model)  # a complete, loadable model
+    assert [int(r["epoch"]) for r in _history(C.PATHS.history)] == [1, 2]
+    assert not C.PATHS.run.exists()  # evaluate/register cannot pick up a half-logged run
     (backup,) = BACKUP_ROOT.glob("*")
     run_id = (backup / "mlflow_run_id").read_text()
 
     (server_root / "down").unlink()  # the server is back
     started = time.monotonic()
-    metrics = run_train(settings, prepared, _paths(params, Path("x")))
+    metrics = run_train(settings, prepared, params, Path("x"))
     assert metrics["resumed"] == "phase 2 after epoch 2"  # nothing trained again
     assert metrics["epochs"] == 2 and metrics["train_images_per_second"] is None
     assert time.monotonic() - started < 60
-    assert [int(r["epoch"]) for r in _history(C.PLOTS_DIR / "history.csv")] == [1, 2]
-    assert json.loads(C.RUN_FILE.read_text())["run_id"] == run_id
+    assert [int(r["epoch"]) for r in _history(C.PATHS.history)] == [1, 2]
+    assert json.loads(C.PATHS.run.read_text())["run_id"] == run_id
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

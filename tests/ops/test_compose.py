@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 

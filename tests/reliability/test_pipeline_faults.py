@@ -14,7 +14,6 @@ one real MLflow server and Prefect's own temporary API server.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -27,14 +26,16 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.pipeline_copy import copy_pipeline
-from tests.reliability.conftest import BIN, delete_registered_model
+from tests.helpers import BIN
+from tests.helpers.params import pipeline_params
+from tests.helpers.servers import delete_registered_model
+from tests.helpers.workspace import copy_pipeline, git_init, pipeline_env, write_params
+from tests.helpers.workspace import run as run_in
 
 from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CANARIES = {
     "KAGGLE_KEY": "kaggle-canary-7f3a9c11e2",
     "AWS_SECRET_ACCESS_KEY": "aws-canary-51bd02f9aa",
@@ -43,29 +44,18 @@ CANARIES = {
 
 
 def _env(repo: Path, tracking_uri: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "PREFECT_")) and k != "PYTHONPATH"}  # fmt: skip
-    env.update(CANARIES)
-    env.update({
-        "KAGGLE_USERNAME": "canary-user", "AWS_ACCESS_KEY_ID": "AKIACANARY0000000000",
-        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(repo / "src"),  # the copy DVC hashes, not the editable install
-        "PREFECT_HOME": str(repo.parent / "prefect-home"),
-        # Prefect's temporary API server gets 20 s to start by default: too few on a busy CI box.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache"),
-        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-    })  # fmt: skip
-    return env
+    return pipeline_env(
+        repo, drop=("MLFLOW_", "PREFECT_", "PYTHONPATH"), **CANARIES,
+        KAGGLE_USERNAME="canary-user", AWS_ACCESS_KEY_ID="AKIACANARY0000000000",
+        MLFLOW_TRACKING_USERNAME="pipeline", MLFLOW_TRACKING_URI=tracking_uri,
+        PREFECT_HOME=str(repo.parent / "prefect-home"),
+        # Prefect's temporary API server gets 20 s to start by default: too few on a busy box.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+    )  # fmt: skip
 
 
 def _run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
+    return run_in(repo, *args, env=env, timeout=600)
 
 
 def _train_process(repo: Path) -> int | None:
@@ -89,20 +79,14 @@ def _history_rows(repo: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_params, mlflow_server) -> dict[str, Any]:
+def pipeline(tmp_path_factory, mlflow_server) -> dict[str, Any]:
     repo = tmp_path_factory.mktemp("faults") / "repo"
     copy_pipeline(repo, ("src", "flows"))
-    params = copy.deepcopy(tiny_params)
-    params["data"]["sample"]["num_images"] = 160
-    params["augment"]["copies"] = 0
-    params["train"].update(backbone="simple_cnn", weights=None, batch_size=16, epochs_head=3,
-                           epochs_finetune=1, early_stopping_patience=10)  # fmt: skip
-    params["register"]["min_accuracy"] = 0.0  # plumbing, not model quality
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = pipeline_params({"train.batch_size": 16, "train.epochs_head": 3,
+                              "train.early_stopping_patience": 10})  # fmt: skip
+    write_params(repo, params)
     env = _env(repo, mlflow_server.uri)
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@example.com")
-    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), (*git, "commit", "-qm", "init")):
-        _run(repo, env, *cmd)
+    git_init(repo, env=env)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     try:
         delete_registered_model()
@@ -144,9 +128,9 @@ def test_killed_training_resumes_and_the_outputs_match_dvc_lock(pipeline):
     assert f"train: resuming from phase 1 after epoch {done}" in second
     assert second.count("phase 1 epoch") == 3 - done  # no completed epoch trained twice
     assert second.count("phase 2 epoch") == 1
-    metrics = json.loads((repo / C.METRICS_DIR / "train.json").read_text())
+    metrics = json.loads((repo / C.PATHS.train_metrics).read_text())
     assert metrics["resumed"] == f"phase 1 after epoch {done}" and metrics["epochs"] == 4
-    hist = (repo / C.PLOTS_DIR / "history.csv").read_text().splitlines()
+    hist = (repo / C.PATHS.history).read_text().splitlines()
     assert [r.split(",")[:2] for r in hist[1:]] == [["1", "1"], ["2", "1"], ["3", "1"], ["4", "2"]]
     assert not list((repo / ".cache" / "train").glob("*"))  # the backup is gone once done
 
@@ -167,11 +151,11 @@ def test_killed_training_resumes_and_the_outputs_match_dvc_lock(pipeline):
             path = repo / out["path"]
             if path.is_file():
                 assert file_md5(path) == out["md5"], out["path"]
-    from genderclf.model.evaluate import load_model
+    from genderclf.model.saving import load_model
 
-    load_model(repo / C.MODEL_FILE)  # a whole, loadable model
-    report = json.loads((repo / C.REGISTER_REPORT).read_text())
-    run_id = json.loads((repo / C.RUN_FILE).read_text())["run_id"]
+    load_model(repo / C.PATHS.model)  # a whole, loadable model
+    report = json.loads((repo / C.PATHS.register_report).read_text())
+    run_id = json.loads((repo / C.PATHS.run).read_text())["run_id"]
     assert report["run_id"] == run_id and report["decision"] == "promoted"
 
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.reliability.conftest import BIN
+from tests.helpers import BIN
+from tests.helpers.stages import register as run_register
 
 from genderclf.config import Settings
+from genderclf.stages import register as stage
 from genderclf.tracking import registry
-from genderclf.tracking.registry import run_register
 from genderclf.tracking.setup import CHAMPION, MODEL_NAME, TrackingError
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any,
     import keras
 
     from genderclf.model.backbones import build_model
-    from genderclf.model.evaluate import predict_split
+    from genderclf.model.scoring import predict_split
 
     keras.utils.set_random_seed(seed)
     model = build_model(settings.train, settings.base.image_size)
@@ -49,8 +50,9 @@ def log_candidate(settings: Settings, model: Any, accuracy: float, folder: Path)
     """Log the model to a new run; write models/run.json, models/model.keras, eval.json."""
     import mlflow
 
-    from genderclf.data.fsutil import write_json
-    from genderclf.model.train import log_keras_model, save_model_atomic
+    from genderclf.io import write_json
+    from genderclf.model.saving import save_model as save_model_atomic
+    from genderclf.tracking.runs import log_keras_model
     from genderclf.tracking.setup import configure
 
     configure(0)
@@ -168,11 +170,11 @@ class PauseAfterDecision:
     """
 
     def __init__(self, monkeypatch):
-        self.real = registry.decide
+        self.real = stage.decide
         self.decided = {n: threading.Event() for n in ("better", "worse")}
         self.go = {n: threading.Event() for n in ("better", "worse")}
         self.calls: dict[str, list[Any]] = {"better": [], "worse": []}
-        monkeypatch.setattr(registry, "decide", self)
+        monkeypatch.setattr(stage, "decide", self)
 
     def __call__(self, *args, **kwargs):
         name = threading.current_thread().name

@@ -13,15 +13,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.archives import make_tar as _tar
-from tests.archives import make_zip as _zip
-from tests.archives import tar_link as _link
-from tests.reliability.conftest import BIN
+from tests.helpers import BIN
+from tests.helpers.archives import make_tar as _tar
+from tests.helpers.archives import make_zip as _zip
+from tests.helpers.archives import tar_link as _link
+from tests.helpers.stages import download
 
+from genderclf.config import SOURCE_NAME
 from genderclf.data import sources
-from genderclf.data.fsutil import UnsafeArchiveError, safe_extract
-from genderclf.data.sources import SOURCE_NAME, download
-from genderclf.model.evaluate import ModelLoadError, load_model
+from genderclf.io import UnsafeArchiveError, safe_extract
+from genderclf.model.saving import ModelLoadError, load_model
 
 GOOD = [("data/a.txt", b"a"), ("data/sub/b.txt", b"b")]
 

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.helpers.stages import augment as run_augment
 
 from genderclf.config import SPLITS
 from genderclf.data import sample
-from genderclf.data.augment import AugmentError, preview, run_augment
-from genderclf.data.augment_ops import AugmentParams, augment, fit_square, load_rgb
+from genderclf.data.augment import AugmentParams, augment, preview
 from genderclf.data.layouts import read_layout
 from genderclf.data.split import read_split, split_manifest, write_splits
 from genderclf.data.tfrecords import META_FILE, PreparedDataError, make_dataset, read_meta
+from genderclf.images import fit_square, load_rgb
+from genderclf.stages.augment import AugmentError
 
 N_IMAGES = 40
 BASE = {"split.strategy": "stratified", "split.val_fraction": 0.2, "split.test_fraction": 0.2}
@@ -144,7 +146,7 @@ def test_preview(tmp_path, prepared, data):
     _, _, settings = prepared
     raw, splits = data
     png = tmp_path / "reports" / "augment_preview.png"
-    preview(settings, raw, splits, png)
+    preview(settings, raw, read_split(splits, "train"), png)
     with Image.open(png) as im:
         assert im.format == "PNG"
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)

@@ -20,8 +20,8 @@ from genderclf.model.backbones import (
     check_compatible,
     unfreeze_top_blocks,
 )
-from genderclf.model.evaluate import ModelLoadError, load_model
 from genderclf.model.layers import BackbonePreprocess
+from genderclf.model.saving import ModelLoadError, load_model
 
 SIZE = 32
 

@@ -12,17 +12,19 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from genderclf.config import Settings, SettingsError, load_settings, parse_settings
+from genderclf.config import (
+    PATHS,
+    Paths,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_settings,
+    with_overrides,
+)
 
 
 def _with(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    *parents, last = key.split(".")
-    node = out
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return out
+    return with_overrides(raw, {key: value})
 
 
 def _error(raw: Any) -> str:
@@ -158,10 +160,63 @@ def test_top_level_must_be_a_mapping():
     assert "top level must be a mapping" in _error([1, 2])
 
 
-def test_empty_file_means_all_defaults(tmp_path):
+def test_empty_file_names_every_missing_section(tmp_path):
+    # params.yaml is the only home of defaults: an empty file is not "all defaults".
     p = tmp_path / "params.yaml"
     p.write_text("")
-    assert load_settings(p) == Settings()
+    with pytest.raises(SettingsError) as info:
+        load_settings(p)
+    for section in ("base", "data", "validate", "split", "augment", "train", "evaluate",
+                    "register", "predict"):  # fmt: skip
+        assert f"  - {section}: missing (every key must be set" in str(info.value)
+
+
+def test_a_missing_key_is_named(real_params):
+    raw = copy.deepcopy(real_params)
+    del raw["train"]["lr_head"]
+    assert "train.lr_head: missing" in _error(raw)
+
+
+def _fields(model: type) -> list[tuple[str, Any]]:
+    out = []
+    for name, f in model.model_fields.items():
+        out.append((f"{model.__name__}.{name}", f))
+        ann = f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out += _fields(ann)
+    return out
+
+
+def test_the_code_holds_no_second_copy_of_the_defaults():
+    """Every setting is required: the committed params.yaml is the only home of defaults."""
+    with_default = [name for name, f in _fields(Settings) if not f.is_required()]
+    assert with_default == [], f"settings with a default in code: {with_default}"
+
+
+def test_every_params_key_is_a_setting_and_every_setting_is_in_params(real_params):
+    from genderclf.config import flatten
+
+    settings = parse_settings(real_params)
+    assert set(settings.flat()) == set(flatten(real_params))
+
+
+def test_paths_match_dvc_yaml():
+    """The stage outputs dvc.yaml declares are the paths the code writes (`Paths`)."""
+    dvc = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())
+    declared = set()
+    for stage in dvc["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in stage.get(kind, []):
+                declared.add(item if isinstance(item, str) else next(iter(item)))
+    p = PATHS
+    for path in (p.raw, p.manifest, p.validation, p.validation_metrics, p.splits, p.prepared,
+                 p.augment_preview, p.model, p.run, p.train_metrics, p.history, p.curves,
+                 p.eval_metrics, p.register_report):  # fmt: skip
+        assert path.as_posix() in declared, path
+    for name in ("roc.png", "pr.png", "calibration.png", "slices.png", "mistakes.png",
+                 "confusion_matrix.png"):  # fmt: skip
+        assert (p.plots / name).as_posix() in declared, name
+    assert Paths().under("/w").model == Path("/w/models/model.keras")
 
 
 def test_missing_file(tmp_path):

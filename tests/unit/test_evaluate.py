@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as M
 
-from genderclf.model.evaluate import (
+from genderclf.model.scoring import (
     choose_threshold,
     compute_metrics,
     expected_calibration_error,

@@ -6,6 +6,7 @@ import pytest
 
 from genderclf.data import labels
 from genderclf.data.layouts import (
+    BASE_COLUMNS,
     LayoutError,
     detect_layout,
     read_celeba,
@@ -150,7 +151,7 @@ def test_celeba_layout(tmp_path, make_celeba):
     cands = read_layout(tmp_path, "auto")
     assert cands.layout == "celeba"
     assert cands.rejected == []
-    assert cands.attribute_columns == CELEBA_ATTRIBUTES
+    assert [c for c in cands.rows.columns if c not in BASE_COLUMNS] == CELEBA_ATTRIBUTES
     rows = cands.rows.set_index("path")
     paths = [f"img_align_celeba/img_align_celeba/{i}" for i in ids]
     assert list(rows.index) == paths
@@ -265,3 +266,22 @@ def test_unknown_layout_lists_what_was_found(tmp_path, make_image):
 def test_unknown_layout_empty_folder(tmp_path):
     with pytest.raises(LayoutError, match="Found: an empty folder"):
         read_layout(tmp_path)
+
+
+def test_celeba_csvs_saved_by_excel_with_a_bom_and_crlf(tmp_path, make_celeba):
+    """Attribute and partition files with a UTF-8 byte-order mark and CRLF line ends (as
+    Excel saves CSV), and an identity file with CRLF: read exactly like the plain ones."""
+    from genderclf.data.celeba import CELEBA_IDENTITY, CELEBA_PARTITION
+
+    make_celeba(tmp_path / "plain", [1, 0, 1, 0], partitions=[0, 1, 2, 0], identities=[5, 6, 7, 5])
+    make_celeba(tmp_path / "excel", [1, 0, 1, 0], partitions=[0, 1, 2, 0], identities=[5, 6, 7, 5])
+    for name in (ATTR_FILE, CELEBA_PARTITION, CELEBA_IDENTITY):
+        f = tmp_path / "excel" / name
+        text = f.read_text().replace("\r\n", "\n").replace("\n", "\r\n")
+        f.write_bytes(("\ufeff" if name.endswith(".csv") else "").encode() + text.encode())
+        assert f.read_bytes().startswith(b"\xef\xbb\xbf" if name.endswith(".csv") else b"000001")
+    plain, excel = read_layout(tmp_path / "plain"), read_layout(tmp_path / "excel")
+    assert excel.rejected == [] and len(excel.rows) == 4
+    assert excel.rows.to_dict("records") == plain.rows.to_dict("records")
+    assert list(excel.rows["partition"]) == ["train", "val", "test", "train"]
+    assert list(excel.rows["identity"]) == ["5", "6", "7", "5"]

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from genderclf import predict as P
+from genderclf import inference as P
 from genderclf.cli import app
 from genderclf.config import PredictSettings
 from genderclf.data.sample import render
+from genderclf.tracking.serving import load_classifier
 
 SIZE = 32
 
@@ -30,8 +31,18 @@ def _face(i: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def detector() -> P.FaceDetector:
-    return P.FaceDetector.from_settings(PredictSettings())
+def predict_settings(tiny_settings) -> PredictSettings:
+    """The `predict` section of the real params.yaml."""
+    return tiny_settings.predict
+
+
+def _with(s: PredictSettings, **changes) -> PredictSettings:
+    return s.model_copy(update=changes)
+
+
+@pytest.fixture(scope="module")
+def detector(predict_settings) -> P.FaceDetector:
+    return P.FaceDetector.from_settings(predict_settings)
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +76,13 @@ def _inside(box: P.Box, at: tuple[int, int]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
+def model_file(tmp_path_factory, make_settings) -> Path:
     import keras
 
-    from genderclf.config import TrainSettings
     from genderclf.model.backbones import build_model
 
     keras.utils.set_random_seed(3)
-    model = build_model(TrainSettings(backbone="simple_cnn"), SIZE)
+    model = build_model(make_settings({"train.backbone": "simple_cnn"}).train, SIZE)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     return path
@@ -80,7 +90,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clf(model_file) -> P.Classifier:
-    return P.load_classifier(str(model_file))
+    return P.load_local(model_file, P.ServingConfig(SIZE, "center_crop", 0.5))
 
 
 # --- detection and cropping ------------------------------------------------------------------
@@ -102,10 +112,10 @@ def test_detects_several_faces_left_to_right(detector, faces):
         assert _inside(box, at), (box, at)
 
 
-def test_big_photo_is_detected_on_a_smaller_copy(faces):
+def test_big_photo_is_detected_on_a_smaller_copy(faces, predict_settings):
     # 2.5x upscaled photo, detection capped at 1024 px: boxes come back in full-size pixels.
     photo = _canvas([(faces[0], (100, 100))], 400, 400).resize((1000, 1000))
-    small = P.FaceDetector(max_side=256)
+    small = P.FaceDetector.from_settings(_with(predict_settings, detect_max_side=256))
     boxes = small.detect(np.asarray(photo))
     assert len(boxes) == 1
     b = boxes[0]
@@ -118,17 +128,16 @@ def test_no_face_in_a_plain_or_noisy_image(detector):
     assert detector.detect(np.full((300, 400, 3), 200, np.uint8)) == []
 
 
-def test_unknown_cascade_names_the_bundled_ones():
+def test_unknown_cascade_names_the_bundled_ones(predict_settings):
     with pytest.raises(P.PredictError, match=r"predict.cascade.*haarcascade_frontalface_alt"):
-        P.FaceDetector("no_such_cascade.xml")
+        P.FaceDetector.from_settings(_with(predict_settings, cascade="no_such_cascade.xml"))
 
 
-def test_face_crop_frames_like_the_training_crop_and_pads_at_edges(faces):
+def test_face_crop_frames_like_the_training_crop_and_pads_at_edges(faces, detector):
     # Training crops: the 178x178 centre square of the 178x218 image. The crop around the
     # detected box should look like that square: compare with a loose pixel tolerance.
     face = faces[0]
-    det = P.FaceDetector()
-    (box,) = det.detect(np.asarray(_canvas([(face, (60, 60))], 300, 340)))
+    (box,) = detector.detect(np.asarray(_canvas([(face, (60, 60))], 300, 340)))
     photo = _canvas([(face, (60, 60))], 300, 340)
     crop = np.asarray(P.face_crop(photo, box, 64, 1.7, -0.1), dtype=np.float32)
     train = np.asarray(face.crop((0, 20, 178, 198)).resize((64, 64)), dtype=np.float32)
@@ -206,12 +215,13 @@ def test_find_images_walks_folders_and_lists_what_it_leaves_out(tmp_path):
 # --- prediction ----------------------------------------------------------------------------
 
 
-def test_predict_images_rows_per_face_no_face_and_error(tmp_path, faces, clf, detector):
+def test_predict_images_rows_per_face_no_face_and_error(tmp_path, faces, clf, detector,
+                                                        predict_settings):  # fmt: skip
     _canvas([(faces[0], (30, 40)), (faces[1], (330, 60))], 560, 320).save(tmp_path / "two.jpg")
     Image.fromarray(np.full((200, 200, 3), 180, np.uint8)).save(tmp_path / "wall.jpg")
     (tmp_path / "bad.jpg").write_text("nope")
     files = [tmp_path / n for n in ("two.jpg", "wall.jpg", "bad.jpg")]
-    rows = list(P.predict_images(files, clf, detector, PredictSettings(batch_size=1)))
+    rows = list(P.predict_images(files, clf, detector, _with(predict_settings, batch_size=1)))
     assert [(Path(r["file"]).name, r["status"]) for r in rows] == [
         ("two.jpg", "ok"), ("two.jpg", "ok"), ("wall.jpg", "no_face"), ("bad.jpg", "error")
     ]  # fmt: skip
@@ -226,13 +236,13 @@ def test_predict_images_rows_per_face_no_face_and_error(tmp_path, faces, clf, de
     assert (s.files, s.faces, s.no_face, len(s.failed)) == (3, 2, 1, 1)
 
 
-def test_batching_does_not_change_the_answers(tmp_path, faces, clf):
+def test_batching_does_not_change_the_answers(tmp_path, faces, clf, predict_settings):
     files = []
     for i, f in enumerate(faces):
         files.append(tmp_path / f"{i}.jpg")
         f.save(files[-1])
-    one = list(P.predict_images(files, clf, None, PredictSettings(batch_size=1)))
-    many = list(P.predict_images(files, clf, None, PredictSettings(batch_size=64)))
+    one = list(P.predict_images(files, clf, None, _with(predict_settings, batch_size=1)))
+    many = list(P.predict_images(files, clf, None, _with(predict_settings, batch_size=64)))
     assert [r["label"] for r in one] == [r["label"] for r in many]
     np.testing.assert_allclose([r["p_male"] for r in one], [r["p_male"] for r in many], atol=1e-5)
 
@@ -242,8 +252,8 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
 
     shutil.copy(model_file, tmp_path / "model.keras")
     P.ServingConfig(SIZE, "center_crop", 0.8).write(tmp_path / P.SERVING_CONFIG)
-    assert P.load_classifier(str(tmp_path / "model.keras")).config.threshold == 0.8
-    assert P.load_classifier(str(tmp_path / "model.keras"), threshold=0.3).config.threshold == 0.3
+    assert load_classifier(str(tmp_path / "model.keras")).config.threshold == 0.8
+    assert load_classifier(str(tmp_path / "model.keras"), threshold=0.3).config.threshold == 0.3
 
 
 # --- the command ----------------------------------------------------------------------------

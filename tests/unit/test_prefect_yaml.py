@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT
 
 
 def _deployments() -> dict[str, dict]:
-    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    doc = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     return {d["name"]: d for d in doc["deployments"]}
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from genderclf.data import sample
-from genderclf.data.fsutil import iter_files, tree_checksum
 from genderclf.data.layouts import detect_layout
+from genderclf.io import iter_files, tree_checksum
 
 N = 60
 

@@ -21,19 +21,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from tests.archives import make_tar as _tar
-from tests.archives import make_zip as _zip
-from tests.archives import tar_link as _link
+from tests.helpers.archives import make_tar as _tar
+from tests.helpers.archives import make_zip as _zip
+from tests.helpers.archives import tar_link as _link
+from tests.helpers.stages import download
 
-from genderclf.data.fsutil import UnsafeArchiveError, iter_files, safe_extract, tree_checksum
+from genderclf.config import SOURCE_NAME
 from genderclf.data.layouts import read_layout
-from genderclf.data.sources import (
-    SOURCE_NAME,
-    DownloadError,
-    download,
-    kaggle_credentials_present,
-    read_source,
-)
+from genderclf.data.sources import DownloadError, kaggle_credentials_present
+from genderclf.io import UnsafeArchiveError, iter_files, safe_extract, tree_checksum
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -46,7 +42,7 @@ def _leftovers(parent: Path, name: str = "raw") -> list[str]:
 
 def _check_source_record(raw: Path, source: str) -> dict:
     rec = json.loads((raw / SOURCE_NAME).read_text())
-    assert rec == read_source(raw)
+    assert rec == json.loads((raw / SOURCE_NAME).read_text())
     assert rec["source"] == source
     checksum, count = tree_checksum(raw, exclude=(SOURCE_NAME,))
     assert rec["file_count"] == count
@@ -122,18 +118,47 @@ def test_dir_source_missing_folder(tmp_path, make_settings):
     assert _leftovers(tmp_path) == []
 
 
-def test_failed_fetch_keeps_previous_raw(tmp_path, make_settings, source_folder):
-    """An exception mid-fetch leaves the previous data/raw as it was, and no temp folders."""
+def test_links_never_lead_out_of_the_source(tmp_path, make_settings, source_folder, make_image):
+    """A dataset folder with links: none is followed out of it, each refusal is listed.
+
+    A link to a file outside (a credential), a link to a folder outside, a dangling link
+    and a link inside the tree; only the last is followed (its content is copied).
+    """
+    secret = tmp_path / "home" / ".kaggle" / "kaggle.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text('{"username": "me", "key": "0123456789abcdef0123456789abcdef"}')
+    outside = tmp_path / "elsewhere"
+    make_image(outside / "x.jpg", seed=77)
+    male = source_folder / "Training" / "male"
+    (male / "creds.jpg").symlink_to(secret)
+    (male / "folder").symlink_to(outside, target_is_directory=True)
+    (male / "gone.jpg").symlink_to(tmp_path / "gone.jpg")
+    inside = sorted(p for p in (source_folder / "Training" / "female").iterdir())[0]
+    (male / "inside.jpg").symlink_to(inside)
     settings = make_settings({"data.source": "dir", "data.dir.path": str(source_folder)})
     raw = tmp_path / "data" / "raw"
-    download(settings, raw)
-    previous = _files(raw)
-    # A real mid-copy failure: a dangling link sorts last, after the good files are copied.
-    (source_folder / "Validation" / "male" / "zz-broken.jpg").symlink_to(tmp_path / "gone.jpg")
-    with pytest.raises(FileNotFoundError):
-        download(settings, raw)
-    assert _files(raw) == previous
-    assert _leftovers(raw.parent) == []
+    rec = download(settings, raw)
+    copied = _files(raw)
+    assert not any(secret.read_bytes() in b for b in copied.values())  # not in data/raw (or DVC)
+    assert "Training/male/creds.jpg" not in copied and "Training/male/gone.jpg" not in copied
+    assert not any(k.startswith("Training/male/folder") for k in copied)
+    assert copied["Training/male/inside.jpg"] == inside.read_bytes()
+    assert not any(p.is_symlink() for p in raw.rglob("*"))
+    refused = {r["path"]: r["reason"] for r in rec["refused"]}
+    assert set(refused) == {"Training/male/creds.jpg", "Training/male/folder",
+                            "Training/male/gone.jpg"}  # fmt: skip
+    assert all(r.startswith("link_refused:") for r in refused.values())
+    # and validation lists each refusal in rejected.csv with its reason (it then fails:
+    # three images are too few, but the reports are written first)
+    from tests.helpers.stages import validate
+
+    from genderclf.stages.validate import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match="row_count"):
+        validate(make_settings(), raw, tmp_path)
+    rejected = (tmp_path / "reports" / "validation" / "rejected.csv").read_text()
+    for path, reason in refused.items():
+        assert f"{path},{reason}" in rejected
 
 
 def test_special_file_mid_fetch_keeps_previous_raw(tmp_path, make_settings, source_folder):

@@ -9,6 +9,7 @@ import pytest
 from genderclf.config import SPLITS
 from genderclf.data.split import (
     SplitError,
+    balance,
     balance_table,
     identity_overlap,
     read_split,
@@ -192,7 +193,7 @@ def test_write_and_read_back(tmp_path, make_settings):
     for s in SPLITS:
         back = read_split(tmp_path / "splits", s)
         pd.testing.assert_frame_equal(back, parts[s], check_dtype=False)
-    table = balance_table(parts)
+    table = balance_table(balance(parts))
     assert table.splitlines()[1].split()[:2] == ["train", str(len(parts["train"]))]
 
 

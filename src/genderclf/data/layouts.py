@@ -21,13 +21,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from genderclf.config import GenderclfError
+from genderclf.data.celeba import (
+    CELEBA_ATTR,
+    CELEBA_IDENTITY,
+    CELEBA_IMAGES,
+    CELEBA_PARTITION,
+    CELEBA_PARTITIONS,
+)
 from genderclf.data.labels import LabelError, label_from_celeba, label_from_folder
+from genderclf.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CELEBA_ATTR = "list_attr_celeba.csv"
-CELEBA_PARTITION = "list_eval_partition.csv"
-CELEBA_IDENTITY = "identity_CelebA.txt"
-CELEBA_PARTITIONS = {"0": "train", "1": "val", "2": "test"}
 PARTITION_FOLDERS = {
     "training": "train", "train": "train",
     "validation": "val", "valid": "val", "val": "val",
@@ -36,7 +40,7 @@ PARTITION_FOLDERS = {
 BASE_COLUMNS = ["path", "label", "partition", "identity"]
 
 
-class LayoutError(ValueError):
+class LayoutError(GenderclfError, ValueError):
     """The folder does not match a known dataset layout."""
 
 
@@ -47,7 +51,6 @@ class Candidates:
     layout: str
     rows: pd.DataFrame
     rejected: list[tuple[str, str]] = field(default_factory=list)
-    attribute_columns: list[str] = field(default_factory=list)
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -109,8 +112,10 @@ def detect_layout(root: str | os.PathLike[str]) -> str:
 
 
 def _read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    # utf-8-sig: a byte-order mark (as Excel saves CSV) is not part of the first header;
+    # newline="": the csv module reads CRLF line endings itself.
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -132,7 +137,7 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
         raise LayoutError(f"{root}: {CELEBA_ATTR} not found (needed for the celeba layout)")
     base = attr_path.parent
     img_dir = next(
-        (d for d in (base / "img_align_celeba" / "img_align_celeba", base / "img_align_celeba")
+        (d for d in (base / CELEBA_IMAGES, base / CELEBA_IMAGES.parts[0])
          if d.is_dir() and any(f.is_file() for f in d.iterdir())),
         None,
     )  # fmt: skip
@@ -158,7 +163,7 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
     identities: dict[str, str] = {}
     id_path = base / CELEBA_IDENTITY
     if id_path.is_file():
-        for line in id_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in id_path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
             parts = line.split()
             if len(parts) == 2:
                 identities[parts[0]] = parts[1]
@@ -204,7 +209,7 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
         if name not in seen:
             rejected.append((_rel(f, root), f"missing_label: no row in {CELEBA_ATTR}"))
     df = pd.DataFrame(rows, columns=BASE_COLUMNS + attrs)
-    return Candidates("celeba", df, rejected, attrs)
+    return Candidates("celeba", df, rejected)
 
 
 def read_class_folders(root: str | os.PathLike[str]) -> Candidates:

@@ -22,60 +22,27 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-WIDTH, HEIGHT = 178, 218
-IMAGE_SUBDIR = Path("img_align_celeba") / "img_align_celeba"
-ATTR_FILE = "list_attr_celeba.csv"
-PARTITION_FILE = "list_eval_partition.csv"
-IDENTITY_FILE = "identity_CelebA.txt"
+from genderclf.console import Progress
+from genderclf.data.celeba import (
+    CELEBA_ATTR,
+    CELEBA_ATTRIBUTES,
+    CELEBA_IDENTITY,
+    CELEBA_IMAGES,
+    CELEBA_PARTITION,
+)
+from genderclf.io import parallel_map
 
-CELEBA_ATTRIBUTES = [
-    "5_o_Clock_Shadow",
-    "Arched_Eyebrows",
-    "Attractive",
-    "Bags_Under_Eyes",
-    "Bald",
-    "Bangs",
-    "Big_Lips",
-    "Big_Nose",
-    "Black_Hair",
-    "Blond_Hair",
-    "Blurry",
-    "Brown_Hair",
-    "Bushy_Eyebrows",
-    "Chubby",
-    "Double_Chin",
-    "Eyeglasses",
-    "Goatee",
-    "Gray_Hair",
-    "Heavy_Makeup",
-    "High_Cheekbones",
-    "Male",
-    "Mouth_Slightly_Open",
-    "Mustache",
-    "Narrow_Eyes",
-    "No_Beard",
-    "Oval_Face",
-    "Pale_Skin",
-    "Pointy_Nose",
-    "Receding_Hairline",
-    "Rosy_Cheeks",
-    "Sideburns",
-    "Smiling",
-    "Straight_Hair",
-    "Wavy_Hair",
-    "Wearing_Earrings",
-    "Wearing_Hat",
-    "Wearing_Lipstick",
-    "Wearing_Necklace",
-    "Wearing_Necktie",
-    "Young",
-]
+WIDTH, HEIGHT = 178, 218
+# The on-disk names are the CelebA reader's (one definition, in layouts).
+IMAGE_SUBDIR = CELEBA_IMAGES
+ATTR_FILE = CELEBA_ATTR
+PARTITION_FILE = CELEBA_PARTITION
+IDENTITY_FILE = CELEBA_IDENTITY
 
 # Base rates of the attributes the drawing does not use (roughly CelebA's).
 _BASE_RATES = {
@@ -240,21 +207,12 @@ def _identity_of(seed: int, n: int, per_identity: int) -> np.ndarray:
     return 1 + perm // per_identity
 
 
-_JOB: dict = {}
-
-
-def _init(job: dict) -> None:
-    _JOB.clear()
-    _JOB.update(job)
-
-
-def _work(chunk: tuple[int, int]) -> list[tuple[int, int, dict]]:
-    j = _JOB
+def _work(job: dict, chunk: tuple[int, int]) -> list[tuple[int, int, dict]]:
     rows = []
-    img_dir = Path(j["root"]) / IMAGE_SUBDIR
+    img_dir = Path(job["root"]) / IMAGE_SUBDIR
     for i in range(*chunk):
-        ident = int(j["identities"][i])
-        img, attrs = render(j["seed"], i, ident, j["male_fraction"], j["cue_flip"])
+        ident = int(job["identities"][i])
+        img, attrs = render(job["seed"], i, ident, job["male_fraction"], job["cue_flip"])
         img.save(img_dir / f"{i + 1:06d}.jpg", quality=90)
         rows.append((i, ident, attrs))
     return rows
@@ -282,8 +240,6 @@ def generate(
     Returns:
         The number of images written.
     """
-    from tqdm import tqdm
-
     root = Path(root)
     (root / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
     identities = _identity_of(seed, num_images, images_per_identity)
@@ -292,36 +248,20 @@ def generate(
         "male_fraction": male_fraction, "cue_flip": cue_flip_fraction,
     }  # fmt: skip
     chunks = list(_chunks(num_images, 256))
-    bar = tqdm(total=num_images, desc="sample", unit="img", disable=not progress)
     with (
         open(root / ATTR_FILE, "w", newline="") as fa,
         open(root / PARTITION_FILE, "w", newline="") as fp,
         open(root / IDENTITY_FILE, "w") as fi,
+        Progress(num_images, "sample", enabled=progress) as bar,
     ):
         wa, wp = csv.writer(fa), csv.writer(fp)
         wa.writerow(["image_id", *CELEBA_ATTRIBUTES])
         wp.writerow(["image_id", "partition"])
-
-        def emit(rows: list) -> None:
+        for rows in parallel_map(_work, chunks, workers=workers, context=job):
             for i, ident, attrs in rows:
                 name = f"{i + 1:06d}.jpg"
                 wa.writerow([name, *(attrs[k] for k in CELEBA_ATTRIBUTES)])
                 wp.writerow([name, _partition(seed, ident)])
                 fi.write(f"{name} {ident}\n")
             bar.update(len(rows))
-
-        if workers <= 1:
-            _init(job)
-            for c in chunks:
-                emit(_work(c))
-        else:
-            # spawn, not fork: the parent may already have imported TensorFlow.
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(
-                workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(job,)
-            ) as pool:
-                for rows in pool.map(_work, chunks):
-                    emit(rows)
-    bar.close()
     return num_images

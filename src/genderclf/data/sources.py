@@ -1,72 +1,47 @@
-"""The download stage: fetch a dataset from its source into `data/raw/`, atomically.
+"""Dataset sources: fetch `data.source` into a folder (the download stage's work).
 
-Sources (`data.source`): `sample` (offline generator), `kaggle` (official client),
-`dir` (a local folder) and `s3` (boto3, any S3-compatible endpoint). Each writes into a
-temporary folder that replaces `data/raw/` only once complete, then `SOURCE.json` records
-where the data came from and a content checksum.
+Sources: `sample` (offline generator), `kaggle` (official client), `dir` (a local folder)
+and `s3` (boto3, any S3-compatible endpoint). Each fetcher writes into the folder it is
+given and returns the details `SOURCE.json` records; files it refused to copy (links that
+lead out of the source) are returned too, so that validation lists them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from genderclf.config import Settings, cpu_workers
-from genderclf.data import sample
-from genderclf.data.fsutil import (
-    atomic_dir,
-    clean_stale_temps,
-    iter_files,
-    safe_extract,
-    tree_checksum,
-    write_json,
-)
+from genderclf.config import SOURCE_NAME, GenderclfError, Settings
+from genderclf.io import Refused, copy_tree, cpu_workers, retry, safe_extract
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-SOURCE_NAME = "SOURCE.json"
+__all__ = ["SOURCE_NAME", "DownloadError", "Fetched", "fetch"]
 
 
-class DownloadError(RuntimeError):
+class DownloadError(GenderclfError, RuntimeError):
     """The source could not be fetched; the message says what to fix."""
 
 
-def retry(
-    fn: Callable[[], T],
-    *,
-    attempts: int,
-    backoff: float,
-    what: str,
-    transient: tuple[type[BaseException], ...],
-) -> T:
-    """Call `fn`, retrying transient errors with exponential backoff.
+@dataclass
+class Fetched:
+    """What a fetcher reports: details for SOURCE.json, and the files it refused."""
 
-    Retries only where the world is flaky (network); anything else raises at once.
-    """
-    for i in range(attempts + 1):
-        try:
-            return fn()
-        except transient as err:
-            if i == attempts:
-                raise DownloadError(f"{what} failed after {attempts + 1} attempts: {err}") from err
-            delay = backoff * 2**i
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, i + 1, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+    details: dict[str, Any]
+    refused: list[Refused] = field(default_factory=list)
 
 
 # --- sample -------------------------------------------------------------------------------
 
 
-def fetch_sample(settings: Settings, dest: Path, progress: bool = True) -> dict[str, Any]:
+def fetch_sample(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
+    from genderclf.data import sample
+
     s = settings.data.sample
     sample.generate(
         dest,
@@ -78,8 +53,8 @@ def fetch_sample(settings: Settings, dest: Path, progress: bool = True) -> dict[
         workers=cpu_workers(s.workers),
         progress=progress,
     )
-    return {"generator": "genderclf.data.sample", "num_images": s.num_images,
-            "seed": settings.base.seed, "cue_flip_fraction": s.cue_flip_fraction}  # fmt: skip
+    return Fetched({"generator": "genderclf.data.sample", "num_images": s.num_images,
+                    "seed": settings.base.seed, "cue_flip_fraction": s.cue_flip_fraction})  # fmt: skip
 
 
 # --- kaggle -------------------------------------------------------------------------------
@@ -133,7 +108,7 @@ def _kaggle_download(slug: str, dest: Path) -> Path:
     return zips[0]
 
 
-def fetch_kaggle(settings: Settings, dest: Path) -> dict[str, Any]:
+def fetch_kaggle(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     import requests
 
     k = settings.data.kaggle
@@ -162,14 +137,20 @@ def fetch_kaggle(settings: Settings, dest: Path) -> dict[str, Any]:
                 ) from None
             raise DownloadError(f"Kaggle download of {k.slug} failed: HTTP {code}") from None
 
+    what = f"Kaggle download of {k.slug}"
     archive = retry(
-        attempt, attempts=k.retries, backoff=k.backoff_seconds, what=f"Kaggle download of {k.slug}",
-        transient=(requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                   requests.exceptions.ChunkedEncodingError, _TransientHTTP),
+        attempt, attempts=k.retries, backoff=k.backoff_seconds, what=what,
+        retry_on=(requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                  requests.exceptions.ChunkedEncodingError, _TransientHTTP),
+        give_up=lambda err, n: DownloadError(f"{what} failed after {n} attempts: {err}"),
     )  # fmt: skip
-    safe_extract(archive, dest)
+    extracted = staging / "extracted"
+    safe_extract(archive, extracted)
+    # Links the archive keeps inside itself become plain files; none can lead out (the
+    # extraction refused those), so `refused` lists only folder links.
+    refused = copy_tree(extracted, dest, move=True)
     shutil.rmtree(staging)
-    return {"slug": k.slug, "archive": archive.name}
+    return Fetched({"slug": k.slug, "archive": archive.name}, refused)
 
 
 class _TransientHTTP(Exception):
@@ -179,15 +160,14 @@ class _TransientHTTP(Exception):
 # --- dir ----------------------------------------------------------------------------------
 
 
-def fetch_dir(settings: Settings, dest: Path) -> dict[str, Any]:
+def fetch_dir(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     src = Path(settings.data.dir.path or "").expanduser()
     if not src.is_dir():
         raise DownloadError(f"data.dir.path={str(src)!r} is not a folder: point it at the dataset")
-    for p in iter_files(src):
-        out = dest / p.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, out)
-    return {"path": str(src.resolve())}
+    refused = copy_tree(src, dest)
+    for r in refused:
+        log.warning("download: %s/%s not copied (%s)", src, r.path, r.reason)
+    return Fetched({"path": str(src.resolve())}, refused)
 
 
 # --- s3 -----------------------------------------------------------------------------------
@@ -213,7 +193,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def fetch_s3(settings: Settings, dest: Path) -> dict[str, Any]:
+def fetch_s3(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     from botocore.exceptions import BotoCoreError, ClientError
 
     s = settings.data.s3
@@ -237,10 +217,10 @@ def fetch_s3(settings: Settings, dest: Path) -> dict[str, Any]:
         raise DownloadError(f"S3 download of {s.uri} failed: {err}") from err
     if n == 0:
         raise DownloadError(f"{s.uri}: no objects under this prefix")
-    return {"uri": s.uri, "endpoint_url": client.meta.endpoint_url}
+    return Fetched({"uri": s.uri, "endpoint_url": client.meta.endpoint_url})
 
 
-FETCHERS: dict[str, Callable[[Settings, Path], dict[str, Any]]] = {
+FETCHERS: dict[str, Callable[[Settings, Path, bool], Fetched]] = {
     "sample": fetch_sample,
     "kaggle": fetch_kaggle,
     "dir": fetch_dir,
@@ -248,41 +228,11 @@ FETCHERS: dict[str, Callable[[Settings, Path], dict[str, Any]]] = {
 }
 
 
-def download(
-    settings: Settings, raw_dir: str | os.PathLike[str], progress: bool = True
-) -> dict[str, Any]:
-    """Fetch `settings.data.source` into `raw_dir`, replacing it only when complete.
-
-    Returns:
-        The SOURCE.json record (source, location, time, file count, checksum).
+def fetch(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
+    """Fetch `settings.data.source` into the (empty, existing) folder `dest`.
 
     Raises:
         DownloadError: the source is unreachable, empty or misconfigured.
+        UnsafeArchiveError: an archive holds a member that would land outside `dest`.
     """
-    raw_dir = Path(raw_dir)
-    clean_stale_temps(raw_dir.parent, raw_dir.name)
-    source = settings.data.source
-    started = time.monotonic()
-    with atomic_dir(raw_dir) as tmp:
-        fetch = FETCHERS[source]
-        details = (
-            fetch_sample(settings, tmp, progress) if source == "sample" else fetch(settings, tmp)
-        )
-        checksum, count = tree_checksum(tmp)
-        record = {
-            "source": source,
-            **details,
-            "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "file_count": count,
-            "checksum": f"sha256:{checksum}",
-        }
-        write_json(tmp / SOURCE_NAME, record)
-    log.info("download: %d files from %s in %.1fs", count, source, time.monotonic() - started)
-    return record
-
-
-def read_source(raw_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(raw_dir) / SOURCE_NAME
-    if not p.is_file():
-        return {}
-    return json.loads(p.read_text())
+    return FETCHERS[settings.data.source](settings, dest, progress)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from genderclf.config import SPLITS, SplitSettings
+from genderclf.config import SPLITS, GenderclfError, SplitSettings
+from genderclf.console import render_table
+from genderclf.io import atomic_file
 
 log = logging.getLogger(__name__)
 
+Cut = Callable[[pd.DataFrame, float, int], tuple[pd.DataFrame, pd.DataFrame]]
 
-class SplitError(ValueError):
+
+class SplitError(GenderclfError, ValueError):
     """The manifest cannot be split with the chosen strategy."""
 
 
@@ -22,26 +26,24 @@ def _stratified(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFr
 
     counts = df["label"].value_counts()
     stratify = df["label"] if len(counts) > 1 and counts.min() >= 2 else None
-    try:
-        a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
-    except ValueError as err:  # sklearn: too few rows for this fraction
-        raise SplitError(
-            f"cannot split {len(df)} images: the dataset is too small ({err})"
-        ) from None
-    return a, b
+    return train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
 
 
 def _grouped(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from sklearn.model_selection import GroupShuffleSplit
 
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    a, b = next(gss.split(df, groups=df["identity"].astype(str)))
+    return df.iloc[a], df.iloc[b]
+
+
+def _cut(cut: Cut, df: pd.DataFrame, fraction: float, seed: int):
     try:
-        a, b = next(gss.split(df, groups=df["identity"].astype(str)))
-    except ValueError as err:  # sklearn: too few identities for this fraction
+        return cut(df, fraction, seed)
+    except ValueError as err:  # sklearn: too few rows or identities for this fraction
         raise SplitError(
             f"cannot split {len(df)} images: the dataset is too small ({err})"
         ) from None
-    return df.iloc[a], df.iloc[b]
 
 
 def split_manifest(
@@ -63,16 +65,12 @@ def split_manifest(
     df = manifest.sort_values("path").reset_index(drop=True)
     if cfg.strategy == "official":
         parts = df["partition"].fillna("").astype(str)
-        if (parts == "").all():
-            raise SplitError(
-                "split.strategy=official but the dataset has no partition column values; "
-                "use split.strategy=stratified (or group when identities are known)"
-            )
-        if (parts == "").any():
-            raise SplitError(
-                f"split.strategy=official but {(parts == '').sum()} images have no partition; "
-                "use split.strategy=stratified"
-            )
+        missing = int((parts == "").sum())
+        what = ("the dataset has no partition column values" if missing == len(parts)
+                else f"{missing} images have no partition")  # fmt: skip
+        if missing:
+            raise SplitError(f"split.strategy=official but {what}; use split.strategy="
+                             "stratified (or group when identities are known)")  # fmt: skip
         out = {s: df[parts == s] for s in SPLITS}
         train = out["train"]
         for s, frac in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
@@ -81,7 +79,7 @@ def split_manifest(
                     raise SplitError(f"official split has neither {s} nor train images")
                 log.warning("split: no %s partition in the dataset; carving %.0f%% of train",
                             s, 100 * frac)  # fmt: skip
-                train, out[s] = _stratified(train, frac, seed)
+                train, out[s] = _cut(_stratified, train, frac, seed)
         out["train"] = train
     else:
         if cfg.strategy == "group":
@@ -94,8 +92,8 @@ def split_manifest(
             cut = _grouped
         else:
             cut = _stratified
-        rest, test = cut(df, cfg.test_fraction, seed)
-        train, val = cut(rest, cfg.val_fraction / (1 - cfg.test_fraction), seed)
+        rest, test = _cut(cut, df, cfg.test_fraction, seed)
+        train, val = _cut(cut, rest, cfg.val_fraction / (1 - cfg.test_fraction), seed)
         out = {"train": train, "val": val, "test": test}
     for s in SPLITS:
         if out[s].empty:
@@ -103,27 +101,27 @@ def split_manifest(
     return {s: out[s].sort_values("path").reset_index(drop=True) for s in SPLITS}
 
 
-def balance_table(splits: dict[str, pd.DataFrame]) -> str:
-    """A small text table of counts and male share per split."""
-    lines = [f"{'split':<6} {'images':>8} {'male':>7} {'female':>7} {'male %':>7}"]
-    for s, df in splits.items():
-        m = int(df["label"].sum())
-        lines.append(
-            f"{s:<6} {len(df):>8} {m:>7} {len(df) - m:>7} {100 * m / max(1, len(df)):>6.1f}%"
-        )
-    return "\n".join(lines)
+def balance(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    """Images and male images per split."""
+    return {s: {"images": len(df), "male": int(df["label"].sum())} for s, df in splits.items()}
+
+
+def balance_table(counts: dict[str, dict[str, int]]) -> str:
+    """A small text table of `balance` counts and the male share per split."""
+    rows = [(s, c["images"], c["male"], c["images"] - c["male"],
+             f"{100 * c['male'] / max(1, c['images']):.1f}%") for s, c in counts.items()]  # fmt: skip
+    return render_table(["split", "images", "male", "female", "male %"], rows,
+                        right=["images", "male", "female", "male %"])  # fmt: skip
 
 
 def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     for s, df in splits.items():
-        tmp = out_dir / f".{s}.csv.tmp"
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, out_dir / f"{s}.csv")
+        with atomic_file(out_dir / f"{s}.csv") as tmp:
+            df.to_csv(tmp, index=False)
 
 
 def read_split(splits_dir: Path, split: str) -> pd.DataFrame:
-    p = splits_dir / f"{split}.csv"
+    p = Path(splits_dir) / f"{split}.csv"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run `genderclf split` (or `dvc repro split`)")
     return pd.read_csv(p, dtype={"identity": str, "partition": str}, keep_default_na=False)
@@ -138,6 +136,3 @@ def identity_overlap(splits: dict[str, pd.DataFrame]) -> int:
         overlap |= seen & s
         seen |= s
     return len(overlap)
-
-
-__all__ = ["balance_table", "identity_overlap", "read_split", "split_manifest", "write_splits"]

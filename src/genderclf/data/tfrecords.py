@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from genderclf.config import GenderclfError
+
 META_FILE = "meta.json"
 
 
-class PreparedDataError(FileNotFoundError):
+class PreparedDataError(GenderclfError, FileNotFoundError):
     """Prepared data is missing or incomplete."""
 
 

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from genderclf.console import render_table
 from genderclf.tracking.setup import CHAMPION, EXPERIMENT, MODEL_NAME, configure
 
 METRICS = ("test_accuracy", "test_f1", "test_roc_auc", "test_ece")
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
 
 
 def _fmt(v: Any) -> str:
@@ -28,34 +19,41 @@ def _differing(param_sets: list[dict[str, str]]) -> list[str]:
     return [k for k in keys if len({p.get(k) for p in param_sets}) > 1]
 
 
-def _rows(runs: list[Any], first: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    params = [r.data.params for r in runs]
-    diff = _differing(params)
-    headers = [*METRICS, "data_checksum", *diff]
-    rows = []
-    for lead, r in zip(first, runs, strict=True):
-        m = r.data.metrics
-        rows.append([*lead, *(_fmt(m.get(k)) for k in METRICS),
-                     r.data.tags.get("data_checksum", "-")[:19], *(r.data.params.get(k, "-") for k in diff)])  # fmt: skip
-    return headers, rows
+def _table(lead_headers: list[str], runs: list[Any], lead: list[list[str]]) -> str:
+    diff = _differing([r.data.params for r in runs])
+    headers = [*lead_headers, *METRICS, "data_checksum", *diff]
+    rows = [[*first, *(_fmt(r.data.metrics.get(k)) for k in METRICS),
+             r.data.tags.get("data_checksum", "-")[:19], *(r.data.params.get(k, "-") for k in diff)]
+            for first, r in zip(lead, runs, strict=True)]  # fmt: skip
+    return render_table(headers, rows, right=list(METRICS))
+
+
+def aliases_by_version(client) -> dict[str, list[str]]:
+    """{version: [alias, ...]}. `search_model_versions` leaves `aliases` empty, so the
+    registered model's own alias map is the source."""
+    model = client.get_registered_model(MODEL_NAME)
+    out: dict[str, list[str]] = {}
+    for alias, version in sorted((model.aliases or {}).items()):
+        out.setdefault(str(version), []).append(alias)
+    return out
 
 
 def compare_versions() -> str:
-    """All versions of `gender-classifier`, champion marked with `*`."""
+    """All versions of `gender-classifier`, newest first, the champion marked with `*`."""
     from mlflow import MlflowClient
 
     configure()
     client = MlflowClient()
-    versions = sorted(
-        client.search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: -int(v.version)
-    )
+    versions = sorted(client.search_model_versions(f"name='{MODEL_NAME}'"),
+                      key=lambda v: -int(v.version))  # fmt: skip
     if not versions:
         return f"no versions of {MODEL_NAME} registered yet: run `dvc repro` (or `make demo`)"
+    aliases = aliases_by_version(client)
     runs = [client.get_run(v.run_id) for v in versions]
-    lead = [[("*" if CHAMPION in (v.aliases or []) else " ") + str(v.version),
-             ",".join(v.aliases or []) or "-", v.tags.get("decision", "-")] for v in versions]  # fmt: skip
-    headers, rows = _rows(runs, lead)
-    return _table(["version", "aliases", "decision", *headers], rows) + "\n(* = champion)"
+    lead = [[("*" if CHAMPION in aliases.get(str(v.version), []) else " ") + str(v.version),
+             ",".join(aliases.get(str(v.version), [])) or "-", v.tags.get("decision", "-")]
+            for v in versions]  # fmt: skip
+    return _table(["version", "aliases", "decision"], runs, lead) + "\n(* = champion)"
 
 
 def compare_runs(n: int) -> str:
@@ -64,14 +62,11 @@ def compare_runs(n: int) -> str:
 
     configure()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return f"experiment {EXPERIMENT!r} has no runs yet"
-    runs = mlflow.search_runs([exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
-                              output_format="list")  # fmt: skip
+    runs = [] if exp is None else mlflow.search_runs(
+        [exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
+        output_format="list")  # fmt: skip
     if not runs:
         return f"experiment {EXPERIMENT!r} has no runs yet"
-    lead = [
-        [r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")] for r in runs
-    ]
-    headers, rows = _rows(runs, lead)
-    return _table(["run", "status", "version", *headers], rows)
+    lead = [[r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")]
+            for r in runs]  # fmt: skip
+    return _table(["run", "status", "version"], runs, lead)

@@ -14,11 +14,13 @@ import logging
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from genderclf.config import GenderclfError
+from genderclf.io import retry
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ CHALLENGER = "challenger"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(GenderclfError, RuntimeError):
     """The tracking server could not be reached or refused a call."""
 
 
@@ -87,32 +89,31 @@ def _ensure_experiment(uri: str) -> None:
 
 
 def call_with_retries(fn, retries: int, backoff: float, what: str):
-    """Call `fn`; retry on any MLflow/network error with exponential backoff.
+    """Call `fn`; retry MLflow and network errors with exponential backoff.
+
+    An answer that says the request itself is wrong (invalid parameter, already exists)
+    is raised at once: retrying cannot change it.
 
     Raises:
-        TrackingError: still failing after `retries` retries.
+        TrackingError: still failing after `retries` retries, naming `what`.
     """
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
-    for i in range(retries + 1):
-        try:
-            return fn()
-        except (MlflowException, RequestException, OSError) as err:
-            code = getattr(err, "error_code", "")
-            if code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
-                raise
-            if i == retries:
-                raise TrackingError(
-                    f"{what} did not answer after {retries + 1} attempts: "
-                    f"{redact(str(err))[:300]}. Check MLFLOW_TRACKING_URI and that the server "
-                    "is up, then re-run the stage; outputs already on disk are kept."
-                ) from None
-            delay = backoff * 2**i
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, type(err).__name__,
-                        i + 1, retries, delay)  # fmt: skip
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+    def give_up(err: BaseException, calls: int) -> TrackingError:
+        return TrackingError(
+            f"{what} did not answer after {calls} attempts: {redact(str(err))[:300]}. Check "
+            "MLFLOW_TRACKING_URI and that the server is up, then re-run the stage; outputs "
+            "already on disk are kept."
+        )
+
+    def permanent(err: BaseException) -> bool:
+        return getattr(err, "error_code", "") in ("INVALID_PARAMETER_VALUE",
+                                                  "RESOURCE_ALREADY_EXISTS")  # fmt: skip
+
+    return retry(fn, attempts=retries, backoff=backoff, what=what,
+                 retry_on=(MlflowException, RequestException, OSError), give_up=give_up,
+                 permanent=permanent)  # fmt: skip
 
 
 def _git(*args: str) -> str | None:

@@ -1,11 +1,11 @@
-"""Inference on new photos: find the faces, crop them the way CelebA frames a face, classify.
+"""Inference on new photos, one path for `genderclf predict` and the served model.
 
-Real photos are not aligned face crops. Each image is read safely (size checked before
-decoding, EXIF orientation applied, any colour mode converted to RGB), faces are found with
-OpenCV's bundled Haar cascade (no runtime download), each face is cut out as a square
-around the detector's box (`predict.crop_scale`, `predict.crop_shift_y`) and resized like
-the training data. With `detect=False` the whole image is fitted the way the augment stage
-fits val/test images (already-cropped datasets; the served model does the same).
+Real photos are not aligned face crops. Each image is read safely (`genderclf.images`:
+size checked before decoding, EXIF orientation applied, any colour mode converted to
+RGB), faces are found with OpenCV's bundled Haar cascade (no runtime download), each face
+is cut out as a square around the detector's box (`predict.crop_scale`,
+`predict.crop_shift_y`) and resized like the training data. Without a detector the whole
+image is fitted the way the augment stage fits val/test images (already-cropped faces).
 
 One bad file never stops a batch: it becomes a row with `status: error` and a reason.
 """
@@ -21,79 +21,61 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from genderclf.data.augment_ops import fit_square, to_rgb
+from genderclf.config import GenderclfError, PredictSettings
 from genderclf.data.labels import LABEL_NAMES
+from genderclf.images import IMAGE_EXTENSIONS, ImageError, fit_square, load_rgb
+from genderclf.io import atomic_write
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-)
 SERVING_CONFIG = "serving.json"
-DEFAULT_MODEL_URI = "models:/gender-classifier@champion"
+# The cut on P(male) of a bare .keras file that carries no threshold of its own.
+DEFAULT_THRESHOLD = 0.5
+
+__all__ = ["ImageError"]
 
 
-class PredictError(Exception):
+class PredictError(GenderclfError):
     """The model cannot be loaded or the request is unusable as a whole."""
-
-
-class ImageError(ValueError):
-    """One input image cannot be used (the message says why and what to do)."""
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """What inference must repeat from training: input size, resize mode, threshold."""
+    """What inference must repeat from training, stored with the model (`serving.json`).
+
+    image_size and resize come from the training data, threshold from evaluation, and
+    `predict` is the `predict` section of params.yaml at registration (detection and
+    cropping), so a registered model predicts the same way without a params.yaml.
+    """
 
     image_size: int
-    resize: str = "center_crop"
-    threshold: float = 0.5
+    resize: str
+    threshold: float
+    predict: dict[str, Any] | None = None
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
+        return atomic_write(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> ServingConfig:
         raw = json.loads(Path(path).read_text())
-        return cls(int(raw["image_size"]), str(raw.get("resize", "center_crop")),
-                   float(raw.get("threshold", 0.5)))  # fmt: skip
+        return cls(int(raw["image_size"]), str(raw["resize"]), float(raw["threshold"]),
+                   raw.get("predict"))  # fmt: skip
+
+    def predict_settings(self) -> PredictSettings | None:
+        return PredictSettings.model_validate(self.predict) if self.predict else None
 
 
 # --- images ----------------------------------------------------------------------------------
 
 
 def open_rgb(source: str | os.PathLike[str] | bytes, max_pixels: int) -> Image.Image:
-    """Read an image file or encoded bytes as upright RGB, refusing what cannot be used.
-
-    The size is checked from the header before decoding, so a decompression bomb costs
-    nothing. Grayscale, CMYK, palette and alpha images are converted; EXIF rotation applied.
+    """An image file or encoded bytes as upright RGB (see `genderclf.images.load_rgb`).
 
     Raises:
         ImageError: not an image, truncated or corrupt, or more than `max_pixels` pixels.
     """
-    raw = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    try:
-        with Image.open(raw) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"image is {w}x{h} = {w * h:,} pixels, over predict.max_pixels={max_pixels:,}; "
-                    "downscale it or raise the limit in params.yaml"
-                )
-            return to_rgb(im)
-    except ImageError:
-        raise
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        raise ImageError(f"cannot read the file: {err.strerror or err}") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image PIL can read (unknown or unsupported format)") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"refused as a decompression bomb: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        # Truncated JPEGs raise OSError("image file is truncated ..."); broken PNG chunks
-        # raise SyntaxError; odd modes ValueError.
-        raise ImageError(f"corrupt or truncated image: {err}") from None
+    return load_rgb(source, max_pixels, "predict.max_pixels")
 
 
 def find_images(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Path]]:
@@ -136,9 +118,8 @@ class Box:
 class FaceDetector:
     """Frontal faces with one of OpenCV's bundled Haar cascades (found in `cv2.data`)."""
 
-    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml",
-                 scale_factor: float = 1.1, min_neighbors: int = 5, min_face: int = 40,
-                 max_side: int = 1024):  # fmt: skip
+    def __init__(self, cascade: str, scale_factor: float, min_neighbors: int, min_face: int,
+                 max_side: int):  # fmt: skip
         import cv2
 
         path = Path(cascade)
@@ -153,7 +134,7 @@ class FaceDetector:
         self.min_face, self.max_side = min_face, max_side
 
     @classmethod
-    def from_settings(cls, s) -> FaceDetector:
+    def from_settings(cls, s: PredictSettings) -> FaceDetector:
         return cls(s.cascade, s.scale_factor, s.min_neighbors, s.min_face, s.detect_max_side)
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
@@ -223,8 +204,8 @@ class Classifier:
 
 
 def load_keras(path: str | Path):
-    """A `.keras` file, safe mode on (see `genderclf.model.evaluate.load_model`)."""
-    from genderclf.model.evaluate import ModelLoadError, load_model
+    """A `.keras` file, safe mode on (see `genderclf.model.saving.load_model`)."""
+    from genderclf.model.saving import ModelLoadError, load_model
 
     try:
         return load_model(path)
@@ -232,61 +213,45 @@ def load_keras(path: str | Path):
         raise PredictError(str(err)) from None
 
 
-def _from_folder(folder: Path, source: str) -> Classifier:
-    files = sorted(folder.rglob("*.keras"))
-    if not files:
-        raise PredictError(f"{source}: no .keras file in the model (is it a genderclf model?)")
-    model = load_keras(files[0])
-    cfg_files = sorted(folder.rglob(SERVING_CONFIG))
-    cfg = (ServingConfig.read(cfg_files[0]) if cfg_files
-           else ServingConfig(int(model.input_shape[1])))  # fmt: skip
+def load_local(path: str | Path, fallback: ServingConfig | None = None,
+               source: str | None = None) -> Classifier:  # fmt: skip
+    """A classifier from a `.keras` file or a model folder (an MLflow model, downloaded).
+
+    The serving config is the model's `serving.json` (beside the file, or anywhere in the
+    folder); a bare `.keras` file without one takes `fallback` with the model's own input
+    size.
+
+    Raises:
+        PredictError: no loadable genderclf model there, or no serving config at all.
+    """
+    path = Path(path)
+    source = source or str(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.keras"))
+        if not files:
+            raise PredictError(f"{source}: no .keras file in the model (is it a genderclf model?)")
+        keras_file, configs = files[0], sorted(path.rglob(SERVING_CONFIG))
+    elif path.is_file():
+        keras_file, configs = path, [c for c in [path.parent / SERVING_CONFIG] if c.is_file()]
+    else:
+        raise PredictError(f"{source}: no such model file or folder")
+    model = load_keras(keras_file)
+    if configs:
+        cfg = ServingConfig.read(configs[0])
+    elif fallback is not None:
+        cfg = ServingConfig(int(model.input_shape[1]), fallback.resize, fallback.threshold,
+                            fallback.predict)  # fmt: skip
+    else:
+        raise PredictError(f"{source} has no {SERVING_CONFIG} (threshold, resize mode): use a "
+                           "registered model, or run from the project with its params.yaml")  # fmt: skip
     return Classifier(model, cfg, source)
 
 
-def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None) -> Classifier:
-    """Load a classifier from a `.keras` file, an MLflow model folder or any MLflow model URI.
-
-    For MLflow URIs (`models:/name@alias`, `models:/name/3`, `runs:/id/model`, `s3://...`)
-    the tracking server is the configured one (`MLFLOW_TRACKING_URI`, else the repo's
-    `sqlite:///mlflow.db`). The threshold is the one evaluation chose, stored with the
-    registered model (`serving.json`); 0.5 for a bare `.keras` file unless given.
-
-    Raises:
-        PredictError: the URI does not resolve or holds no loadable genderclf model.
-    """
-    local = Path(uri)
-    if local.is_file():
-        model = load_keras(local)
-        side = local.parent / SERVING_CONFIG
-        cfg = (
-            ServingConfig.read(side) if side.is_file() else ServingConfig(int(model.input_shape[1]))
-        )
-        clf = Classifier(model, cfg, str(local))
-    elif local.is_dir():
-        clf = _from_folder(local, str(local))
-    else:
-        if "://" not in uri and not uri.startswith("models:/"):
-            raise PredictError(f"{uri}: no such model file, and not an MLflow URI "
-                               "(models:/name@alias, runs:/<run_id>/model, s3://...)")  # fmt: skip
-        import tempfile
-
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        from genderclf.tracking.setup import configure, redact
-
-        configure(0)
-        tmp = tempfile.mkdtemp(prefix="genderclf-model-")
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except (MlflowException, OSError) as err:
-            hint = (" (no champion yet: run the pipeline first, e.g. `make demo`)"
-                    if "champion" in uri else "")  # fmt: skip
-            raise PredictError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
-                               f"{hint}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
-        clf = _from_folder(folder, uri)
+def with_threshold(clf: Classifier, threshold: float | None) -> Classifier:
+    """`clf` with its decision threshold replaced (None keeps the model's own)."""
     if threshold is not None:
-        clf.config = ServingConfig(clf.config.image_size, clf.config.resize, threshold)
+        clf.config = ServingConfig(clf.config.image_size, clf.config.resize, threshold,
+                                   clf.config.predict)  # fmt: skip
     return clf
 
 
@@ -310,23 +275,28 @@ def _row(file: str, **kw: Any) -> dict[str, Any]:
     return row
 
 
+Source = str | os.PathLike[str] | bytes | Callable[[], bytes]
+
+
 def predict_images(
-    files: list[Path],
+    files: Iterable[Path | tuple[str, Source]],
     clf: Classifier,
     detector: FaceDetector | None,
-    settings,
-    progress: Callable[[Iterable[Path]], Iterable[Path]] | None = None,
+    settings: PredictSettings,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One row per face (or per image with `detector=None`), per face-less or bad image.
 
     Rows come in input order. Model calls are batched across files (`settings.batch_size`).
 
     Args:
-        files: image paths (see `find_images`).
+        files: image paths (see `find_images`), or (name, source) pairs where the source
+            is a path, encoded bytes, or a function returning them (it may raise
+            ImageError: that image gets an error row).
         clf: the classifier.
         detector: a face detector, or None to classify whole images.
         settings: the `predict` settings section.
-        progress: wraps the file iterable (e.g. a tqdm bar).
+        progress: wraps the file iterable (e.g. a progress bar).
     """
     pending: list[tuple[dict[str, Any], Image.Image]] = []
     ready: list[dict[str, Any]] = []  # rows in input order, some waiting for their score
@@ -341,9 +311,9 @@ def predict_images(
         ready.clear()
 
     for f in progress(files) if progress else files:
-        name = str(f)
+        name, source = (str(f), f) if isinstance(f, str | os.PathLike) else f
         try:
-            im = open_rgb(f, settings.max_pixels)
+            im = open_rgb(source() if callable(source) else source, settings.max_pixels)
             if detector is None:
                 crops = [(None, clf.fit(im))]
             else:
@@ -396,8 +366,5 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out: Path | None) -> str | 
         text = buf.getvalue()
     if out is None:
         return text
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write(out, text)
     return None

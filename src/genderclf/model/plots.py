@@ -1,0 +1,179 @@
+"""The plots people look at: evaluation curves, reliability, slices, mistakes, training curves.
+
+Each PNG is written atomically; the CSV data beside them is what `dvc plots show` renders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from genderclf.io import atomic_file
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    """A table for `dvc plots`, written atomically."""
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataFrame,
+                slices: dict[str, Any] | None, plots_dir: Path) -> list[Path]:  # fmt: skip
+    """PNG plots plus the CSV data DVC renders (`dvc plots show`)."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = _plt()
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    cm = np.array(m["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j, i, str(v), ha="center", va="center", color="black" if v < cm.max() / 2 else "white"
+        )
+    ax.set_xticks([0, 1], ["female", "male"])
+    ax.set_yticks([0, 1], ["female", "male"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"confusion matrix (threshold {m['threshold']:.2f})")
+    files.append(_save(fig, plots_dir / "confusion_matrix.png", plt))
+
+    if len(np.unique(y)) > 1:
+        fpr, tpr, _ = roc_curve(y, p)
+        write_csv(pd.DataFrame({"fpr": fpr, "tpr": tpr}), plots_dir / "roc.csv")
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr, label=f"AUC {m['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("ROC (male = positive)")
+        ax.legend()
+        files.append(_save(fig, plots_dir / "roc.png", plt))
+        prec, rec, _ = precision_recall_curve(y, p)
+        write_csv(pd.DataFrame({"recall": rec, "precision": prec}), plots_dir / "pr.csv")
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(rec, prec, label=f"AP {m['average_precision']:.3f}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title("precision-recall (male = positive)")
+        ax.legend()
+        files.append(_save(fig, plots_dir / "pr.png", plt))
+
+    write_csv(calib, plots_dir / "calibration.csv")
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    ax.plot(calib["confidence"], calib["observed"], "o-", label=f"model (ECE {m['ece']:.3f})")
+    ax.set_xlabel("predicted probability of male")
+    ax.set_ylabel("observed fraction male")
+    ax.set_title("reliability")
+    ax.legend()
+    files.append(_save(fig, plots_dir / "calibration.png", plt))
+
+    if slices and slices["by_attribute"]:
+        names, accs = [], []
+        for a, e in slices["by_attribute"].items():
+            for k in ("with", "without"):
+                if e[k]["accuracy"] is not None:
+                    names.append(f"{a}={'1' if k == 'with' else '0'} (n={e[k]['n']})")
+                    accs.append(e[k]["accuracy"])
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1))
+        ax.barh(names, accs, color="tab:blue")
+        ax.axvline(m["accuracy"], color="black", ls="--", lw=1, label="overall")
+        ax.set_xlim(max(0.0, min(accs) - 0.05), 1.0)
+        ax.set_xlabel("accuracy")
+        ax.set_title("accuracy per slice")
+        ax.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(4, 1.2))
+        ax.text(0.5, 0.5, "no attribute columns in this dataset:\nno sliced metrics", ha="center",
+                va="center")  # fmt: skip
+        ax.axis("off")
+    files.append(_save(fig, plots_dir / "slices.png", plt))
+    return files
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def mistakes_grid(prepared_dir: Path, paths: list[str], y: np.ndarray, p: np.ndarray,
+                  threshold: float, k: int, out_png: Path) -> int:  # fmt: skip
+    """A grid of the `k` most confident mistakes on the test split. Returns how many."""
+    from genderclf.data.tfrecords import make_dataset
+
+    pred = (p >= threshold).astype(int)
+    wrong = np.flatnonzero(pred != y)
+    conf = np.abs(p[wrong] - 0.5)
+    top = wrong[np.argsort(-conf)][:k]
+    plt = _plt()
+    if len(top) == 0 or k == 0:
+        fig, ax = plt.subplots(figsize=(4, 1.2))
+        ax.text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
+        ax.axis("off")
+        _save(fig, out_png, plt)
+        return 0
+    want = {paths[i]: i for i in top}
+    images: dict[str, np.ndarray] = {}
+    for batch, _, bp in make_dataset(prepared_dir, "test", 256, with_path=True):
+        for img, pth in zip(np.asarray(batch), np.asarray(bp), strict=True):
+            name = pth.decode()
+            if name in want:
+                images[name] = img.astype(np.uint8)
+        if len(images) == len(want):
+            break
+    cols = min(8, len(top))
+    rows = -(-len(top) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), top, strict=False):
+        ax.imshow(images[paths[i]])
+        truth = "male" if y[i] == 1 else "female"
+        ax.set_title(f"true {truth}\np(male)={p[i]:.2f}", fontsize=7)
+    fig.suptitle("most confident mistakes (test)", fontsize=9)
+    _save(fig, out_png, plt)
+    return len(top)
+
+
+def plot_history(history: list[dict[str, Any]], out_png: Path) -> None:
+    plt = _plt()
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(ep, [r.get(key) for r in history], "o-", label=f"train {key}")
+        ax.plot(ep, [r.get(f"val_{key}") for r in history], "s-", label=f"val {key}")
+        switch = [r["epoch"] for r in history if r["phase"] == 2]
+        if switch and len(switch) < len(ep):
+            ax.axvline(min(switch) - 0.5, color="grey", ls="--", lw=1, label="fine-tune starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, out_png, plt)
+
+
+def write_predictions(paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float,
+                      out_csv: Path) -> Path:  # fmt: skip
+    """Per-image predictions; DVC's confusion template reads `actual`/`predicted`."""
+    names = np.array(["female", "male"])
+    return write_csv(pd.DataFrame({"path": paths, "actual": names[np.asarray(y, dtype=int)],
+                                   "predicted": names[(p >= threshold).astype(int)],
+                                   "prob_male": [f"{q:.6f}" for q in p]}), out_csv)  # fmt: skip

@@ -1,0 +1,67 @@
+"""The augment stage: splits -> sharded TFRecords at `base.image_size`, plus a preview.
+
+Train gets `augment.copies` extra variants per image (random flip, rotation, zoom, shift,
+brightness, contrast); val and test are resized only. The whole folder is written to a
+temporary sibling and renamed into place with `meta.json` last, so an interrupted or
+failed run never leaves shards that look complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genderclf.config import SPLITS, GenderclfError, Paths, Settings
+from genderclf.data.augment import preview, write_split
+from genderclf.data.split import read_split
+from genderclf.data.tfrecords import META_FILE
+from genderclf.io import atomic_dir, write_json
+
+
+class AugmentError(GenderclfError, RuntimeError):
+    """The prepared data could not be written; nothing partial is left marked complete."""
+
+
+@dataclass(frozen=True)
+class AugmentReport:
+    meta: dict[str, Any]  # what data/prepared/meta.json holds
+    prepared: Path
+    preview: Path
+
+
+def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentReport:
+    """Write `paths.prepared` (shards and meta.json) from the split tables, and the preview.
+
+    Raises:
+        AugmentError: the output cannot be written (disk full, read-only folder), with no
+            partial output left in place.
+        FileNotFoundError: the split tables are missing.
+    """
+    splits = {s: read_split(paths.splits, s) for s in SPLITS}
+    try:
+        with atomic_dir(paths.prepared) as tmp:
+            meta = {
+                "image_size": settings.base.image_size,
+                "encoding": "jpeg",
+                "jpeg_quality": settings.augment.jpeg_quality,
+                "resize": settings.augment.resize,
+                "augment": settings.augment.model_dump(),
+                "seed": settings.base.seed,
+                "splits": {
+                    s: write_split(s, splits[s], settings, paths.raw, tmp, progress) for s in SPLITS
+                },
+            }
+            write_json(tmp / META_FILE, meta)  # last: its presence marks the data complete
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise AugmentError(
+                f"cannot write prepared data to {paths.prepared}: {os.strerror(err.errno)}. "
+                "Free disk space or fix the folder's permissions, then run `dvc repro "
+                "augment` again; no partial output was kept."
+            ) from err
+        raise
+    preview(settings, paths.raw, splits["train"], paths.augment_preview)
+    return AugmentReport(meta, paths.prepared, paths.augment_preview)

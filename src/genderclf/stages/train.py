@@ -1,0 +1,104 @@
+"""The train stage: fine-tune the backbone on the prepared data, resumable after a crash.
+
+Writes `models/model.keras`, `metrics/train.json`, `plots/history.csv` and the training
+curves. A backup folder outside DVC's outputs (keyed by the settings and the data) keeps
+every completed epoch until the run is logged, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genderclf.config import Paths, Settings
+from genderclf.data.tfrecords import PreparedDataError, make_dataset, read_meta
+from genderclf.io import atomic_file, write_json
+from genderclf.model.backbones import check_compatible
+from genderclf.model.fit import backup_dir_for, class_weights, fit_phases, use_mixed_precision
+from genderclf.model.plots import plot_history
+from genderclf.model.saving import save_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainReport:
+    metrics: dict[str, Any]  # what metrics/train.json holds
+    history: list[dict[str, Any]]
+    model: Any  # the trained keras.Model (also saved to `paths.model`)
+    backup: Path
+    image_size: int
+    resize: str
+
+
+def prepare(settings: Settings, paths: Paths) -> Path:
+    """Check the inputs before anything starts; returns this run's backup folder.
+
+    Raises:
+        PreparedDataError: prepared data missing or at another image size.
+        ModelConfigError: the backbone cannot take these settings.
+    """
+    meta = read_meta(paths.prepared)
+    check_compatible(settings.train, settings.base.image_size)
+    if int(meta["image_size"]) != settings.base.image_size:
+        raise PreparedDataError(
+            f"prepared data is {meta['image_size']}px but base.image_size="
+            f"{settings.base.image_size}: run `dvc repro augment`"
+        )
+    return backup_dir_for(paths.train_backups, settings, meta)
+
+
+def run(settings: Settings, paths: Paths,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainReport:  # fmt: skip
+    """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
+
+    Args:
+        on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
+            val_loss, val_accuracy, lr, seconds), e.g. to log it.
+    """
+    import keras
+
+    t = settings.train
+    backup = prepare(settings, paths)
+    meta = read_meta(paths.prepared)
+    if use_mixed_precision(t.mixed_precision):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    for other in paths.train_backups.glob("*"):  # backups of other settings or data
+        if other != backup:
+            shutil.rmtree(other, ignore_errors=True)
+    train_ds = make_dataset(paths.prepared, "train", t.batch_size, shuffle=True,
+                            seed=settings.base.seed)  # fmt: skip
+    val_ds = make_dataset(paths.prepared, "val", t.batch_size)
+    tr = meta["splits"]["train"]
+    weights = class_weights(tr["male"], tr["images"], t.class_weights)
+    result = fit_phases(settings, train_ds, val_ds, backup, weights=weights, on_epoch=on_epoch)
+    save_model(result.model, paths.model)
+
+    hist = result.history
+    best = min((r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"],
+               default={})  # fmt: skip
+    rate = tr["records"] * result.epochs_run_now / result.seconds if result.epochs_run_now else None
+    metrics = {
+        "best_epoch": int(best.get("epoch", 0)),
+        "val_loss": best.get("val_loss"),
+        "val_accuracy": best.get("val_accuracy"),
+        "epochs": len(hist),
+        "train_images_per_second": round(rate, 1) if rate else None,
+        "resumed": result.resumed_from or "no",
+        "class_weights": weights or "none",
+    }
+    write_json(paths.train_metrics, metrics)
+    with atomic_file(paths.history) as tmp:
+        shutil.copyfile(backup / "history.csv", tmp)
+    plot_history(hist, paths.curves)
+    return TrainReport(metrics, hist, result.model, backup, settings.base.image_size,
+                       settings.augment.resize)  # fmt: skip
+
+
+def discard_backup(report: TrainReport) -> None:
+    """Remove the run's backup once its results are safe (saved and logged)."""
+    shutil.rmtree(report.backup, ignore_errors=True)

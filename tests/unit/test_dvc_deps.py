@@ -1,0 +1,147 @@
+"""dvc.yaml's deps cover every project file each stage's command imports.
+
+A stage whose code changed must not look up to date. For each stage this derives the
+project modules its `cmd` brings in two ways, both from the real imports (no hand list):
+
+* by running it: every stage command runs once, in order, on a tiny sample in a copy of
+  the pipeline, with a `sitecustomize` that records the file of every module each process
+  (and its worker processes) imported;
+* by reading it: the import statements of the stage's CLI command and, transitively, of
+  every project module they reach (this also sees branches the tiny run did not take).
+
+Each file found must be in the stage's deps, itself or through a folder above it. The CLI
+module and config.py count like any other.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.helpers import REPO_ROOT
+from tests.helpers.params import pipeline_params
+from tests.helpers.workspace import copy_pipeline, pipeline_env, run, write_params
+
+PACKAGE = REPO_ROOT / "src" / "genderclf"
+TRACE_SITE = REPO_ROOT / "tests" / "helpers" / "trace"
+STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _deps(stage: str) -> list[str]:
+    return [d for d in STAGES[stage].get("deps", []) if d.startswith(("src/", "flows/"))]
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+# --- reading the imports ---------------------------------------------------------------------
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of a `genderclf...` module name (a package's __init__.py), if it exists."""
+    parts = name.split(".")
+    if parts[0] != "genderclf":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(nodes: list[ast.AST]) -> set[str]:
+    """`genderclf...` module names imported anywhere inside `nodes` (a from-import of a name
+    that is itself a module counts as that module)."""
+    out: set[str] = set()
+    for node in (n for top in nodes for n in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in out if n.split(".")[0] == "genderclf" and _module_file(n)}
+
+
+def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
+    """The files of `start` and of everything they import, with the packages above them
+    (modules already in `seen` count but are not read again)."""
+    seen = set(seen or ())
+    found: set[str] = set()
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        found.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the parent packages
+        tree = ast.parse(_module_file(name).read_text())
+        todo += sorted(_imports([tree]))
+    return {_module_file(n).relative_to(REPO_ROOT).as_posix() for n in found}
+
+
+def _static(stage: str) -> set[str]:
+    """What `genderclf <stage>` imports: cli.py's top level, the command's body and the
+    `run_<stage>` glue it calls, then everything those reach."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+             and n.name in (stage, f"run_{stage}", "command", "_setup_logging")]  # fmt: skip
+    assert any(f.name == stage for f in funcs), f"cli.py has no command {stage!r}"
+    # cli.py itself counts, but only the parts of it that this command runs are read
+    return _closure(_imports(top + funcs), seen={"genderclf.cli"}) | {"src/genderclf/cli.py"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_cover_what_the_code_imports(stage):
+    assert STAGES[stage]["cmd"] == f"genderclf {stage}"
+    missing = sorted(f for f in _static(stage) if not _covered(f, _deps(stage)))
+    assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
+
+
+def test_every_listed_dep_exists():
+    for stage in STAGES:
+        for d in STAGES[stage].get("deps", []):
+            if d.startswith(("src/", "flows/")):
+                assert (REPO_ROOT / d).exists(), f"{stage}: {d} does not exist"
+
+
+# --- running the commands --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory) -> dict[str, set[str]]:
+    """{stage: project files its processes imported}, from one tiny run of every stage."""
+    root = tmp_path_factory.mktemp("traced")
+    repo = copy_pipeline(root / "repo")
+    write_params(repo, pipeline_params({
+        "data.sample.num_images": 60, "base.image_size": 16, "train.batch_size": 16,
+        "train.epochs_finetune": 0, "evaluate.mistakes_grid": 0,
+    }))  # fmt: skip
+    out: dict[str, set[str]] = {}
+    for stage in STAGES:  # dvc.yaml lists them in pipeline order
+        trace = root / "trace" / stage
+        trace.mkdir(parents=True)
+        env = pipeline_env(repo, GENDERCLF_IMPORT_TRACE=str(trace),
+                           PYTHONPATH=f"{TRACE_SITE}:{repo / 'src'}",
+                           MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")  # fmt: skip
+        run(repo, *shlex.split(STAGES[stage]["cmd"]), env=env)
+        files = {line.strip() for f in trace.iterdir() for line in f.read_text().splitlines()[1:]}
+        out[stage] = {Path(f).relative_to(repo).as_posix() for f in files
+                      if Path(f).is_relative_to(repo)}  # fmt: skip
+        assert f"src/genderclf/stages/{stage}.py" in out[stage], (stage, sorted(out[stage]))
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_cover_what_the_command_imports_when_it_runs(traced, stage):
+    missing = sorted(f for f in traced[stage] if not _covered(f, _deps(stage)))
+    assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
+    # what a run imports, reading the code finds too (so the static check is no weaker)
+    assert traced[stage] <= _static(stage), sorted(traced[stage] - _static(stage))
