@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-all lint format ui clean
+.PHONY: help setup demo test test-slow test-all lint format docs ui clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +46,9 @@ lint: setup ## Ruff lint and format check
 format: setup ## Apply ruff fixes and formatting
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
+
+docs: setup ## Build the documentation site (MkDocs Material) into site/, failing on any warning
+	NO_MKDOCS_2_WARNING=1 $(RUN) mkdocs build --strict
 
 ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on loopback (Ctrl-C stops both)
 	@echo "Prefect UI: http://127.0.0.1:4200   (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it)"
