@@ -22,12 +22,18 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# The ephemeral API server's telemetry heartbeat shares its SQLite file with the flow run
+# and fails with "database is locked"; nothing here needs it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -38,7 +44,7 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from flows import dvc  # noqa: E402
+from flows import dvc_ops as dvc  # noqa: E402
 from genderclf import config as C  # noqa: E402
 from genderclf.tracking.runs import finish_flow_run, start_flow_run  # noqa: E402
 
@@ -138,63 +144,141 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+# A line of a stage's output: its level as the CLI, DVC, MLflow or Python warnings print it.
+_LEVEL = re.compile(r"(?:^|[\s|:])(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:[\s|:]|$)|(\w+Warning):")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
+
+
+def log_stage_line(logger: Any, line: str) -> bool:
+    """Log one output line of a stage at its own level; returns True for DVC's push hint
+    (said once per flow run, at the end, instead of after every stage)."""
+    line = _ANSI.sub("", line).rstrip()
+    if not line.strip():
+        return False
+    if PUSH_HINT in line:
+        return True
+    m = _LEVEL.search(line[:60])
+    level = (
+        logging.WARNING if m and m.group(2) else getattr(logging, m.group(1)) if m else logging.INFO
+    )
+    logger.log(level, line)
+    return False
+
+
 @task(task_run_name="{stage}", log_prints=True)
 def run_stage(stage: str, root: str) -> Any:
-    """Run one DVC stage (`dvc repro --single-item`), streaming its output to the log."""
+    """Run one DVC stage (`dvc repro --single-item`), streaming its output to the log, and
+    publish the stage's Prefect artifacts."""
     logger = get_run_logger()
-    if not dvc.repro_stage(Path(root), stage, on_line=logger.info):
-        return Completed(name="Skipped", message=f"{stage}: up to date, DVC skipped it",
-                         data={"stage": stage, "ran": False})  # fmt: skip
-    return {"stage": stage, "ran": True}
+    hints: list[bool] = []
+    ran = dvc.repro_stage(
+        Path(root), stage, on_line=lambda s: hints.append(log_stage_line(logger, s))
+    )
+    data = {"stage": stage, "ran": ran, "push_hint": any(hints)}
+    if not ran:
+        return Completed(name="Skipped", message=f"{stage}: up to date, DVC skipped it", data=data)
+    publish_artifacts(stage, Path(root))
+    return data
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def publish_artifacts(root: Path) -> None:
-    """Validation summary, evaluation metrics and the promotion decision, as Prefect artifacts."""
+def publish_artifacts(stage: str, root: Path) -> None:
+    """The stage's Prefect artifacts (inside its task run): validate -> the validation
+    summary, evaluate -> the test metrics, register -> the decision and a link to the
+    registered version."""
     paths = C.PATHS.under(root)
-    val = _read_json(paths.validation_metrics)
-    if val:
-        rejected = paths.rejected
-        sample = rejected.read_text().splitlines()[1:11] if rejected.is_file() else []
-        reasons = "\n".join(f"| {k} | {v} |" for k, v in sorted(val["reject_reasons"].items()))
-        create_markdown_artifact(
-            key="validation-summary",
-            markdown=(
-                f"## Validation\n\nlayout `{val['layout']}`: **{val['usable']}** usable, "
-                f"**{val['rejected']}** rejected of {val['files_seen']} files "
-                f"(reject fraction {val['reject_fraction']:.4f}); male fraction "
-                f"{val['male_fraction']}; expectations passed: {val['expectations_passed']}\n\n"
-                + ("| reason | files |\n|---|---|\n" + reasons + "\n\n" if reasons else "")
-                + ("First rejected files:\n\n```\n" + "\n".join(sample) + "\n```\n" if sample else "")
-            ),
-            description="Data validation: counts and rejected files",
-        )  # fmt: skip
-    ev = _read_json(paths.eval_metrics)
-    if ev:
+    if stage == "validate" and (val := _read_json(paths.validation_metrics)):
+        create_markdown_artifact(key="validation-summary", markdown=validation_markdown(val, paths),
+                                 description="Data validation: counts and rejected files")  # fmt: skip
+    if stage == "evaluate" and (ev := _read_json(paths.eval_metrics)):
         keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "threshold", "n")
         create_table_artifact(
             key="evaluation-metrics",
-            table=[{"metric": k, "value": ev.get(k)} for k in keys],
+            table=[{"metric": k, "value": _short(ev.get(k))} for k in keys],
             description="Test-split metrics (threshold chosen on the validation split)",
         )
-    reg = _read_json(paths.register_report)
-    if reg:
-        before = reg["champion_before"]
-        create_markdown_artifact(
-            key="promotion-decision",
-            markdown=(
-                f"## Promotion: version {reg['version']} **{reg['decision']}**\n\n"
-                f"* candidate accuracy: {reg['candidate']['accuracy']:.4f}\n"
-                f"* champion before: version {before['version']} "
-                f"(accuracy {before['accuracy'] if before['accuracy'] is None else round(before['accuracy'], 4)})\n"
-                f"* champion after: version {reg['champion_after']}\n"
-                f"* reason: {'; '.join(reg['reasons'])}\n"
-            ),
-            description="Model registry decision",
-        )  # fmt: skip
+    if stage == "register" and (reg := _read_json(paths.register_report)):
+        create_markdown_artifact(key="promotion-decision", markdown=promotion_markdown(reg),
+                                 description="Model registry decision")  # fmt: skip
+        create_link_artifact(key="registered-version", link=registry_url(reg["version"]),
+                             link_text=f"{reg['model_name']} version {reg['version']}",
+                             description="The version this flow run registered (MLflow)")  # fmt: skip
+
+
+def _short(v: Any) -> Any:
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def validation_markdown(val: dict[str, Any], paths: C.Paths) -> str:
+    sample = paths.rejected.read_text().splitlines()[1:11] if paths.rejected.is_file() else []
+    reasons = "\n".join(f"| {k} | {v} |" for k, v in sorted(val["reject_reasons"].items()))
+    return (
+        f"## Validation\n\nlayout `{val['layout']}`: **{val['usable']}** usable, "
+        f"**{val['rejected']}** rejected of {val['files_seen']} files (reject fraction "
+        f"{val['reject_fraction']:.4f}); male fraction {val['male_fraction']}; expectations "
+        f"passed: {val['expectations_passed']}\n\n"
+        + ("| reason | files |\n|---|---|\n" + reasons + "\n\n" if reasons else "")
+        + ("First rejected files:\n\n```\n" + "\n".join(sample) + "\n```\n" if sample else "")
+    )  # fmt: skip
+
+
+def promotion_markdown(reg: dict[str, Any]) -> str:
+    before = reg["champion_before"]
+    if before["version"] is None:
+        was = "none yet (this is the first candidate judged)"
+    elif before["accuracy"] is None:
+        was = f"version {before['version']}"
+    else:
+        was = f"version {before['version']} (test accuracy {before['accuracy']:.4f} on the same split)"
+    after = reg["champion_after"]
+    return (
+        f"## Promotion: version {reg['version']} **{reg['decision']}**\n\n"
+        f"* candidate: version {reg['version']}, test accuracy {reg['candidate']['accuracy']:.4f}\n"
+        f"* champion before: {was}\n"
+        f"* champion after: {f'version {after}' if after else 'none'}\n"
+        f"* why: {'; '.join(reg['reasons'])}\n"
+    )  # fmt: skip
+
+
+def mlflow_ui() -> str:
+    from genderclf.tracking.setup import redact, tracking_uri
+
+    uri = tracking_uri()
+    base = (
+        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    )
+    return redact(base).rstrip("/")
+
+
+def registry_url(version: str) -> str:
+    from genderclf.tracking.setup import MODEL_NAME
+
+    return f"{mlflow_ui()}/#/models/{MODEL_NAME}/versions/{version}"
+
+
+def prefect_flow_run_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI, when a Prefect server with a UI is known."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    ui = settings.ui_url or (
+        str(settings.api.url).removesuffix("/api") if settings.api.url else None
+    )
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+
+
+@task(name="mlflow-run")
+def open_mlflow_run(flow_run_id: str, flow_run_name: str) -> tuple[str, str]:
+    """The MLflow run this flow run's stages log into, and its link artifact."""
+    run_id, url = start_flow_run(flow_run_id, flow_run_name, prefect_flow_run_url(flow_run_id))
+    create_link_artifact(key="mlflow-run", link=url, link_text=f"MLflow run {run_id}",
+                         description="Every stage of this flow run logs into this MLflow run")  # fmt: skip
+    get_run_logger().info("MLflow run: %s", url)
+    return run_id, url
 
 
 @flow(name="gender-pipeline", log_prints=True)
@@ -232,15 +316,16 @@ def gender_pipeline(
             logger.info("overrides written to %s: %s", params_file, overrides)
         else:
             C.load_settings(params_file)
-        run_id, url = start_flow_run(str(flow_run.id), str(flow_run.name))
-        os.environ["MLFLOW_RUN_ID"] = run_id  # the train stage adopts this run
-        create_link_artifact(key="mlflow-run", link=url, link_text=f"MLflow run {run_id[:8]}",
-                             description="Every stage of this flow run logs into this MLflow run")  # fmt: skip
-        logger.info("MLflow run: %s", url)
-        summary: dict[str, Any] = {"mlflow_run_id": run_id, "mlflow_run_url": url}
+        order = dvc.stage_order(root)
+        todo = plan(order, dvc.stale_stages(root))
+        summary: dict[str, Any] = {}
+        run_id = None
+        if any(todo.values()):  # an up-to-date pipeline makes no (empty) MLflow run
+            run_id, url = open_mlflow_run(str(flow_run.id), str(flow_run.name))
+            os.environ["MLFLOW_RUN_ID"] = run_id  # the train stage adopts this run
+            summary.update(mlflow_run_id=run_id, mlflow_run_url=url)
+        push_hint = False
         try:
-            order = dvc.stage_order(root)
-            todo = plan(order, dvc.stale_stages(root))
             for stage, _upstream in order:
                 if not todo[stage]:
                     skip_stage.with_options(task_run_name=f"{stage} (up to date)")(stage)
@@ -255,14 +340,15 @@ def gender_pipeline(
                     retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
                 )
                 state = task_fn(stage, str(root), return_state=True)
-                if state.is_failed():
-                    publish_artifacts(root)
-                    state.result()  # raises the stage's error
+                result = state.result()  # raises the stage's error
+                push_hint = push_hint or result["push_hint"]
                 summary[stage] = "skipped" if state.name == "Skipped" else "ran"
         finally:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-            finish_flow_run(run_id)
-        publish_artifacts(root)
+            if run_id:
+                os.environ.pop("MLFLOW_RUN_ID", None)
+                finish_flow_run(run_id)
+        if push_hint:
+            logger.info(PUSH_HINT)
     return summary
 
 

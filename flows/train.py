@@ -27,7 +27,7 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from flows import dvc  # noqa: E402
+from flows import dvc_ops as dvc  # noqa: E402
 
 TRAIN_STAGE = "train"
 

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from genderclf.config import PATHS, GenderclfError, Paths, Settings, load_settings
+from genderclf.config import PATHS, GenderclfError, Paths, Settings, SettingsError, load_settings
+from genderclf.console import quiet_tensorflow
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -48,6 +49,9 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
+
+
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command: logging set up, known errors shown as one message and exit 1."""
 
@@ -57,7 +61,12 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (GenderclfError, FileNotFoundError, PermissionError) as err:
-            typer.secho(f"error ({fn.__name__}): {err}", fg=typer.colors.RED, err=True)
+            hint = ""
+            if isinstance(err, SettingsError) and fn.__name__ in STAGES:
+                # `dvc repro` removes a stage's outputs before it runs the command.
+                hint = (f"\nAfter fixing it: `dvc repro {fn.__name__}`; to get back the "
+                        f"outputs as they were, `dvc checkout {fn.__name__}`.")  # fmt: skip
+            typer.secho(f"error ({fn.__name__}): {err}{hint}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -68,6 +77,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
     """Train and log the run to MLflow; the backup is dropped once both are done."""
+    quiet_tensorflow()
     from genderclf.stages import train
     from genderclf.tracking.runs import TrainingRun
 
@@ -81,6 +91,7 @@ def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
 
 def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:
     """Evaluate and log the metrics and plots into the training run."""
+    quiet_tensorflow()
     from genderclf.stages import evaluate
     from genderclf.tracking.runs import log_evaluation
 
@@ -91,6 +102,7 @@ def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:
 
 def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
     """Register against the configured MLflow registry; returns register.json's content."""
+    quiet_tensorflow()
     from genderclf.stages import register
     from genderclf.tracking.registry import MlflowRegistry
 
@@ -156,6 +168,7 @@ def augment(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
 
     Also saves reports/augment_preview.png (originals next to their variants).
     """
+    quiet_tensorflow()
     from genderclf.stages import augment as stage
 
     r = stage.run(load_settings(params), PATHS, progress=not quiet)
@@ -257,6 +270,7 @@ def predict(
     used (not an image, truncated, too big) gets an `error` row; the others are still
     classified and the command exits 1 with a summary.
     """
+    quiet_tensorflow()
     from genderclf import inference as I
     from genderclf.console import Progress, render_table
     from genderclf.tracking.serving import load_classifier

@@ -72,6 +72,11 @@ class Paths:
     def data_docs(self) -> Path:
         return self.validation / "data_docs"
 
+    @property
+    def validation_report(self) -> Path:
+        """The validation report that reads offline (GX's Data Docs need their CDNs)."""
+        return self.validation / "report.html"
+
     def split_file(self, split: str) -> Path:
         return self.splits / f"{split}.csv"
 

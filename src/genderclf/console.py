@@ -8,6 +8,7 @@ terminal; elsewhere (CI logs, Prefect) a stage prints one summary line instead.
 from __future__ import annotations
 
 import io
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -73,3 +74,45 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# TensorFlow's C++ start-up notices: written to stderr before its logging is set up, so
+# TF_CPP_MIN_LOG_LEVEL does not reach them. They say nothing a user can act on.
+_TF_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"Could not find cuda drivers|failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) "
+    r"factory|computation placer already registered|TF-TRT Warning|This TensorFlow binary is "
+    r"optimized to use available CPU instructions|To enable the following instructions:|"
+    r"rebuild TensorFlow with the appropriate compiler flags"
+)
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow (and find its devices) with those C++ notices filtered out.
+
+    Everything else TensorFlow writes to stderr while starting is passed on unchanged.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # the CUDA probe prints when it runs
+            if not sys.stderr.isatty():  # no `1/1 ━━━━ 0s 199ms/step` frames in logs
+                import keras
+
+                keras.config.disable_interactive_logging()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        for line in captured.read().decode(errors="replace").splitlines():
+            if line.strip() and not _TF_NOISE.search(line):
+                print(line, file=sys.stderr)

@@ -159,6 +159,21 @@ def test_reports_are_written(validated):
     assert json.loads((out / "metrics" / "validation.json").read_text()) == summary
 
 
+def test_the_report_reads_offline(validated):
+    """report.html is self-contained: no script, stylesheet link or URL to fetch, and it
+    names every expectation and every rejected file with its reason."""
+    out, _ = validated
+    html = (out / "reports" / "validation" / "report.html").read_text()
+    assert "<script" not in html and "<link" not in html
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    assert 'expectations <span class="verdict">passed</span>' in html
+    gx = json.loads((out / "reports" / "validation" / "gx_results.json").read_text())
+    for r in gx["results"]:
+        assert r["expectation_config"]["type"] in html
+    for path, reason in _read_rejected(out).items():
+        assert path in html and reason.split(":")[0] in html
+
+
 def test_too_many_rejects_fails_without_manifest(tmp_path, make_settings, raw_dir):
     settings = make_settings({"validate.max_reject_fraction": 0.05})
     manifest = tmp_path / "data" / "validated" / "manifest.csv"

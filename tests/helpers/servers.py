@@ -18,6 +18,10 @@ from typing import Any
 
 from tests.helpers import BIN
 
+# MLflow 3's server starts a pool of job workers (huey consumers, ~250 MB each) for its
+# GenAI jobs; nothing here uses them.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -46,6 +50,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **MLFLOW_SERVER_ENV},
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -57,3 +57,20 @@ def evaluate(settings: Settings, prepared: Path, splits: Path) -> dict[str, Any]
     from genderclf.cli import run_evaluate
 
     return run_evaluate(settings, Paths(prepared=Path(prepared), splits=Path(splits))).metrics
+
+
+def log_model_run(model: Any, image_size: int) -> dict[str, Any]:
+    """A new MLflow run holding `model` as the train stage logs it (a LoggedModel with an
+    input example); returns the keys of models/run.json that point at it."""
+    import mlflow
+    import numpy as np
+
+    from genderclf.tracking.runs import log_keras_model
+    from genderclf.tracking.setup import configure
+
+    configure(0)
+    example = np.random.default_rng(0).uniform(0, 255, (1, image_size, image_size, 3))
+    with mlflow.start_run() as run:
+        info = log_keras_model(model, example)
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            "keras_model_uri": info.model_uri, "model_id": info.model_id}  # fmt: skip

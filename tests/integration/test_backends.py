@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers import BIN, REPO_ROOT
-from tests.helpers.servers import free_port
+from tests.helpers.servers import MLFLOW_SERVER_ENV, free_port
 
 from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME
@@ -193,6 +193,7 @@ def mlflow_server(tmp_path_factory, postgres, s3) -> Iterator[str]:
         "MLFLOW_PORT": str(port),
         "MLFLOW_WORKERS": "1",
         "MLFLOW_AUTH": "on" if AUTH else "off",
+        **MLFLOW_SERVER_ENV,
         # only the server talks to the object store
         "MLFLOW_S3_ENDPOINT_URL": s3,
         "AWS_ACCESS_KEY_ID": S3_KEY_ID,

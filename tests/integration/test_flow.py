@@ -100,7 +100,7 @@ def test_flow_runs_every_stage_retries_download_and_publishes(harness, flow_env)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["train.backbone"] == "simple_cnn"  # logged by the train stage
-    assert "test_accuracy" in run.data.metrics  # logged by the evaluate stage
+    assert "test/accuracy" in run.data.metrics  # logged by the evaluate stage
     assert json.loads((repo / C.PATHS.run).read_text())["run_id"] == result["mlflow_run_id"]
 
     # Prefect artifacts

@@ -102,7 +102,7 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
     # one MLflow run holds the whole lineage: params, test metrics, data and code versions
     run = client.get_run(run_id)
     assert run.data.params["train.backbone"] == "simple_cnn"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(ev["accuracy"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"], abs=1e-6)
     tags = run.data.tags
     assert tags["git_commit"] == code
     assert tags["git_dirty"] == "false"

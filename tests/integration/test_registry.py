@@ -67,24 +67,21 @@ class Candidates:
 
     def new(self, accuracy: float, threshold: float = 0.5) -> tuple[Path, Path, float]:
         """Returns (run.json, eval.json, the model's real accuracy on the test split)."""
-        import mlflow
+
+        from tests.helpers.stages import log_model_run
 
         from genderclf.io import write_json
         from genderclf.model.backbones import build_model
         from genderclf.model.scoring import predict_split
-        from genderclf.tracking.runs import log_keras_model
-        from genderclf.tracking.setup import configure
 
         self.n += 1
         keras.utils.set_random_seed(self.n)
         model = build_model(self.settings.train, self.settings.base.image_size)
         _, y, p = predict_split(model, self.prepared, "test", 64)
         real = float(((p >= threshold).astype(int) == y).mean())
-        configure()
-        with mlflow.start_run() as run:
-            model_uri = log_keras_model(model, self.settings.base.image_size)
+        run = log_model_run(model, self.settings.base.image_size)
         folder = Path(f"candidate{self.n}")
-        write_json(folder / "run.json", {"run_id": run.info.run_id, "keras_model_uri": model_uri})
+        write_json(folder / "run.json", run)
         write_json(folder / "eval.json", {"accuracy": accuracy, "threshold": threshold,
                                           "f1": 0.5, "roc_auc": None})  # fmt: skip
         return folder / "run.json", folder / "eval.json", real
@@ -286,7 +283,7 @@ def test_compare_marks_the_champion_and_lists_every_alias(candidates):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     header = lines[0].split()
-    assert header[:3] == ["version", "aliases", "decision"] and "test_accuracy" in header
+    assert header[:3] == ["version", "aliases", "decision"] and "test/accuracy" in header
     rows = {line.split()[0]: line.split() for line in lines[1:4]}
     assert set(rows) == {"3", "*2", "1"}, lines
     assert rows["*2"][1:3] == ["champion", "promoted"]

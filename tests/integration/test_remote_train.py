@@ -130,6 +130,6 @@ def test_parent_trains_on_the_gpu_pool_worker_through_the_dvc_remote(setup):
     # one MLflow run for the flow run: the worker's training and the parent's evaluation
     run = MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.params["train.backbone"] == "simple_cnn"
-    assert "test_accuracy" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics
     assert json.loads((parent / C.PATHS.run).read_text())["run_id"] == result["mlflow_run_id"]
     assert (parent / C.PATHS.register_report).is_file()

@@ -29,14 +29,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> list[Path]:
     """Register a model as champion; returns the image files to classify."""
     import keras
-    import mlflow
+    from tests.helpers.stages import log_model_run
     from tests.helpers.stages import register as run_register
 
     from genderclf.inference import Classifier, ServingConfig, open_rgb
     from genderclf.io import write_json
     from genderclf.model.backbones import build_model
-    from genderclf.tracking.runs import log_keras_model
-    from genderclf.tracking.setup import configure
 
     settings = model_settings({"register.min_accuracy": 0.5})
     size = settings.base.image_size
@@ -52,16 +50,13 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     clf = Classifier(model, ServingConfig(size, "center_crop", 0.5))
     p = clf.p_male([clf.fit(open_rgb(f, 10**8)) for f in files])
     threshold = float(np.median(p))
-    configure()
-    with mlflow.start_run() as run:
-        keras_uri = log_keras_model(model, size)
-    write_json(Path("models/run.json"), {"run_id": run.info.run_id, "keras_model_uri": keras_uri,
-                                         "image_size": size, "resize": "center_crop"})  # fmt: skip
+    run = log_model_run(model, size)
+    write_json(Path("models/run.json"), {**run, "image_size": size, "resize": "center_crop"})
     write_json(Path("metrics/eval.json"), {"accuracy": 0.95, "threshold": threshold,
                                            "f1": 0.9, "roc_auc": 0.97})  # fmt: skip
     report = run_register(settings, Path("models/run.json"), Path("metrics/eval.json"),
                           prepared, C.PATHS.register_report)  # fmt: skip
-    assert report["decision"] == "promoted" and report["model_uri"].endswith("/model")
+    assert report["decision"] == "promoted" and report["model_uri"].startswith("models:/m-")
     return files
 
 

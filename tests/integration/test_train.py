@@ -115,7 +115,7 @@ def test_smoke_training_learns_the_sample_and_records_it(
     # MLflow: params, one metric point per epoch, lineage, the model as an MLflow model
     run_info = json.loads(C.PATHS.run.read_text())
     assert run_info["tracking_uri"] == mlflow_store
-    assert run_info["keras_model_uri"] == f"runs:/{run_info['run_id']}/keras_model"
+    assert run_info["keras_model_uri"] == f"models:/{run_info['model_id']}"
     assert (run_info["image_size"], run_info["resize"]) == (32, "center_crop")
     client = MlflowClient()
     run = client.get_run(run_info["run_id"])
@@ -124,11 +124,25 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert run.data.params["train.backbone"] == "simple_cnn"
     assert run.data.params["base.image_size"] == "32"
     assert run.data.params["train.batch_size"] == "8"
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [1, 2], key
-    assert run.data.metrics["best_epochs"] == 2
-    assert run.data.metrics["test_accuracy"] == pytest.approx(ev["accuracy"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"], abs=1e-6)
+    # MLflow 3: the Keras model is a LoggedModel of this run, the test metrics are linked to
+    # it, its params hold the training summary, its input example is a real test image
+    (keras_model,) = [m for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list")
+        if m.source_run_id == run.info.run_id and m.name == "keras_model"]  # fmt: skip
+    assert keras_model.model_id == run_info["model_id"]
+    assert keras_model.params["epochs"] == "2"
+    assert {m.key for m in keras_model.metrics} >= {"test/accuracy", "test/f1"}
+    example = mlflow.models.Model.load(run_info["keras_model_uri"]).load_input_example(
+        mlflow.artifacts.download_artifacts(run_info["keras_model_uri"]))  # fmt: skip
+    assert np.asarray(example).shape == (1, 32, 32, 3) and np.asarray(example).std() > 1
+    # the train, val and test data as datasets whose digest is DVC's (here: the checksum)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"}
+    assert json.loads(inputs["test"].dataset.source)["tags"]["checksum"].startswith("sha256:")
     tags = run.data.tags
     assert tags["git_commit"] == commit
     assert tags["git_dirty"] == "false"
@@ -137,8 +151,6 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert tags["data_checksum"] == source["checksum"]
     assert tags["data_source"] == "sample"
     assert tags["stage.train"] == "done" and tags["stage.evaluate"] == "done"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "keras_model")}
-    assert "keras_model/MLmodel" in artifacts
     assert {"plots/history.csv", "plots/training_curves.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")
     }

@@ -48,22 +48,17 @@ def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any,
 
 def log_candidate(settings: Settings, model: Any, accuracy: float, folder: Path) -> None:
     """Log the model to a new run; write models/run.json, models/model.keras, eval.json."""
-    import mlflow
+
+    from tests.helpers.stages import log_model_run
 
     from genderclf.io import write_json
     from genderclf.model.saving import save_model as save_model_atomic
-    from genderclf.tracking.runs import log_keras_model
-    from genderclf.tracking.setup import configure
 
-    configure(0)
-    with mlflow.start_run() as run:
-        uri = log_keras_model(model, settings.base.image_size)
+    run = log_model_run(model, settings.base.image_size)
     save_model_atomic(model, folder / "models" / "model.keras")
-    # run.json as the train stage writes it (plus `model_uri`, as older runs have it).
+    # run.json as the train stage writes it
     write_json(folder / "models" / "run.json", {
-        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-        "model_uri": uri, "keras_model_uri": uri, "image_size": settings.base.image_size,
-        "resize": settings.augment.resize,
+        **run, "image_size": settings.base.image_size, "resize": settings.augment.resize,
     })  # fmt: skip
     write_json(folder / "metrics" / "eval.json",
                {"accuracy": accuracy, "threshold": 0.5, "f1": 0.5, "roc_auc": None})  # fmt: skip

@@ -1,0 +1,1 @@
+"""Data: dataset sources and layouts, validation, split, offline augmentation, TFRecords."""

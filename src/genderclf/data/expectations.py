@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,3 +80,60 @@ def failed_expectations(gx_result: dict) -> list[str]:
             seen = res.get("observed_value", res.get("partial_unexpected_list"))
             out.append(f"{cfg['type']}({kw}) observed {seen}")
     return out
+
+
+def report_html(summary: dict, gx_result: dict, rejected: list[tuple[str, str]],
+                shown: int = 200) -> str:  # fmt: skip
+    """A self-contained validation report (inline CSS, no scripts, no network).
+
+    GX's Data Docs load their CSS and JavaScript from CDNs, so offline they render
+    unstyled and their index lists nothing; this page reads the same everywhere.
+    """
+    from html import escape
+
+    def row(*cells: object, cls: str = "") -> str:
+        tds = "".join(f"<td>{escape(str(c))}</td>" for c in cells)
+        return f'<tr class="{cls}">{tds}</tr>'
+
+    checks = []
+    for r in gx_result.get("results", []):
+        cfg = r["expectation_config"]
+        kw = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
+        res = r.get("result", {})
+        seen = res.get("observed_value", res.get("unexpected_count", ""))
+        ok = bool(r.get("success"))
+        checks.append(row("pass" if ok else "FAIL", cfg["type"], json.dumps(kw), seen,
+                          cls="ok" if ok else "bad"))  # fmt: skip
+    reasons = [row(k, v) for k, v in sorted(summary.get("reject_reasons", {}).items())]
+    files = [row(p, why) for p, why in rejected[:shown]]
+    more = (
+        f"<p>... and {len(rejected) - shown} more in rejected.csv</p>"
+        if len(rejected) > shown
+        else ""
+    )
+    verdict = "passed" if summary.get("expectations_passed") else "FAILED"
+    facts = [row(k, summary.get(k)) for k in ("layout", "files_seen", "usable", "rejected",
+                                               "reject_fraction", "male_fraction")]  # fmt: skip
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Validation report</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222 }}
+h1 {{ font-size: 1.5rem }} h2 {{ font-size: 1.15rem; margin-top: 2rem }}
+table {{ border-collapse: collapse; width: 100% }}
+td, th {{ border-bottom: 1px solid #ddd; padding: .3rem .6rem; text-align: left;
+          vertical-align: top; word-break: break-all }}
+th {{ background: #f4f4f4 }} tr.ok td:first-child {{ color: #1a7f37; font-weight: 600 }}
+tr.bad td {{ background: #fdecea }} tr.bad td:first-child {{ color: #b42318; font-weight: 700 }}
+.verdict {{ font-weight: 700; color: {"#1a7f37" if verdict == "passed" else "#b42318"} }}
+</style></head><body>
+<h1>Validation report: expectations <span class="verdict">{verdict}</span></h1>
+<table>{"".join(facts)}</table>
+<h2>Expectations (Great Expectations suite over the manifest)</h2>
+<table><tr><th>result</th><th>expectation</th><th>arguments</th><th>observed</th></tr>
+{"".join(checks)}</table>
+<h2>Rejected files by reason</h2>
+<table><tr><th>reason</th><th>files</th></tr>{"".join(reasons) or row("none", 0)}</table>
+<h2>Rejected files</h2>
+<table><tr><th>path</th><th>reason</th></tr>{"".join(files) or row("none", "")}</table>{more}
+</body></html>
+"""

@@ -173,3 +173,21 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)
+
+
+def first_record(prepared_dir: str | os.PathLike[str], split: str) -> tuple[bytes, int, str]:
+    """The first record of a split, undecoded: (JPEG bytes, label, source path).
+
+    Raises:
+        PreparedDataError: prepared data missing, or the split has no record.
+    """
+    import tensorflow as tf
+
+    meta = read_meta(prepared_dir)
+    for shard in meta["splits"].get(split, {}).get("shards", []):
+        for record in tf.data.TFRecordDataset(str(Path(prepared_dir) / shard)).take(1):
+            ex = tf.train.Example.FromString(record.numpy())
+            f = ex.features.feature
+            return (f["image"].bytes_list.value[0], int(f["label"].int64_list.value[0]),
+                    f["path"].bytes_list.value[0].decode())  # fmt: skip
+    raise PreparedDataError(f"{prepared_dir}: split {split!r} has no records")

@@ -1,0 +1,1 @@
+"""The model: backbones and layers, fitting, saving and loading, scoring, plots."""

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from genderclf.config import Paths, Settings
+from genderclf.data.tfrecords import first_record
 from genderclf.io import read_json, write_json
 from genderclf.model.scoring import predict_split
 
@@ -79,8 +80,9 @@ class Registry(Protocol):
         Returns the recorded move, or None when the champion changed meanwhile."""
 
     def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Any) -> None:  # fmt: skip
-        """Keep the decision with the version and the run (tags, the report file)."""
+               report_file: Any, description: str) -> None:  # fmt: skip
+        """Keep the decision with the version (tags, `description`) and the run (tags,
+        the report file)."""
 
 
 def _champion_accuracy(registry: Registry, champ: Version, paths: Paths, batch: int) -> float:
@@ -105,7 +107,8 @@ def run(settings: Settings, paths: Paths, registry: Registry,
     acc = float(metrics["accuracy"])
     serving = {"image_size": int(run_info.get("image_size", settings.base.image_size)),
                "resize": str(run_info.get("resize", settings.augment.resize)),
-               "threshold": float(metrics["threshold"]), "predict": settings.predict.model_dump()}  # fmt: skip
+               "threshold": float(metrics["threshold"]), "predict": settings.predict.model_dump(),
+               "example": first_record(paths.prepared, "test")[0]}  # a real test image  # fmt: skip
     version, created, model_uri = registry.register(run_info, metrics, serving)
     moves: list[dict[str, Any]] = []
     champion_acc = champion_version = None
@@ -154,5 +157,23 @@ def run(settings: Settings, paths: Paths, registry: Registry,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     write_json(paths.register_report, report)
-    registry.record(run_info["run_id"], version, label, decision.reasons, paths.register_report)
+    registry.record(run_info["run_id"], version, label, decision.reasons, paths.register_report,
+                    describe(report, metrics))  # fmt: skip
     return report
+
+
+def describe(report: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The version's description: what was decided, why, and its headline numbers."""
+    verdict = {"promoted": "Promoted to champion", "champion": "Champion (unchanged)",
+               "rejected": "Not promoted (challenger)"}[report["decision"]]  # fmt: skip
+    before = report["champion_before"]
+    against = ("there was no champion before" if before["version"] is None else
+               f"against version {before['version']} (test accuracy {before['accuracy']:.4f} "
+               "on the same test split)" if before["accuracy"] is not None else
+               f"version {before['version']} was already the champion")  # fmt: skip
+    auc = metrics.get("roc_auc")
+    return (f"{verdict}: {'; '.join(report['reasons'])}. Decided {against}. Test accuracy "
+            f"{metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}"
+            + (f", ROC-AUC {auc:.4f}" if auc is not None else "")
+            + f"; threshold {metrics['threshold']:.3f} (chosen on validation). "
+            f"Training run {report['run_id']}.")  # fmt: skip

@@ -30,6 +30,7 @@ class TrainReport:
     metrics: dict[str, Any]  # what metrics/train.json holds
     history: list[dict[str, Any]]
     model: Any  # the trained keras.Model (also saved to `paths.model`)
+    example: Any  # one test image, (1, size, size, 3) float32 RGB 0..255: an input example
     backup: Path
     image_size: int
     resize: str
@@ -95,7 +96,8 @@ def run(settings: Settings, paths: Paths,
     with atomic_file(paths.history) as tmp:
         shutil.copyfile(backup / "history.csv", tmp)
     plot_history(hist, paths.curves)
-    return TrainReport(metrics, hist, result.model, backup, settings.base.image_size,
+    example = next(iter(make_dataset(paths.prepared, "test", 1)))[0].numpy()
+    return TrainReport(metrics, hist, result.model, example, backup, settings.base.image_size,
                        settings.augment.resize)  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from genderclf.config import GenderclfError, Paths, Settings
-from genderclf.data.expectations import failed_expectations, run_expectations
+from genderclf.data.expectations import failed_expectations, report_html, run_expectations
 from genderclf.data.layouts import read_layout
 from genderclf.data.validation import ImageCheck, check_images
 from genderclf.io import atomic_file, atomic_write, read_json, write_json
@@ -101,6 +101,7 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> ValidateRepo
     write_json(paths.validation / "gx_results.json", gx_result)
     summary = _summary(cands.layout, manifest, rejected, bool(gx_result["success"]))
     write_json(paths.validation_metrics, summary)
+    atomic_write(paths.validation_report, report_html(summary, gx_result, rejected))
 
     problems = failed_expectations(gx_result)
     if summary["reject_fraction"] > cfg.max_reject_fraction:
@@ -113,7 +114,8 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> ValidateRepo
         paths.manifest.unlink(missing_ok=True)
         raise ValidationFailed(
             "validation failed:\n  - " + "\n  - ".join(problems)
-            + f"\nReports: {paths.validation}/ (Data Docs: {paths.data_docs / 'index.html'})"
+            + f"\nReport: {paths.validation_report} (and {paths.rejected}, Data Docs in "
+            f"{paths.data_docs}/)"
         )  # fmt: skip
     with atomic_file(paths.manifest) as tmp:
         manifest.to_csv(tmp, index=False)

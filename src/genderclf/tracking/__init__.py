@@ -1,0 +1,1 @@
+"""MLflow, and only here: runs, datasets, logged models, the registry, the served model."""

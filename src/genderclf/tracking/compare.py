@@ -7,7 +7,7 @@ from typing import Any
 from genderclf.console import render_table
 from genderclf.tracking.setup import CHAMPION, EXPERIMENT, MODEL_NAME, configure
 
-METRICS = ("test_accuracy", "test_f1", "test_roc_auc", "test_ece")
+METRICS = ("test/accuracy", "test/f1", "test/roc_auc", "test/ece")
 
 
 def _fmt(v: Any) -> str:
@@ -65,6 +65,7 @@ def compare_runs(n: int) -> str:
     runs = [] if exp is None else mlflow.search_runs(
         [exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
         output_format="list")  # fmt: skip
+    runs = [r for r in runs if r.data.params]  # a run no stage logged into says nothing
     if not runs:
         return f"experiment {EXPERIMENT!r} has no runs yet"
     lead = [[r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")]

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from genderclf.inference import SERVING_CONFIG, ServingConfig
+from genderclf.inference import ServingConfig
 from genderclf.tracking.setup import (
     CHALLENGER,
     CHAMPION,
@@ -167,23 +167,25 @@ def promotion_lock(client, where: str, timeout: float = 300.0, stale_after: floa
             client.delete_registered_model(LOCK_MODEL)
 
 
-def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, retries: int,
-                      where: str = "MLflow artifact store") -> str:  # fmt: skip
-    """The run's servable pyfunc model (`runs:/<id>/model`), logged from its Keras model once.
+SERVING_MODEL_TAG = "genderclf.serving_model_id"
+
+
+def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, example: bytes,
+                      retries: int, where: str = "MLflow artifact store") -> str:  # fmt: skip
+    """The run's servable pyfunc model (`models:/<model_id>`), logged from its Keras model once.
 
     Packaging happens at registration, not in train, because the serving threshold is the
     one evaluation chose. A run that already has it (a re-run of register) is not logged
-    again.
+    again: the run's `genderclf.serving_model_id` tag names it.
     """
     import mlflow
 
     from genderclf.tracking.serving import log_serving_model
 
     run_id = run["run_id"]
-    have = call_with_retries(lambda: client.list_artifacts(run_id, "model/artifacts"),
-                             retries, 1.0, where)  # fmt: skip
-    if any(Path(a.path).name == SERVING_CONFIG for a in have):
-        return f"runs:/{run_id}/model"
+    tags = call_with_retries(lambda: client.get_run(run_id).data.tags, retries, 1.0, where)
+    if tags.get(SERVING_MODEL_TAG):
+        return f"models:/{tags[SERVING_MODEL_TAG]}"
     keras_uri = run["keras_model_uri"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(call_with_retries(
@@ -193,7 +195,18 @@ def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, retrie
         if not files:
             raise FileNotFoundError(f"{keras_uri} holds no .keras file: re-run `dvc repro train`")
         with mlflow.start_run(run_id=run_id):
-            return log_serving_model(files[0], config)
+            info = log_serving_model(files[0], config, example)
+            mlflow.set_tag(SERVING_MODEL_TAG, info.model_id)
+    return info.model_uri
+
+
+MODEL_DESCRIPTION = (
+    "Face-image gender classifier: P(male) for a face photo, a binary label of presented "
+    "appearance as annotated in CelebA, not anyone's gender identity. Versions come from "
+    "`genderclf register` (the pipeline's last stage); `champion` is the served version, "
+    "`challenger` the newest candidate. Each version's description says what the promotion "
+    "gate decided and why."
+)
 
 
 class MlflowRegistry:
@@ -232,7 +245,8 @@ class MlflowRegistry:
                 "f1": f"{float(metrics['f1']):.6f}", "run_id": run["run_id"]}  # fmt: skip
         config = ServingConfig(serving["image_size"], serving["resize"], serving["threshold"],
                                serving.get("predict"))  # fmt: skip
-        uri = serving_model_uri(self.client, run, config, self.retries, self.where)
+        uri = serving_model_uri(self.client, run, config, serving["example"], self.retries,
+                                self.where)  # fmt: skip
         mv, created = find_or_register(self.client, run["run_id"], uri, tags, self.retries,
                                        self.where)  # fmt: skip
         version = str(mv.version)
@@ -258,13 +272,18 @@ class MlflowRegistry:
             return self._call(lambda: move_alias(self.client, CHAMPION, version, reason))
 
     def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Path) -> None:  # fmt: skip
+               report_file: Path, description: str = "") -> None:  # fmt: skip
         import mlflow
 
         c = self.client
         self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "decision", decision))
         self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "decision_reason",
                                                    "; ".join(reasons)[:4000]))  # fmt: skip
+        if description:
+            self._call(lambda: c.update_model_version(MODEL_NAME, version, description[:5000]))
+        model = self._call(lambda: c.get_registered_model(MODEL_NAME))
+        if not model.description:
+            self._call(lambda: c.update_registered_model(MODEL_NAME, MODEL_DESCRIPTION))
         with mlflow.start_run(run_id=run_id):
             mlflow.log_artifact(str(report_file), "registry")
             mlflow.set_tags({"registry.version": version, "registry.decision": decision})

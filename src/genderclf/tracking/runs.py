@@ -1,5 +1,14 @@
-"""MLflow runs: the training run (params, lineage, per-epoch metrics, the model), the
-evaluation logged into it, and the run that a Prefect flow run opens for its stages.
+"""MLflow runs: the training run (params, lineage, datasets, per-epoch curves, the model as
+an MLflow 3 LoggedModel), the evaluation logged into it, and the run a Prefect flow run
+opens for its stages.
+
+Metric keys are namespaced so the MLflow UI groups them into sections: `train/...` and
+`val/...` per epoch (step = epoch), `test/...` from evaluate, and the accuracy of each
+attribute slice as `slice/<attribute>:yes` / `slice/<attribute>:no` (the UI makes a section
+of everything before a key's last `/`, so one `slice` section holds them all; MLflow
+allows no `=` in a key). One-off facts of a training (best epoch, epochs run, class
+weights) are params of the logged model, not charts. The keys of `metrics/*.json`, which
+DVC shows, stay as they are.
 """
 
 from __future__ import annotations
@@ -13,9 +22,21 @@ from typing import Any
 
 from genderclf.config import Paths, Settings
 from genderclf.io import write_json
-from genderclf.tracking.setup import EXPERIMENT, TrackingError, configure, lineage_tags, redact
+from genderclf.tracking.setup import (
+    EXPERIMENT,
+    TrackingError,
+    configure,
+    dvc_out_hash,
+    lineage_tags,
+    redact,
+)
 
 log = logging.getLogger(__name__)
+
+KERAS_MODEL = "keras_model"  # the LoggedModel name of the trained Keras model
+EPOCH_KEYS = {"loss": "train/loss", "accuracy": "train/accuracy", "val_loss": "val/loss",
+              "val_accuracy": "val/accuracy", "lr": "train/lr",
+              "images_per_second": "train/images_per_second"}  # fmt: skip
 
 
 def _tracking_failures():
@@ -25,13 +46,19 @@ def _tracking_failures():
     return (MlflowException, RequestException)
 
 
+def rounded(value: float) -> float:
+    """A metric value to 6 significant digits (`lr` 0.0003, not 0.0003000000142492354)."""
+    return float(f"{float(value):.6g}")
+
+
 class TrainingRun:
     """The MLflow run of one training, as a context manager around the train stage.
 
     Entering checks the tracking server (before any epoch is spent), starts the run or
     resumes the one a killed training left in its backup folder (or adopts MLFLOW_RUN_ID,
-    the run of a Prefect flow run), and logs the params and lineage tags. A tracking
-    failure inside the block is reported as one TrackingError that says what was kept.
+    the run of a Prefect flow run), and logs the params, lineage tags and datasets. A
+    tracking failure inside the block is reported as one TrackingError that says what was
+    kept.
     """
 
     def __init__(self, settings: Settings, paths: Paths, backup: Path):
@@ -53,42 +80,63 @@ class TrainingRun:
             run_file.write_text(self.run_id)
             if resumed is None:
                 mlflow.log_params({k: str(v)[:500] for k, v in self.settings.flat().items()})
-            mlflow.set_tags(lineage_tags(self.paths.params, self.paths.source_file,
-                                         str(self.paths.prepared)))  # fmt: skip
-            mlflow.set_tag("stage.train", "running")
+            t = self.settings.train
+            mlflow.set_tags({
+                **lineage_tags(self.paths.params, self.paths.source_file, str(self.paths.prepared)),
+                "stage.train": "running",
+                "mlflow.note.content": (
+                    f"Training of {t.backbone} ({t.weights or 'from scratch'}) at "
+                    f"{self.settings.base.image_size}px on {self._source_name()}: "
+                    f"{t.epochs_head} head + {t.epochs_finetune} fine-tune epochs. "
+                    "The evaluate and register stages log into this run too."),
+            })  # fmt: skip
+            for split in ("train", "val", "test"):
+                log_dataset(self.paths, split)
         except _tracking_failures() as err:
             self._fail(err)
         return self
 
+    def _source_name(self) -> str:
+        rec = _source(self.paths)
+        return str(rec.get("slug") or rec.get("uri") or rec.get("path") or rec.get("source")
+                   or "unknown data")  # fmt: skip
+
     def log_epoch(self, row: dict[str, Any]) -> None:
-        """One epoch's history row as metrics at step `epoch`; never fails the training."""
+        """One epoch's history row as `train/` and `val/` metrics at step `epoch`; never
+        fails the training."""
         import mlflow
 
+        metrics = {EPOCH_KEYS[k]: rounded(v) for k, v in row.items()
+                   if k in EPOCH_KEYS and v is not None}  # fmt: skip
         try:
-            mlflow.log_metrics({k: v for k, v in row.items()
-                                if k not in ("epoch", "phase", "seconds") and v is not None},
-                               step=int(row["epoch"]))  # fmt: skip
+            mlflow.log_metrics(metrics, step=int(row["epoch"]))
         except Exception as err:  # a tracking hiccup must not kill hours of training
             log.warning("could not log epoch %d to MLflow (%s); it stays in %s",
                         row["epoch"], type(err).__name__, self.paths.history)  # fmt: skip
 
     def log_training(self, report: Any) -> None:
-        """The train stage's report: best metrics, the curves, the Keras model, run.json."""
+        """The train stage's report: the curves, the Keras model (a LoggedModel, with the
+        summary of the training as its params), and models/run.json."""
         import mlflow
 
         self.saved = True
-        m = report.metrics
-        mlflow.log_metrics({f"best_{k}": v for k, v in m.items()
-                            if isinstance(v, int | float) and v is not None})  # fmt: skip
         mlflow.log_artifact(str(self.paths.curves), "plots")
         mlflow.log_artifact(str(self.paths.history), "plots")
-        keras_uri = log_keras_model(report.model, report.image_size)
+        m = report.metrics
+        summary = {"best_epoch": m["best_epoch"], "best_val_loss": m["val_loss"],
+                   "best_val_accuracy": m["val_accuracy"], "epochs": m["epochs"],
+                   "resumed": m["resumed"], "class_weights": m["class_weights"],
+                   "train_images_per_second": m["train_images_per_second"]}  # fmt: skip
+        info = log_keras_model(
+            report.model, report.example, {k: str(v) for k, v in summary.items()}
+        )
         # The servable pyfunc model is logged by register, which knows evaluation's
         # threshold; run.json carries what it needs to package this one.
-        exp_id = mlflow.active_run().info.experiment_id
-        write_json(self.paths.run, {"run_id": self.run_id, "experiment_id": exp_id,
-                                    "tracking_uri": self.uri, "keras_model_uri": keras_uri,
-                                    "image_size": report.image_size, "resize": report.resize})  # fmt: skip
+        write_json(self.paths.run, {
+            "run_id": self.run_id, "experiment_id": mlflow.active_run().info.experiment_id,
+            "tracking_uri": self.uri, "keras_model_uri": info.model_uri,
+            "model_id": info.model_id, "image_size": report.image_size, "resize": report.resize,
+        })  # fmt: skip
         mlflow.set_tag("stage.train", "done")
 
     def _fail(self, err: BaseException) -> None:
@@ -112,29 +160,78 @@ class TrainingRun:
         mlflow.end_run()
 
 
-def log_keras_model(model: Any, image_size: int) -> str:
-    """Log the model to the active run (MLflow Keras flavor) with a signature and an input example.
+# --- datasets ----------------------------------------------------------------------------------
+
+
+def _source(paths: Paths) -> dict[str, Any]:
+    f = paths.source_file
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def dataset(paths: Paths, split: str):
+    """The prepared split as an MLflow dataset: digest = the DVC hash of data/prepared (from
+    dvc.lock), source = where the data came from (Kaggle slug, S3 URI, folder, generator)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    rec = _source(paths)
+    checksum = str(rec.get("checksum", "unknown"))
+    kind = rec.get("source")
+    if kind == "kaggle":
+        source = HTTPDatasetSource(f"https://www.kaggle.com/datasets/{rec.get('slug')}#{checksum}")
+    elif kind in ("s3", "dir"):
+        where = rec.get("uri") if kind == "s3" else Path(str(rec.get("path"))).as_uri()
+        source = HTTPDatasetSource(f"{redact(str(where))}#{checksum}")
+    else:
+        source = CodeDatasetSource({"generator": str(rec.get("generator", kind or "unknown")),
+                                    "checksum": checksum})  # fmt: skip
+    digest = dvc_out_hash("augment", str(paths.prepared)) or checksum.removeprefix("sha256:")
+    return MetaDataset(source, name=f"{split}", digest=digest[:32])
+
+
+def log_dataset(paths: Paths, split: str) -> None:
+    import mlflow
+
+    context = {"train": "training", "val": "validation", "test": "test"}[split]
+    mlflow.log_input(dataset(paths, split), context=context)
+
+
+# --- the Keras model -----------------------------------------------------------------------------
+
+
+class _KerasFolderFirst:
+    """`mlflow.keras` as a flavor for `Model.log`, creating the model folder first.
+
+    MLflow 3.17's `mlflow.keras.save_model` writes the input example before it creates the
+    model folder, so `mlflow.keras.log_model(..., input_example=...)` fails with
+    FileNotFoundError. This is the same flavor with that folder made before.
+    """
+
+    @staticmethod
+    def save_model(path: str, **kwargs: Any) -> Any:
+        import mlflow.keras
+
+        os.makedirs(path, exist_ok=True)
+        return mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_keras_model(model: Any, example: Any, params: dict[str, str] | None = None):
+    """Log the Keras model to the active run as a LoggedModel (MLflow 3's model API), with
+    a signature and a real input example (one test image, RGB 0..255).
 
     Returns:
-        The model URI (`runs:/<run_id>/keras_model`).
+        The ModelInfo (`model_id`, `model_uri` = `models:/<model_id>`).
     """
-    import tempfile
-
-    import mlflow
     import numpy as np
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
-    example = np.zeros((1, image_size, image_size, 3), dtype=np.float32)
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    with tempfile.TemporaryDirectory() as tmp:
-        # mlflow.keras.log_model (MLflow 3.17) writes the input example before creating its
-        # folder and fails; saving into an existing folder and logging that works around it.
-        local = Path(tmp) / "model"
-        local.mkdir()
-        mlflow.keras.save_model(model, str(local), signature=signature, input_example=example,
-                                pip_requirements=runtime_requirements())  # fmt: skip
-        mlflow.log_artifacts(str(local), "keras_model")
-    return f"runs:/{mlflow.active_run().info.run_id}/keras_model"
+    example = np.asarray(example, dtype=np.float32)
+    signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
+    return Model.log(artifact_path=None, name=KERAS_MODEL, flavor=_KerasFolderFirst,
+                     flavor_name="mlflow.keras", model=model, signature=signature,
+                     input_example=example, pip_requirements=runtime_requirements(),
+                     params=params, model_type="keras-classifier")  # fmt: skip
 
 
 def runtime_requirements() -> list[str]:
@@ -157,8 +254,29 @@ def _pinned(*pkgs: str) -> list[str]:
     return out
 
 
+# --- evaluation ----------------------------------------------------------------------------------
+
+TEST_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "ece")
+
+
+def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """eval.json's numbers under their MLflow keys (`test/...`, `val/...`, `slice/...`)."""
+    out = {f"test/{k}": rounded(metrics[k]) for k in TEST_KEYS if metrics.get(k) is not None}
+    if metrics.get("val_accuracy_at_threshold") is not None:
+        out["val/accuracy_at_threshold"] = rounded(metrics["val_accuracy_at_threshold"])
+    slices = metrics.get("slices") or {}
+    for attr, e in slices.get("by_attribute", {}).items():
+        for k, flag in (("with", "yes"), ("without", "no")):
+            if e[k]["accuracy"] is not None:
+                out[f"slice/{attr}:{flag}"] = rounded(e[k]["accuracy"])
+    if slices.get("worst_slice_gap") is not None:
+        out["slice/worst_gap"] = rounded(slices["worst_slice_gap"])
+    return out
+
+
 def log_evaluation(paths: Paths, metrics: dict[str, Any], plots: list[Path]) -> bool:
-    """Log the evaluate stage's metrics and plots into the training run (from run.json).
+    """Log the evaluate stage's metrics and plots into the training run (from run.json);
+    the metrics are linked to the run's Keras model and to the test dataset.
 
     Returns:
         False when there is no run.json (the model was not trained by the train stage).
@@ -169,16 +287,11 @@ def log_evaluation(paths: Paths, metrics: dict[str, Any], plots: list[Path]) -> 
         log.warning("%s missing: metrics not logged to MLflow", paths.run)
         return False
     configure()
-    run_id = json.loads(paths.run.read_text())["run_id"]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items()
-                            if isinstance(v, int | float) and v is not None})  # fmt: skip
-        slices = metrics.get("slices")
-        if slices:
-            for a, e in slices["by_attribute"].items():
-                for k in ("with", "without"):
-                    if e[k]["accuracy"] is not None:
-                        mlflow.log_metric(f"slice_{a}_{k}_accuracy", e[k]["accuracy"])
+    run = json.loads(paths.run.read_text())
+    with mlflow.start_run(run_id=run["run_id"]):
+        mlflow.log_metrics(evaluation_metrics(metrics), model_id=run.get("model_id"),
+                           dataset=dataset(paths, "test"))  # fmt: skip
+        mlflow.set_tag("threshold", f"{metrics['threshold']:.6f}")
         mlflow.log_artifact(str(paths.eval_metrics), "metrics")
         for f in plots:
             mlflow.log_artifact(str(f), "plots")
@@ -189,18 +302,27 @@ def log_evaluation(paths: Paths, metrics: dict[str, Any], plots: list[Path]) -> 
 # --- the run of a Prefect flow run ------------------------------------------------------------
 
 
-def start_flow_run(flow_run_id: str, flow_run_name: str) -> tuple[str, str]:
-    """Create the MLflow run every stage of a flow run logs into. Returns (run id, UI url)."""
+def start_flow_run(
+    flow_run_id: str, flow_run_name: str, flow_run_url: str | None
+) -> tuple[str, str]:
+    """Create the MLflow run every stage of a flow run logs into. Returns (run id, UI url).
+
+    It carries the flow run's id, name and (when a Prefect UI is known) its URL, plus the
+    source and user tags MLflow fills for runs it starts itself.
+    """
     from mlflow import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
 
     from genderclf.tracking.setup import tracking_uri
 
     configure()
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
-    run = client.create_run(exp.experiment_id, run_name=flow_run_name,
-                            tags={"prefect.flow_run_id": flow_run_id,
-                                  "prefect.flow_run_name": flow_run_name})  # fmt: skip
+    tags = {**resolve_tags(), "prefect.flow_run_id": flow_run_id,
+            "prefect.flow_run_name": flow_run_name}  # fmt: skip
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    run = client.create_run(exp.experiment_id, run_name=flow_run_name, tags=tags)
     uri = tracking_uri()
     base = (
         uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")

@@ -89,28 +89,31 @@ def signature():
     )  # fmt: skip
 
 
-def log_serving_model(keras_file: Path, config: ServingConfig, artifact_path: str = "model") -> str:
-    """Log the pyfunc serving model to the active run; returns `runs:/<run_id>/<path>`.
+def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
+    """Log the pyfunc serving model to the active run as a LoggedModel named `model`.
 
-    The package source goes with the model (`code_paths`), so the model loads wherever
-    its pip requirements are installed, not only where genderclf is.
+    The model is built from `pyfunc_model.py` (models from code), its input example is a
+    real image (encoded bytes), and the package source goes with it (`code_paths`), so it
+    loads wherever its pip requirements are installed, not only where genderclf is.
+
+    Returns:
+        The ModelInfo (`model_id`, `model_uri`).
     """
     import genderclf
     from genderclf.tracking.runs import _pinned, runtime_requirements
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.write(Path(tmp) / SERVING_CONFIG)
-        local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(local),
-            python_model=GenderClassifierModel(),
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={KERAS_ARTIFACT: str(keras_file), "serving_config": str(cfg)},
             signature=signature(),
+            input_example=pd.DataFrame({"image": [example]}),
             code_paths=[str(Path(genderclf.__file__).parent)],
             pip_requirements=[*runtime_requirements(), *_pinned("pillow", "pandas", "mlflow")],
+            model_type="genderclf-serving",
         )
-        mlflow.log_artifacts(str(local), artifact_path)
-    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"
 
 
 def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None,

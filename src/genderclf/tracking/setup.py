@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ MODEL_NAME = "gender-classifier"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_DESCRIPTION = (
+    "Runs of the genderclf retraining pipeline (DVC stages, often inside a Prefect flow run): "
+    "one run per training, with its params, lineage tags (git commit, DVC data hash, data "
+    "source), datasets, per-epoch train/ and val/ curves, the test/ and slice/ metrics of "
+    "the evaluate stage, its plots, and the Keras model. Registered versions: the "
+    "`gender-classifier` model."
+)
 
 
 class TrackingError(GenderclfError, RuntimeError):
@@ -57,8 +65,13 @@ def configure(retries: int = 3, backoff: float = 1.0) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if not sys.stderr.isatty():  # MLflow's download bars are frames in a log, not progress
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
+    # We give every logged model its pip requirements; MLflow still looks for pip (a uv
+    # venv has none) for a conda.yaml nobody uses, and warns.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking store unless the user points it elsewhere.
@@ -85,7 +98,9 @@ def _ensure_experiment(uri: str) -> None:
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         with contextlib.suppress(MlflowException):  # another process may have just created it
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    exp = mlflow.set_experiment(EXPERIMENT)
+    if not exp.tags.get("mlflow.note.content"):
+        mlflow.set_experiment_tag("mlflow.note.content", EXPERIMENT_DESCRIPTION)
 
 
 def call_with_retries(fn, retries: int, backoff: float, what: str):
@@ -144,17 +159,34 @@ def dvc_out_hash(stage: str, out: str, lock_file: Path = Path("dvc.lock")) -> st
     return None
 
 
+def _pipeline_outputs() -> list[str]:
+    """What the pipeline itself writes into a checkout: dvc.lock, the .gitignore files DVC
+    keeps, and the output folders (`Paths`). Changes there do not make the code "dirty"."""
+    from dataclasses import fields
+
+    from genderclf.config import Paths
+
+    tops = {Path(getattr(Paths(), f.name)).parts[0] for f in fields(Paths)} - {"params.yaml"}
+    return ["dvc.lock", "**/.gitignore", ".gitignore", *sorted(tops)]
+
+
+def git_dirty() -> str:
+    """ "true" when tracked code or params differ from the commit, "false", or "unknown"."""
+    excludes = [f":(exclude,glob){p}" for p in _pipeline_outputs()]
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
+    return "unknown" if status is None else str(bool(status)).lower()
+
+
 def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dict[str, str]:
     """Tags that tie a run to its code, data and settings."""
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
     source: dict[str, Any] = {}
     if source_file.is_file():
         source = json.loads(source_file.read_text())
     tags = {
         "mlflow.source.git.commit": commit or "unknown",
         "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "git_dirty": git_dirty() if commit else "unknown",
         "dvc_prepared_md5": dvc_out_hash("augment", prepared_dir) or "unknown",
         "params_md5": file_md5(params_file) or "unknown",
         "data_source": str(source.get("source", "unknown")),

@@ -1,7 +1,8 @@
 """The one place that calls DVC: the stage graph, what is stale, running a stage, the remote.
 
 Prefect runs the pipeline that `dvc.yaml` defines; it does not define the stages a second
-time, and every flow goes through these functions to reach DVC.
+time, and every flow goes through these functions to reach DVC. (Not named `dvc.py`: run
+as a script, `flows/` is first on sys.path and would shadow the `dvc` package.)
 """
 
 from __future__ import annotations
