@@ -18,12 +18,13 @@ setup: ## Install the locked environment into .venv (uv, from uv.lock)
 demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over DVC; no network, no GPU)
 	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "make demo needs a git checkout (DVC tracks runs in git)"; exit 1)
 	$(RUN) python flows/pipeline.py
-	@$(RUN) dvc metrics show
+	@echo ""
 	@$(RUN) genderclf compare
 	@echo ""
-	@echo "Next: open the MLflow UI:  $(UV) run mlflow ui --backend-store-uri sqlite:///mlflow.db  -> http://127.0.0.1:5000"
-	@echo "      plots: plots/*.png, reports/augment_preview.png, reports/validation/data_docs/index.html"
-	@echo "      compare runs: $(UV) run dvc exp show   |   versions: $(UV) run genderclf compare"
+	@echo "Next: make ui        MLflow UI http://127.0.0.1:5000 (runs, models, registry) + Prefect UI :4200"
+	@echo "      plots/*.png    curves, confusion matrix, ROC, calibration, slices, mistakes"
+	@echo "      reports/       validation/report.html, augment_preview.png, register.json"
+	@echo "      uv run dvc metrics show   every metric; README.md: experiments with dvc exp"
 
 test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~5 min on 2 cores)
 	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
@@ -55,7 +56,7 @@ ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on l
 	@echo "MLflow UI:  http://127.0.0.1:5000"
 	@trap 'kill 0' INT TERM EXIT; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
-	  $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 --workers 1 & \
+	  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 --workers 1 & \
 	  wait
 
 clean: ## Remove pipeline outputs and local stores (keeps the DVC cache)
