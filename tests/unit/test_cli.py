@@ -1,0 +1,29 @@
+"""The CLI's error path: one readable message, exit 1, and what to do next."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from genderclf.cli import app
+
+
+def test_a_stage_refusing_its_params_says_how_to_get_its_outputs_back(tmp_path, tiny_params):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_params, "augment": {**tiny_params["augment"],
+                                                              "copys": 2}}))  # fmt: skip
+    result = CliRunner().invoke(app, ["augment", "--params", str(bad)])
+    assert result.exit_code == 1
+    assert "augment.copys: unknown key" in result.output
+    # `dvc repro` removed the stage's outputs before the command refused to run
+    assert "`dvc checkout augment`" in result.output and "Traceback" not in result.output
+
+
+def test_a_tool_refusing_its_params_has_no_dvc_hint(tmp_path, tiny_params):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_params, "predict": {}}))
+    photo = tmp_path / "x.jpg"
+    photo.write_bytes(b"")
+    result = CliRunner().invoke(app, ["predict", str(photo), "--params", str(bad)])
+    assert result.exit_code == 1 and "predict.cascade: missing" in result.output
+    assert "dvc checkout" not in result.output
