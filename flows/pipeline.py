@@ -37,6 +37,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.input import RunInput
 from prefect.states import Completed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +205,9 @@ def publish_artifacts(stage: str, root: Path) -> None:
     if stage == "register" and (reg := _read_json(paths.register_report)):
         create_markdown_artifact(key="promotion-decision", markdown=promotion_markdown(reg),
                                  description="Model registry decision")  # fmt: skip
+        if paths.model_card.is_file():
+            create_markdown_artifact(key="model-card", markdown=paths.model_card.read_text(),
+                                     description=f"Model card of version {reg['version']}")  # fmt: skip
         create_link_artifact(key="registered-version", link=registry_url(reg["version"]),
                              link_text=f"{reg['model_name']} version {reg['version']}",
                              description="The version this flow run registered (MLflow)")  # fmt: skip
@@ -239,8 +243,10 @@ def promotion_markdown(reg: dict[str, Any]) -> str:
         f"## Promotion: version {reg['version']} **{reg['decision']}**\n\n"
         f"* candidate: version {reg['version']}, test accuracy {reg['candidate']['accuracy']:.4f}\n"
         f"* champion before: {was}\n"
-        f"* champion after: {f'version {after}' if after else 'none'}\n"
-        f"* why: {'; '.join(reg['reasons'])}\n"
+        f"* champion after: {f'version {after}' if after else 'none'}\n\n"
+        "| check | verdict | detail |\n|---|---|---|\n"
+        + "".join(f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |\n"
+                  for c in reg.get("checks", []))
     )  # fmt: skip
 
 
@@ -287,6 +293,7 @@ def gender_pipeline(
     train_on: str = "local",
     repo: str | None = None,
     lock_timeout: float = 600.0,
+    approval_timeout: float = 7 * 24 * 3600.0,
 ) -> dict[str, Any]:
     """Run every stage of dvc.yaml through DVC, in DVC's order.
 
@@ -295,6 +302,7 @@ def gender_pipeline(
         train_on: `local`, or a deployment name (e.g. `train/gpu`) to train on a worker.
         repo: the workspace (default: this checkout).
         lock_timeout: seconds to wait for another run on the same workspace.
+        approval_timeout: with `register.approval: manual`, seconds to wait for a person.
 
     Returns:
         {stage: "ran" | "skipped"} plus the MLflow run id and URL.
@@ -349,7 +357,61 @@ def gender_pipeline(
                 finish_flow_run(run_id)
         if push_hint:
             logger.info(PUSH_HINT)
+        reg = _read_json(C.PATHS.under(root).register_report)
+        if summary.get("register") == "ran" and reg and reg["decision"] == "pending_approval":
+            summary["approval"] = await_approval(root, reg, approval_timeout)
     return summary
+
+
+class Approval(RunInput):
+    """What a reviewer answers in the Prefect UI when the flow pauses for approval."""
+
+    approve: bool = False
+    reason: str = ""
+    reviewer: str = ""
+
+
+def await_approval(root: Path, reg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Pause the flow run until a person approves or rejects the waiting challenger
+    (`register.approval: manual`), then promote it through the gate or record the no."""
+    from prefect.flow_runs import pause_flow_run
+
+    logger = get_run_logger()
+    version = reg["version"]
+    card = C.PATHS.under(root).model_card
+    logger.info("version %s passed the gate and waits for approval: resume this flow run in "
+                "the Prefect UI (approve, reason, reviewer)", version)  # fmt: skip
+    answer = pause_flow_run(
+        wait_for_input=Approval.with_initial_data(
+            description=f"## Approve version {version}?\n\n" + (card.read_text() if card.is_file() else "")),
+        timeout=int(timeout),
+    )  # fmt: skip
+    return decide_approval(root, version, answer.approve, answer.reason, answer.reviewer)
+
+
+@task(name="approval")
+def decide_approval(root: Path, version: str, approve: bool, reason: str, reviewer: str) -> dict:
+    """Promote an approved challenger (the gate runs again, against today's champion), or
+    record the rejection; either way the decision and who made it stay with the version."""
+    from genderclf.stages import register as stage
+    from genderclf.tracking.registry import MlflowRegistry
+
+    settings = C.load_settings(root / C.PATHS.params)
+    paths = C.PATHS.under(root)
+    registry = MlflowRegistry(settings.registry.retries)
+    who = reviewer or "unknown reviewer"
+    registry.record_approval(version, approve, reason, who)
+    out = {"version": version, "approved": approve, "reviewer": who, "reason": reason,
+           "moved": False}  # fmt: skip
+    if approve:
+        with registry.failures_explained(paths):
+            result = stage.promote(settings, paths, registry, version, reason, by=who)
+        out["moved"] = result["moved"]
+    create_markdown_artifact(
+        key="approval", description=f"Approval of version {version}",
+        markdown=f"## Version {version}: {'approved' if approve else 'rejected'} by {who}\n\n"
+                 f"{reason}\n\nchampion moved: {out['moved']}\n")  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -324,6 +324,64 @@ def _table_row(r: dict[str, Any]) -> tuple[str, ...]:
 
 @app.command()
 @command
+def promote(
+    version: Annotated[str, typer.Argument(help="The version of gender-classifier to promote.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (kept with the move).")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Move `champion` even if the gate fails (recorded as forced)."
+        ),
+    ] = False,
+    params: ParamsOpt = PATHS.params,
+) -> None:
+    """Make VERSION the champion through the promotion gate (as `register` does).
+
+    The version and the current champion are scored on this workspace's test split; every
+    check is printed. The move is kept on both versions (who, when, from, to, why).
+    """
+    from genderclf.stages import register as stage
+    from genderclf.tracking.registry import MlflowRegistry
+
+    quiet_tensorflow()
+    settings = load_settings(params)
+    registry = MlflowRegistry(settings.registry.retries)
+    with registry.failures_explained(PATHS):
+        out = stage.promote(settings, PATHS, registry, version, reason, force=force)
+    for c in out["checks"]:
+        typer.echo(f"  {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['summary']}")
+    if not out["moved"]:
+        failed = [c["name"] for c in out["checks"] if not c["passed"]]
+        raise GenderclfError(f"version {version} not promoted: " + (
+            f"the gate failed ({', '.join(failed)}); --force to promote anyway"
+            if failed else "it is already the champion"))  # fmt: skip
+    m = out["move"]
+    typer.echo(f"promote: champion {m['from']} -> {m['to']} ({m['reason'][:120]})")
+
+
+@app.command()
+@command
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (kept with the move).")],
+    params: ParamsOpt = PATHS.params,
+) -> None:
+    """Point `champion` back at the version it replaced (from the recorded alias history)."""
+    from genderclf.tracking.registry import MlflowRegistry
+
+    registry = MlflowRegistry(load_settings(params).registry.retries)
+    with registry.failures_explained(PATHS):
+        pair = registry.previous_champion()
+        if pair is None:
+            raise GenderclfError("no earlier champion is recorded: nothing to roll back to")
+        now, before = pair
+        move = registry.promote(before, now, f"rollback: {reason}")
+    if move is None:
+        raise GenderclfError("the champion changed while rolling back; run it again")
+    typer.echo(f"rollback: champion {now} -> {before}")
+
+
+@app.command()
+@command
 def compare(
     runs: Annotated[
         int, typer.Option("--runs", help="Compare the N most recent runs instead.")

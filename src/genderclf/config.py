@@ -55,6 +55,7 @@ class Paths:
     eval_metrics: Path = Path("metrics/eval.json")
     plots: Path = Path("plots")
     register_report: Path = Path("reports/register.json")
+    model_card: Path = Path("reports/model_card.md")
     # Training backups live outside DVC's outputs, so `dvc repro` never deletes them.
     train_backups: Path = Path(".cache/train")
 
@@ -230,14 +231,22 @@ class TrainSettings(_Section):
 
 class EvaluateSettings(_Section):
     slices: list[str]
+    min_slice_n: int = Field(ge=1, le=1_000_000)
     calibration_bins: int = Field(ge=2, le=100)
     mistakes_grid: int = Field(ge=0, le=256)
-    threshold: Literal["val_f1", "fixed"]
+    threshold: Literal["calibrated", "val_f1", "fixed"]
+    bootstrap_samples: int = Field(ge=100, le=100_000)
 
 
 class RegisterSettings(_Section):
     min_accuracy: Probability
     min_improvement: float = Field(ge=0.0, le=1.0)
+    alpha: float | None = Field(gt=0.0, lt=0.5)
+    max_slice_drop: Probability
+    max_ece: Probability
+    serving_check_images: int = Field(ge=0, le=10_000, description="0 skips the check")
+    serving_tolerance: float = Field(gt=0.0, le=0.5)
+    approval: Literal["auto", "manual"]
     retries: Retries
 
 

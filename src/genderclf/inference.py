@@ -50,8 +50,9 @@ class ServingConfig:
 
     image_size: int
     resize: str
-    threshold: float
+    threshold: float  # the cut on the model's raw output
     predict: dict[str, Any] | None = None
+    calibration: tuple[float, float] = (1.0, 0.0)  # Platt (a, b): P = sigmoid(a*logit(p)+b)
 
     def write(self, path: Path) -> Path:
         return atomic_write(path, json.dumps(asdict(self), indent=2) + "\n")
@@ -59,8 +60,17 @@ class ServingConfig:
     @classmethod
     def read(cls, path: str | Path) -> ServingConfig:
         raw = json.loads(Path(path).read_text())
+        a, b = raw.get("calibration") or (1.0, 0.0)
         return cls(int(raw["image_size"]), str(raw["resize"]), float(raw["threshold"]),
-                   raw.get("predict"))  # fmt: skip
+                   raw.get("predict"), (float(a), float(b)))  # fmt: skip
+
+    def calibrate(self, p: np.ndarray) -> np.ndarray:
+        """The model's raw P(male) as the calibrated probability evaluation reported."""
+        a, b = self.calibration
+        if (a, b) == (1.0, 0.0):
+            return np.asarray(p, dtype=np.float64)
+        q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+        return 1.0 / (1.0 + np.exp(-(a * np.log(q / (1 - q)) + b)))
 
     def predict_settings(self) -> PredictSettings | None:
         return PredictSettings.model_validate(self.predict) if self.predict else None
@@ -197,10 +207,11 @@ class Classifier:
         """A whole image fitted to the model input as val/test images are (no detection)."""
         return fit_square(im, self.config.image_size, self.config.resize)
 
-    def label(self, p: float) -> tuple[str, float]:
-        """(label, probability of that label) for P(male) = p."""
+    def label(self, p: float) -> tuple[str, float, float]:
+        """(label, probability of that label, calibrated P(male)) for the raw score p."""
         male = p >= self.config.threshold
-        return LABEL_NAMES[int(male)], float(p if male else 1.0 - p)
+        q = float(self.config.calibrate(np.array([p]))[0])
+        return LABEL_NAMES[int(male)], (q if male else 1.0 - q), q
 
 
 def load_keras(path: str | Path):
@@ -250,8 +261,9 @@ def load_local(path: str | Path, fallback: ServingConfig | None = None,
 def with_threshold(clf: Classifier, threshold: float | None) -> Classifier:
     """`clf` with its decision threshold replaced (None keeps the model's own)."""
     if threshold is not None:
-        clf.config = ServingConfig(clf.config.image_size, clf.config.resize, threshold,
-                                   clf.config.predict)  # fmt: skip
+        from dataclasses import replace
+
+        clf.config = replace(clf.config, threshold=threshold)
     return clf
 
 
@@ -304,8 +316,8 @@ def predict_images(
     def flush() -> Iterator[dict[str, Any]]:
         p = clf.p_male([c for _, c in pending])
         for (row, _), q in zip(pending, p, strict=True):
-            label, prob = clf.label(float(q))
-            row.update(label=label, probability=round(prob, 6), p_male=round(float(q), 6))
+            label, prob, p_male = clf.label(float(q))
+            row.update(label=label, probability=round(prob, 6), p_male=round(p_male, 6))
         pending.clear()
         yield from ready
         ready.clear()

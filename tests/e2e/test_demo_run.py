@@ -175,7 +175,9 @@ def test_the_prefect_flow_run_page_shows_tasks_and_artifacts(demo, servers, brow
 
     mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{demo['repo'] / 'mlflow.db'}").get_run(
         demo["result"]["mlflow_run_id"])  # fmt: skip
-    flow_run = http_json(f"{servers['api']}/flow_runs/{mlflow_run.data.tags['prefect.flow_run_id']}")
+    flow_run = http_json(
+        f"{servers['api']}/flow_runs/{mlflow_run.data.tags['prefect.flow_run_id']}"
+    )
     assert flow_run["state_type"] == "COMPLETED"
     url = f"{servers['prefect']}/runs/flow-run/{flow_run['id']}"
     page = _page(browser, url, demo["root"] / "prefect-run.png", settle="Task Runs")

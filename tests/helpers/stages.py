@@ -36,12 +36,49 @@ def validate(settings: Settings, raw: Path, out: Path, progress: bool = False) -
 
 
 def register(settings: Settings, run_file: Path, eval_file: Path, prepared: Path,
-             report: Path) -> dict[str, Any]:  # fmt: skip
-    """`genderclf register` on these files (the configured MLflow registry)."""
+             report: Path, splits: Path | None = None,
+             plots: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """`genderclf register` on these files (the configured MLflow registry). The evaluate
+    stage's per-image answers (predictions.csv) are in `plots` (default: next to
+    `eval_file`); the model card goes next to `report`."""
     from genderclf.cli import run_register
 
-    return run_register(settings, Paths(run=Path(run_file), eval_metrics=Path(eval_file),
-                                        prepared=Path(prepared), register_report=Path(report)))  # fmt: skip
+    return run_register(settings, Paths(
+        run=Path(run_file), eval_metrics=Path(eval_file), plots=Path(plots or Path(eval_file).parent),
+        prepared=Path(prepared), register_report=Path(report),
+        model_card=Path(report).with_name("model_card.md"),
+        **({"splits": Path(splits)} if splits else {}),
+    ))  # fmt: skip
+
+
+def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | None = None,
+                     threshold: float = 0.5, pred: Any = None,
+                     plots: Path | None = None, prob: Any = None) -> float:  # fmt: skip
+    """eval.json and predictions.csv as the evaluate stage writes them: for a candidate
+    that answers `accuracy` of these test images right (the first ones), or gave the
+    answers `pred` (with the probabilities `prob`, else 0.9 / 0.1). Returns the accuracy."""
+    import numpy as np
+    import pandas as pd
+
+    from genderclf.io import write_json
+
+    y = np.asarray(y, dtype=int)
+    if pred is None:
+        pred = np.where(np.arange(len(y)) < round(accuracy * len(y)), y, 1 - y)
+    pred = np.asarray(pred, dtype=int)
+    right = int((pred == y).sum())
+    names_ = np.array(["female", "male"])
+    plots = Path(plots or folder)
+    for d in (folder, plots):
+        d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"path": names, "actual": names_[y], "predicted": names_[pred],
+                  "prob_male": np.where(pred == 1, 0.9, 0.1) if prob is None else prob}).to_csv(
+        plots / "predictions.csv", index=False)  # fmt: skip
+    write_json(folder / "eval.json", {"accuracy": right / len(y), "threshold": threshold,
+                                      "f1": 0.5, "roc_auc": None, "ece": 0.0, "n": len(y),
+                                      "calibration": {"method": "none", "a": 1.0, "b": 0.0,
+                                                      "cut": 0.5}})  # fmt: skip
+    return right / len(y)
 
 
 def train(settings: Settings, prepared: Path, params: Path, source_file: Path) -> dict[str, Any]:

@@ -53,22 +53,30 @@ def test_decide(candidate, champion, floor, min_improvement, promote, reason):
 # --- run_register against a real store ---------------------------------------------------------
 
 
+# The accuracy policy alone: no significance test, slice or calibration ceiling, serving
+# check (those have their own tests in test_promotion_gate.py).
+ACCURACY_POLICY = {"register.min_improvement": 0.0, "register.alpha": None,
+                   "register.max_slice_drop": 1.0, "register.max_ece": 1.0,
+                   "register.serving_check_images": 0}  # fmt: skip
+
+
 @pytest.fixture
 def reg_settings(model_settings) -> Settings:
     # A low floor, so that candidates worse than an untrained champion still clear it.
-    return model_settings({"register.min_accuracy": 0.05, "register.min_improvement": 0.0})
+    return model_settings({"register.min_accuracy": 0.05, **ACCURACY_POLICY})
 
 
 class Candidates:
-    """Untrained small CNNs, each logged to its own MLflow run, with run.json/eval.json."""
+    """Untrained small CNNs, each logged to its own MLflow run, with run.json and the
+    evaluate stage's record (eval.json, predictions.csv) of the accuracy the test asks for."""
 
-    def __init__(self, settings: Settings, prepared: Path):
-        self.settings, self.prepared, self.n = settings, prepared, 0
+    def __init__(self, settings: Settings, prepared: Path, splits: Path):
+        self.settings, self.prepared, self.splits, self.n = settings, prepared, splits, 0
 
     def new(self, accuracy: float, threshold: float = 0.5) -> tuple[Path, Path, float]:
         """Returns (run.json, eval.json, the model's real accuracy on the test split)."""
 
-        from tests.helpers.stages import log_model_run
+        from tests.helpers.stages import log_model_run, write_evaluation
 
         from genderclf.io import write_json
         from genderclf.model.backbones import build_model
@@ -77,25 +85,24 @@ class Candidates:
         self.n += 1
         keras.utils.set_random_seed(self.n)
         model = build_model(self.settings.train, self.settings.base.image_size)
-        _, y, p = predict_split(model, self.prepared, "test", 64)
+        names, y, p = predict_split(model, self.prepared, "test", 64)
         real = float(((p >= threshold).astype(int) == y).mean())
         run = log_model_run(model, self.settings.base.image_size)
         folder = Path(f"candidate{self.n}")
         write_json(folder / "run.json", run)
-        write_json(folder / "eval.json", {"accuracy": accuracy, "threshold": threshold,
-                                          "f1": 0.5, "roc_auc": None})  # fmt: skip
+        write_evaluation(folder, names, y, accuracy, threshold)
         return folder / "run.json", folder / "eval.json", real
 
     def register(self, run_file: Path, eval_file: Path, settings: Settings | None = None):
         report = run_register(settings or self.settings, run_file, eval_file, self.prepared,
-                              C.PATHS.register_report)  # fmt: skip
+                              C.PATHS.register_report, self.splits)  # fmt: skip
         assert json.loads(C.PATHS.register_report.read_text()) == report
         return report
 
 
 @pytest.fixture
-def candidates(mlflow_store, reg_settings, prepared) -> Candidates:
-    return Candidates(reg_settings, prepared)
+def candidates(mlflow_store, reg_settings, prepared, sample_data) -> Candidates:
+    return Candidates(reg_settings, prepared, sample_data[1])
 
 
 def _client():
@@ -133,13 +140,15 @@ def test_promotion_policy_end_to_end(candidates):
     assert r["champion_before"] == {"version": None, "accuracy": None}
     assert r["champion_after"] == "1"
     assert "no champion yet" in r["reasons"][0]
-    assert r["policy"] == {"min_accuracy": 0.05, "min_improvement": 0.0}
-    assert r["candidate"]["accuracy"] == 0.95 and r["run_id"] == run_id_a
+    assert r["policy"] == {"min_accuracy": 0.05, "min_improvement": 0.0, "alpha": None,
+                           "max_slice_drop": 1.0, "max_ece": 1.0, "approval": "auto"}  # fmt: skip
+    assert r["candidate"]["accuracy"] == pytest.approx(0.95, abs=0.01) and r["run_id"] == run_id_a
     assert [(m["alias"], m["from"], m["to"]) for m in r["alias_moves"]] == [(CHAMPION, None, "1")]
     assert _alias(CHAMPION) == "1" and _alias(CHALLENGER) == "1"
     tags = _tags("1")
     assert tags["run_id"] == run_id_a
-    assert float(tags["accuracy"]) == 0.95 and float(tags["threshold"]) == 0.5
+    assert float(tags["accuracy"]) == pytest.approx(0.95, abs=0.01)
+    assert float(tags["threshold"]) == 0.5
     assert tags["decision"] == "promoted"
     move = json.loads(tags[f"alias.{CHAMPION}.set"])
     assert (move["from"], move["to"]) == (None, "1")
@@ -252,7 +261,9 @@ def test_unreachable_registry_fails_after_register_retries(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     (tmp_path / "run.json").write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
-    (tmp_path / "eval.json").write_text(json.dumps({"accuracy": 0.95, "threshold": 0.5, "f1": 0.9}))
+    from tests.helpers.stages import write_evaluation
+
+    write_evaluation(tmp_path, ["a.jpg", "b.jpg"], [1, 0], 1.0)
     settings = reg_settings.model_copy(
         update={"register_": reg_settings.registry.model_copy(update={"retries": 2})}
     )

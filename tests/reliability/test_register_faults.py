@@ -29,12 +29,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def reg_settings(model_settings) -> Settings:
-    # A floor both constant candidates clear, so the champion question is only "which".
-    return model_settings({"register.min_accuracy": 0.05, "register.retries": 1})
+    # A floor both constant candidates clear, so the champion question is only "which"
+    # (the accuracy policy alone: the rest of the gate has its own tests).
+    return model_settings({"register.min_accuracy": 0.05, "register.retries": 1,
+                           "register.alpha": None, "register.max_slice_drop": 1.0,
+                           "register.max_ece": 1.0, "register.serving_check_images": 0})  # fmt: skip
 
 
-def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any, float]:
-    """An untrained small CNN and its real accuracy on the prepared test split."""
+def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any, float, Any]:
+    """An untrained small CNN, its real accuracy on the prepared test split, its answers."""
     import keras
 
     from genderclf.model.backbones import build_model
@@ -42,14 +45,15 @@ def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any,
 
     keras.utils.set_random_seed(seed)
     model = build_model(settings.train, settings.base.image_size)
-    _, y, p = predict_split(model, prepared, "test", 64)
-    return model, float(((p >= 0.5).astype(int) == y).mean())
+    names, y, p = predict_split(model, prepared, "test", 64)
+    return model, float(((p >= 0.5).astype(int) == y).mean()), (names, y, (p >= 0.5).astype(int))
 
 
-def log_candidate(settings: Settings, model: Any, accuracy: float, folder: Path) -> None:
-    """Log the model to a new run; write models/run.json, models/model.keras, eval.json."""
-
-    from tests.helpers.stages import log_model_run
+def log_candidate(settings: Settings, model: Any, accuracy: float, answers: Any,
+                  folder: Path) -> None:  # fmt: skip
+    """Log the model to a new run; write models/run.json, models/model.keras, eval.json
+    and predictions.csv (the evaluate stage's record of these answers)."""
+    from tests.helpers.stages import log_model_run, write_evaluation
 
     from genderclf.io import write_json
     from genderclf.model.saving import save_model as save_model_atomic
@@ -60,14 +64,15 @@ def log_candidate(settings: Settings, model: Any, accuracy: float, folder: Path)
     write_json(folder / "models" / "run.json", {
         **run, "image_size": settings.base.image_size, "resize": settings.augment.resize,
     })  # fmt: skip
-    write_json(folder / "metrics" / "eval.json",
-               {"accuracy": accuracy, "threshold": 0.5, "f1": 0.5, "roc_auc": None})  # fmt: skip
+    names, y, pred = answers
+    assert write_evaluation(folder / "metrics", names, y, pred=pred,
+                            plots=folder / "plots") == pytest.approx(accuracy)  # fmt: skip
 
 
-def _register(settings: Settings, folder: Path, prepared: Path) -> dict[str, Any]:
+def _register(settings: Settings, folder: Path, prepared: Path, splits: Path) -> dict[str, Any]:
     return run_register(settings, folder / "models" / "run.json",
                         folder / "metrics" / "eval.json", prepared,
-                        folder / "reports" / "register.json")  # fmt: skip
+                        folder / "reports" / "register.json", splits, folder / "plots")  # fmt: skip
 
 
 def _versions() -> list[Any]:
@@ -92,11 +97,13 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_server_down_during_register_fails_clearly_and_a_rerun_registers_once(
-    use_server, reg_settings, prepared, tmp_path, monkeypatch
+    use_server, reg_settings, prepared, sample_data, tmp_path, monkeypatch
 ):
     gate = use_server
     work = tmp_path / "work"
     log_candidate(reg_settings, *build_candidate(reg_settings, prepared, 1), work)
+    (work / "data").mkdir()
+    (work / "data" / "prepared").symlink_to(prepared, target_is_directory=True)
     (work / "params.yaml").write_text(
         yaml.safe_dump(reg_settings.model_dump(by_alias=True), sort_keys=False)
     )
@@ -130,7 +137,7 @@ def test_server_down_during_register_fails_clearly_and_a_rerun_registers_once(
     monkeypatch.setattr(registry, "find_or_register", find_then_die)
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"MLflow model registry at {gate.uri}") as err:
-        _register(reg_settings, work, prepared)
+        _register(reg_settings, work, prepared, sample_data[1])
     assert "did not answer after 2 attempts" in str(err.value)
     assert time.monotonic() - started < 60
     monkeypatch.setattr(registry, "find_or_register", real_find)
@@ -139,10 +146,10 @@ def test_server_down_during_register_fails_clearly_and_a_rerun_registers_once(
 
     # 3. Back up: re-running finds the version registered from this run and adds none.
     gate.up()
-    report = _register(reg_settings, work, prepared)
+    report = _register(reg_settings, work, prepared, sample_data[1])
     assert (report["version"], report["newly_registered"]) == ("1", False)
     assert report["decision"] == "promoted" and report["champion_after"] == "1"
-    again = _register(reg_settings, work, prepared)
+    again = _register(reg_settings, work, prepared, sample_data[1])
     assert (again["version"], again["newly_registered"], again["decision"]) == (
         "1", False, "champion",
     )  # fmt: skip
@@ -183,7 +190,7 @@ class PauseAfterDecision:
 
 @pytest.mark.parametrize("first", ["better", "worse"])
 def test_concurrent_registers_end_on_the_better_candidate(
-    use_server, reg_settings, prepared, tmp_path, monkeypatch, first
+    use_server, reg_settings, prepared, sample_data, tmp_path, monkeypatch, first
 ):
     folders = {"better": tmp_path / "better", "worse": tmp_path / "worse"}
     one = build_candidate(reg_settings, prepared, 1)
@@ -199,7 +206,7 @@ def test_concurrent_registers_end_on_the_better_candidate(
 
     def register(name: str) -> None:
         try:
-            reports[name] = _register(reg_settings, folders[name], prepared)
+            reports[name] = _register(reg_settings, folders[name], prepared, sample_data[1])
         except BaseException as err:  # surfaced by the main thread
             errors.append(err)
 

@@ -36,7 +36,8 @@ def data(tmp_path_factory, make_settings) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("augment")
     raw = root / "raw"
     raw.mkdir()
-    sample.generate(raw, N_IMAGES, seed=1, images_per_identity=2, workers=1, progress=False)
+    sample.generate(raw, N_IMAGES, seed=1, images_per_identity=2, male_fraction=0.42,
+                    cue_flip_fraction=0.03, workers=1, progress=False)  # fmt: skip
     settings = make_settings(BASE)
     parts = split_manifest(read_layout(raw).rows, settings.split, settings.base.seed)
     write_splits(parts, root / "splits")

@@ -127,6 +127,11 @@ def test_metrics_with_one_class_have_no_auc_instead_of_failing():
 # --- slices -----------------------------------------------------------------------------------
 
 
+def _na(entry: dict) -> dict:
+    """A slice entry's count and accuracy (the interval and flag are checked below)."""
+    return {"n": entry["n"], "accuracy": entry["accuracy"]}
+
+
 def test_slice_metrics_find_the_worst_slice_and_the_gap():
     # 20 test images: hats are hard (2 of 6 right); Young=0 is worse (0 of 3) but tiny.
     hat = [1] * 6 + [0] * 14
@@ -135,17 +140,23 @@ def test_slice_metrics_find_the_worst_slice_and_the_gap():
     correct = np.array([1, 1, 0, 0, 0, 0] + [1] * 11 + [0, 0, 0], dtype=float)
     frame = pd.DataFrame({"Wearing_Hat": hat, "Eyeglasses": glasses, "Young": young})
 
-    s = slice_metrics(frame, correct, ["Wearing_Hat", "Eyeglasses", "Young", "Pale_Skin"])
+    s = slice_metrics(frame, correct, ["Wearing_Hat", "Eyeglasses", "Young", "Pale_Skin"], 5)
 
     overall = correct.mean()  # 13 / 20
-    assert s["by_attribute"]["Wearing_Hat"] == {
-        "with": {"n": 6, "accuracy": pytest.approx(2 / 6)},
-        "without": {"n": 14, "accuracy": pytest.approx(11 / 14)},
+    hat_slices = s["by_attribute"]["Wearing_Hat"]
+    assert _na(hat_slices["with"]) == {"n": 6, "accuracy": pytest.approx(2 / 6)}
+    assert _na(hat_slices["without"]) == {"n": 14, "accuracy": pytest.approx(11 / 14)}
+    assert _na(s["by_attribute"]["Eyeglasses"]["with"]) == {"n": 10, "accuracy": pytest.approx(0.7)}
+    assert _na(s["by_attribute"]["Eyeglasses"]["without"]) == {
+        "n": 10,
+        "accuracy": pytest.approx(0.6),
     }
-    assert s["by_attribute"]["Eyeglasses"]["with"] == {"n": 10, "accuracy": pytest.approx(0.7)}
-    assert s["by_attribute"]["Eyeglasses"]["without"] == {"n": 10, "accuracy": pytest.approx(0.6)}
-    # Young=0 has the lowest accuracy, but slices under 5 images are reported, not ranked
-    assert s["by_attribute"]["Young"]["without"] == {"n": 3, "accuracy": 0.0}
+    # Young=0 has the lowest accuracy, but slices under min_n=5 images are reported, not ranked
+    assert _na(s["by_attribute"]["Young"]["without"]) == {"n": 3, "accuracy": 0.0}
+    assert s["by_attribute"]["Young"]["without"]["too_small"] is True
+    assert hat_slices["with"]["too_small"] is False
+    lo, hi = hat_slices["with"]["ci"]  # Wilson, 2 of 6
+    assert lo == pytest.approx(0.0968, abs=1e-3) and hi == pytest.approx(0.7000, abs=1e-3)
     assert "Pale_Skin" not in s["by_attribute"]  # not a column of this dataset
     assert s["worst_slice"] == "Wearing_Hat=with"
     assert s["worst_slice_accuracy"] == pytest.approx(2 / 6)
@@ -154,7 +165,7 @@ def test_slice_metrics_find_the_worst_slice_and_the_gap():
 
 def test_slice_metrics_with_no_slice_worse_than_overall():
     frame = pd.DataFrame({"Young": [1, 0] * 10})
-    s = slice_metrics(frame, np.ones(20), ["Young"])
+    s = slice_metrics(frame, np.ones(20), ["Young"], 5)
     assert s["worst_slice"] == "overall"
     assert s["worst_slice_gap"] == 0.0
 
@@ -163,8 +174,42 @@ def test_slice_metrics_ignore_missing_attribute_values():
     # Images without the attribute recorded (empty cells after a reindex) are in no slice.
     frame = pd.DataFrame({"Eyeglasses": [1, 1, 1, 1, 1, "", None, 0, 0, 0, 0, 0]})
     correct = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=float)
-    s = slice_metrics(frame, correct, ["Eyeglasses"])
+    s = slice_metrics(frame, correct, ["Eyeglasses"], 5)
     e = s["by_attribute"]["Eyeglasses"]
-    assert e["with"] == {"n": 5, "accuracy": 0.0}
-    assert e["without"] == {"n": 5, "accuracy": 1.0}
+    assert _na(e["with"]) == {"n": 5, "accuracy": 0.0}
+    assert _na(e["without"]) == {"n": 5, "accuracy": 1.0}
     assert s["worst_slice"] == "Eyeglasses=with"
+
+
+# --- the operating point on small validation sets ---------------------------------------------
+
+
+def _scores(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A well-ranking but miscalibrated model (ROC-AUC about 0.99, over-confident and
+    shifted towards male), 42% male: the kind of scores the small CNN gives on face crops."""
+    y = (rng.random(n) < 0.42).astype(int)
+    z = rng.normal(np.where(y == 1, 2.2, -2.2), 1.0)
+    return y, 1.0 / (1.0 + np.exp(-(1.8 * z + 0.9)))
+
+
+def test_the_calibrated_cut_loses_less_test_accuracy_than_max_f1_on_small_val_sets():
+    """Over 300 resampled validation sets of 230 images: the test accuracy each rule gives
+    up against the best possible cut. Max-F1 chases noise (a few images move the argmax);
+    Platt scaling has two parameters and a fixed cut."""
+    from genderclf.stages.evaluate import operating_point
+
+    rng = np.random.default_rng(0)
+    yt, pt = _scores(rng, 50_000)
+    cuts = np.linspace(0.01, 0.99, 197)
+    best = max(float(((pt >= c) == yt).mean()) for c in cuts)
+    loss: dict[str, list[float]] = {"val_f1": [], "calibrated": []}
+    for _ in range(300):
+        yv, pv = _scores(rng, 230)
+        for mode in loss:
+            platt, cut = operating_point(mode, yv, pv)
+            loss[mode].append(best - float(((platt.apply(pt) >= cut) == yt).mean()))
+    mean = {k: float(np.mean(v)) for k, v in loss.items()}
+    p90 = {k: float(np.quantile(v, 0.9)) for k, v in loss.items()}
+    print(f"test accuracy lost against the best cut: mean {mean}, 90th percentile {p90}")
+    assert mean["calibrated"] < mean["val_f1"] / 2
+    assert p90["calibrated"] < p90["val_f1"]

@@ -152,7 +152,11 @@ def make_dataset(
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
-        img = tf.io.decode_jpeg(ex["image"], channels=3)
+        # INTEGER_ACCURATE is libjpeg's ISLOW, what PIL decodes with: `genderclf predict` and
+        # the served model see the same pixels as training and evaluation. TensorFlow's
+        # default (INTEGER_FAST) differs by up to 8 levels per pixel (the register stage's
+        # serving check found the skew: 0.012 in P(male)).
+        img = tf.io.decode_jpeg(ex["image"], channels=3, dct_method="INTEGER_ACCURATE")
         img = tf.cast(tf.reshape(img, [size, size, 3]), tf.float32)
         label = tf.cast(ex["label"], tf.float32)
         return (img, label, ex["path"]) if with_path else (img, label)
@@ -181,13 +185,23 @@ def first_record(prepared_dir: str | os.PathLike[str], split: str) -> tuple[byte
     Raises:
         PreparedDataError: prepared data missing, or the split has no record.
     """
+    records = read_records(prepared_dir, split, 1)
+    if not records:
+        raise PreparedDataError(f"{prepared_dir}: split {split!r} has no records")
+    return records[0]
+
+
+def read_records(
+    prepared_dir: str | os.PathLike[str], split: str, n: int
+) -> list[tuple[bytes, int, str]]:
+    """The first `n` records of a split, undecoded: [(JPEG bytes, label, source path)]."""
     import tensorflow as tf
 
     meta = read_meta(prepared_dir)
-    for shard in meta["splits"].get(split, {}).get("shards", []):
-        for record in tf.data.TFRecordDataset(str(Path(prepared_dir) / shard)).take(1):
-            ex = tf.train.Example.FromString(record.numpy())
-            f = ex.features.feature
-            return (f["image"].bytes_list.value[0], int(f["label"].int64_list.value[0]),
-                    f["path"].bytes_list.value[0].decode())  # fmt: skip
-    raise PreparedDataError(f"{prepared_dir}: split {split!r} has no records")
+    files = [str(Path(prepared_dir) / s) for s in meta["splits"].get(split, {}).get("shards", [])]
+    out = []
+    for record in tf.data.TFRecordDataset(files).take(n):
+        f = tf.train.Example.FromString(record.numpy()).features.feature
+        out.append((f["image"].bytes_list.value[0], int(f["label"].int64_list.value[0]),
+                    f["path"].bytes_list.value[0].decode()))  # fmt: skip
+    return out

@@ -49,7 +49,8 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
     ax.set_yticks([0, 1], ["female", "male"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"confusion matrix (threshold {m['threshold']:.2f})")
+    cut = m.get("calibration", {}).get("cut", m["threshold"])
+    ax.set_title(f"confusion matrix (p(male) >= {cut:.2f})")
     files.append(_save(fig, plots_dir / "confusion_matrix.png", plt))
 
     if len(np.unique(y)) > 1:
@@ -84,19 +85,26 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
     files.append(_save(fig, plots_dir / "calibration.png", plt))
 
     if slices and slices["by_attribute"]:
-        names, accs = [], []
-        for a, e in slices["by_attribute"].items():
-            for k in ("with", "without"):
-                if e[k]["accuracy"] is not None:
-                    names.append(f"{a}={'1' if k == 'with' else '0'} (n={e[k]['n']})")
-                    accs.append(e[k]["accuracy"])
-        fig, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1))
-        ax.barh(names, accs, color="tab:blue")
+        rows = [(f"{a}={'1' if k == 'with' else '0'}  (n={e[k]['n']})", e[k])
+                for a, e in slices["by_attribute"].items() for k in ("with", "without")
+                if e[k]["accuracy"] is not None]  # fmt: skip
+        acc = np.array([r["accuracy"] for _, r in rows])
+        lo = np.array([r["ci"][0] for _, r in rows])
+        hi = np.array([r["ci"][1] for _, r in rows])
+        small = np.array([r["too_small"] for _, r in rows])
+        fig, ax = plt.subplots(figsize=(6.5, 0.38 * len(rows) + 1.3))
+        ypos = np.arange(len(rows))
+        ax.barh(ypos, acc, color=np.where(small, "lightgrey", "tab:blue"))
+        ax.errorbar(acc, ypos, xerr=[acc - lo, hi - acc], fmt="none", ecolor="black",
+                    capsize=3, lw=1)  # fmt: skip
+        ax.set_yticks(ypos, [name + ("  too small" if r["too_small"] else "") for name, r in rows])
+        ax.invert_yaxis()
         ax.axvline(m["accuracy"], color="black", ls="--", lw=1, label="overall")
-        ax.set_xlim(max(0.0, min(accs) - 0.05), 1.0)
-        ax.set_xlabel("accuracy")
+        ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
+        ax.set_xlabel(f"accuracy, with 95% Wilson intervals (grey: fewer than "
+                      f"{slices['min_n']} images, not ranked)")  # fmt: skip
         ax.set_title("accuracy per slice")
-        ax.legend()
+        ax.legend(loc="lower left")
     else:
         fig, ax = plt.subplots(figsize=(4, 1.2))
         ax.text(0.5, 0.5, "no attribute columns in this dataset:\nno sliced metrics", ha="center",

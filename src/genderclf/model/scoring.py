@@ -84,15 +84,22 @@ def compute_metrics(
     }
 
 
-def slice_metrics(frame: pd.DataFrame, correct: np.ndarray, attrs: list[str]) -> dict[str, Any]:
-    """Accuracy with and without each attribute, and the worst-slice gap.
+def slice_metrics(frame: pd.DataFrame, correct: np.ndarray, attrs: list[str],
+                  min_n: int) -> dict[str, Any]:  # fmt: skip
+    """Accuracy with and without each attribute, its Wilson interval, and the worst slice.
+
+    A slice of fewer than `min_n` images is reported (flagged `too_small`) but left out of
+    the worst slice: a handful of images ranks nothing.
 
     Returns:
-        {"by_attribute": {attr: {"with": {...}, "without": {...}}}, "worst_slice": name,
-         "worst_slice_accuracy": acc, "worst_slice_gap": overall - worst}
+        {"by_attribute": {attr: {"with": {"n", "accuracy", "ci", "too_small"}, "without":
+         {...}}}, "min_n": min_n, "worst_slice": name, "worst_slice_accuracy": acc,
+         "worst_slice_gap": overall - worst}
     """
+    from genderclf.model.stats import wilson
+
     overall = float(correct.mean())
-    out: dict[str, Any] = {"by_attribute": {}}
+    out: dict[str, Any] = {"by_attribute": {}, "min_n": min_n}
     worst = ("overall", overall)
     for a in attrs:
         if a not in frame.columns:
@@ -101,9 +108,10 @@ def slice_metrics(frame: pd.DataFrame, correct: np.ndarray, attrs: list[str]) ->
         entry = {}
         for name, mask in (("with", col == 1), ("without", col == 0)):
             n = int(mask.sum())
-            acc = float(correct[mask].mean()) if n else None
-            entry[name] = {"n": n, "accuracy": acc}
-            if acc is not None and n >= 5 and acc < worst[1]:
+            right = int(correct[mask].sum())
+            acc = right / n if n else None
+            entry[name] = {"n": n, "accuracy": acc, "ci": wilson(right, n), "too_small": n < min_n}
+            if acc is not None and n >= min_n and acc < worst[1]:
                 worst = (f"{a}={name}", acc)
         out["by_attribute"][a] = entry
     out["worst_slice"], out["worst_slice_accuracy"] = worst

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from genderclf.config import Paths, Settings
 from genderclf.data.split import read_split
 from genderclf.io import write_json
@@ -23,6 +25,7 @@ from genderclf.model.scoring import (
     predict_split,
     slice_metrics,
 )
+from genderclf.model.stats import Platt, fit_platt, metric_intervals
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +36,61 @@ class EvaluateReport:
     plots: list[Path]
 
 
+def operating_point(mode: str, yv: np.ndarray, pv: np.ndarray) -> tuple[Platt, float]:
+    """The calibration and the cut on calibrated P(male) that `evaluate.threshold` asks for.
+
+    * `calibrated`: Platt scaling fitted on the validation split, cut at 0.5 (two
+      parameters: it holds on a few hundred validation images);
+    * `val_f1`: no calibration, the cut that maximises F1 on validation (on a small
+      validation split it chases noise; kept for comparison);
+    * `fixed`: no calibration, 0.5.
+    """
+    if mode == "calibrated":
+        return fit_platt(yv, pv), 0.5
+    if mode == "val_f1":
+        return Platt(), choose_threshold(yv, pv)
+    return Platt(), 0.5
+
+
 def run(settings: Settings, paths: Paths) -> EvaluateReport:
-    """Score the model on val (to pick the threshold) and on test; write metrics and plots.
+    """Score the model on val (calibration, operating point) and on test; write metrics,
+    95% intervals, slices and plots.
+
+    Probabilities in the report and plots are calibrated; `threshold` in eval.json is the
+    equivalent cut on the model's raw output (what the served model applies).
 
     Raises:
         FileNotFoundError / ModelLoadError: the model is missing or not loadable.
         PreparedDataError: prepared data missing.
     """
-    cfg = settings.evaluate
+    cfg, seed = settings.evaluate, settings.base.seed
     model = load_model(paths.model)
     batch = settings.train.batch_size * 2
-    _, yv, pv = predict_split(model, paths.prepared, "val", batch)
-    threshold = choose_threshold(yv, pv) if cfg.threshold == "val_f1" else 0.5
-    names, y, p = predict_split(model, paths.prepared, "test", batch)
-    m = compute_metrics(y, p, threshold, cfg.calibration_bins)
-    m["val_accuracy_at_threshold"] = float(((pv >= threshold).astype(int) == yv).mean())
+    _, yv, pv_raw = predict_split(model, paths.prepared, "val", batch)
+    platt, cut = operating_point(cfg.threshold, yv, pv_raw)
+    names, y, p_raw = predict_split(model, paths.prepared, "test", batch)
+    p, pv = platt.apply(p_raw), platt.apply(pv_raw)
+    m = compute_metrics(y, p, cut, cfg.calibration_bins)
+    m["threshold"] = platt.raw_threshold(cut) if cfg.threshold == "calibrated" else cut
+    m["calibration"] = {"method": "platt" if cfg.threshold == "calibrated" else "none",
+                        "a": platt.a, "b": platt.b, "cut": cut,
+                        "ece_raw": expected_calibration_error(y, p_raw, cfg.calibration_bins)[0]}  # fmt: skip
+    m["val_accuracy_at_threshold"] = float(((pv >= cut).astype(int) == yv).mean())
+    for k, ci in metric_intervals(y, p, cut, cfg.bootstrap_samples, seed).items():
+        m[f"{k}_ci"] = ci
     frame = read_split(paths.splits, "test").set_index("path").reindex(names)
-    correct = ((p >= threshold).astype(int) == y).astype(float)
-    slices = (slice_metrics(frame, correct, list(cfg.slices))
+    correct = ((p >= cut).astype(int) == y).astype(float)
+    slices = (slice_metrics(frame, correct, list(cfg.slices), cfg.min_slice_n)
               if any(a in frame.columns for a in cfg.slices) else None)  # fmt: skip
     if slices:
         m["slices"] = slices
         m["worst_slice_gap"] = slices["worst_slice_gap"]
     _, calib = expected_calibration_error(y, p, cfg.calibration_bins)
     plots = write_plots(y, p, m, calib, slices, paths.plots)
-    shown = mistakes_grid(paths.prepared, names, y, p, threshold, cfg.mistakes_grid,
+    shown = mistakes_grid(paths.prepared, names, y, p, cut, cfg.mistakes_grid,
                           paths.plots / "mistakes.png")  # fmt: skip
     plots.append(paths.plots / "mistakes.png")
-    write_predictions(names, y, p, threshold, paths.plots / "predictions.csv")
+    write_predictions(names, y, p, cut, paths.plots / "predictions.csv")
     write_json(paths.eval_metrics, m)
     log.info("evaluate: %d test images, %d mistakes shown", len(y), shown)
     return EvaluateReport(m, plots)

@@ -65,7 +65,8 @@ def compare_runs(n: int) -> str:
     runs = [] if exp is None else mlflow.search_runs(
         [exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
         output_format="list")  # fmt: skip
-    runs = [r for r in runs if r.data.params]  # a run no stage logged into says nothing
+    # a run no stage logged into (a flow run that failed at once) says nothing
+    runs = [r for r in runs if r.data.params or r.data.metrics or "registry.version" in r.data.tags]
     if not runs:
         return f"experiment {EXPERIMENT!r} has no runs yet"
     lead = [[r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")]

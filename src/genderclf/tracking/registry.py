@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import socket
 import tempfile
 import time
@@ -243,8 +244,10 @@ class MlflowRegistry:
         tags = {"accuracy": f"{float(metrics['accuracy']):.6f}",
                 "threshold": f"{float(metrics['threshold']):.6f}",
                 "f1": f"{float(metrics['f1']):.6f}", "run_id": run["run_id"]}  # fmt: skip
+        cal = tuple(serving.get("calibration", (1.0, 0.0)))
+        tags["calibration"] = json.dumps(list(cal))
         config = ServingConfig(serving["image_size"], serving["resize"], serving["threshold"],
-                               serving.get("predict"))  # fmt: skip
+                               serving.get("predict"), cal)  # fmt: skip
         uri = serving_model_uri(self.client, run, config, serving["example"], self.retries,
                                 self.where)  # fmt: skip
         mv, created = find_or_register(self.client, run["run_id"], uri, tags, self.retries,
@@ -255,14 +258,41 @@ class MlflowRegistry:
 
     def champion(self) -> _Version | None:
         mv = self._call(lambda: current_alias(self.client, CHAMPION))
-        if mv is None:
-            return None
-        return _Version(str(mv.version), float(mv.tags.get("threshold", 0.5)))
+        return None if mv is None else _version(mv)
+
+    def version(self, version: str) -> _Version:
+        return _version(self._call(lambda: self.client.get_model_version(MODEL_NAME, version)))
+
+    def serve(self, version: str, images: list[bytes]) -> list[float]:
+        return serve_in_fresh_process(f"models:/{MODEL_NAME}/{version}", images)
 
     def load(self, version: str) -> Any:
         from genderclf.tracking.serving import load_classifier
 
         return load_classifier(f"models:/{MODEL_NAME}/{version}").model
+
+    def record_approval(self, version: str, approve: bool, reason: str, who: str) -> None:
+        """A person's yes or no to a waiting challenger, on the version (tags, description)."""
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        verdict = "approved" if approve else "rejected"
+        c = self.client
+        record = json.dumps({"verdict": verdict, "by": who, "at": at, "reason": reason[:400]})
+        self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "approval", record))
+        mv = self._call(lambda: c.get_model_version(MODEL_NAME, version))
+        note = f"**{verdict.capitalize()} by {who}** ({at}): {reason}\n\n"
+        self._call(
+            lambda: c.update_model_version(
+                MODEL_NAME, version, (note + (mv.description or ""))[:5000]
+            )
+        )
+
+    def previous_champion(self) -> tuple[str, str] | None:
+        """(the champion now, the one it replaced), from the recorded alias history."""
+        now = self._call(lambda: current_alias(self.client, CHAMPION))
+        if now is None:
+            return None
+        move = json.loads(now.tags.get(f"alias.{CHAMPION}.set", "{}"))
+        return (str(now.version), move["from"]) if move.get("from") else None
 
     def promote(self, version: str, expected: str | None, reason: str) -> dict[str, Any] | None:
         with promotion_lock(self.client, self.where):
@@ -272,7 +302,7 @@ class MlflowRegistry:
             return self._call(lambda: move_alias(self.client, CHAMPION, version, reason))
 
     def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Path, description: str = "") -> None:  # fmt: skip
+               report_file: Path, description: str = "", card_file: Path | None = None) -> None:  # fmt: skip
         import mlflow
 
         c = self.client
@@ -286,6 +316,8 @@ class MlflowRegistry:
             self._call(lambda: c.update_registered_model(MODEL_NAME, MODEL_DESCRIPTION))
         with mlflow.start_run(run_id=run_id):
             mlflow.log_artifact(str(report_file), "registry")
+            if card_file is not None:
+                mlflow.log_artifact(str(card_file), "registry")
             mlflow.set_tags({"registry.version": version, "registry.decision": decision})
 
     @contextlib.contextmanager
@@ -312,3 +344,49 @@ class MlflowRegistry:
 class _Version:
     version: str
     threshold: float
+    calibration: tuple[float, float]
+
+
+def _version(mv) -> _Version:
+    # Versions registered before calibration existed have no tag: their scores are as is.
+    cal = json.loads(mv.tags.get("calibration", "[1.0, 0.0]"))
+    return _Version(str(mv.version), float(mv.tags.get("threshold", 0.5)), (cal[0], cal[1]))
+
+
+_SERVE = """
+import base64, json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+images = [base64.b64decode(x) for x in json.load(sys.stdin)]
+out = model.predict(pd.DataFrame({"image": images}))
+print("GENDERCLF-ANSWER " + json.dumps([None if v is None else float(v) for v in out["p_male"]]))
+"""
+
+
+def serve_in_fresh_process(
+    model_uri: str, images: list[bytes], timeout: float = 600
+) -> list[float]:
+    """P(male) for `images` from `model_uri` loaded through MLflow's pyfunc loader in a new
+    Python process (nothing of this process's imports or state helps it load).
+
+    Raises:
+        RuntimeError: it did not load or answer; the message holds the end of its output.
+    """
+    import base64
+    import subprocess
+    import sys
+
+    from genderclf.tracking.setup import tracking_uri
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", _SERVE, model_uri], capture_output=True,
+                          text=True, timeout=timeout, env=env,
+                          input=json.dumps([base64.b64encode(b).decode() for b in images]))  # fmt: skip
+    answer = [ln for ln in proc.stdout.splitlines() if ln.startswith("GENDERCLF-ANSWER ")]
+    if proc.returncode != 0 or not answer:
+        tail = redact((proc.stderr or proc.stdout).strip())[-600:]
+        raise RuntimeError(f"exit {proc.returncode}: {tail}")
+    values = json.loads(answer[-1].removeprefix("GENDERCLF-ANSWER "))
+    if any(v is None for v in values):
+        raise RuntimeError(f"no answer for {sum(v is None for v in values)} of the images")
+    return values

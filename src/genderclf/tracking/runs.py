@@ -262,6 +262,9 @@ TEST_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precis
 def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """eval.json's numbers under their MLflow keys (`test/...`, `val/...`, `slice/...`)."""
     out = {f"test/{k}": rounded(metrics[k]) for k in TEST_KEYS if metrics.get(k) is not None}
+    for k in ("accuracy", "f1", "roc_auc"):  # the 95% bootstrap interval's ends
+        if metrics.get(f"{k}_ci"):
+            out[f"test/{k}_low"], out[f"test/{k}_high"] = map(rounded, metrics[f"{k}_ci"])
     if metrics.get("val_accuracy_at_threshold") is not None:
         out["val/accuracy_at_threshold"] = rounded(metrics["val_accuracy_at_threshold"])
     slices = metrics.get("slices") or {}
