@@ -66,7 +66,24 @@ class ServingConfig:
                    raw.get("predict"))  # fmt: skip
 
     def predict_settings(self) -> PredictSettings | None:
-        return PredictSettings.model_validate(self.predict) if self.predict else None
+        """The stored `predict` section, validated (None when the model carries none).
+
+        Raises:
+            PredictError: the stored section does not fit this genderclf's settings (a
+                model registered by an older version: e.g. no `predict.detector`).
+        """
+        if not self.predict:
+            return None
+        from pydantic import ValidationError
+
+        try:
+            return PredictSettings.model_validate(self.predict)
+        except ValidationError as err:
+            keys = ", ".join(sorted({f"predict.{'.'.join(map(str, e['loc']))}"
+                                     for e in err.errors()}))  # fmt: skip
+            raise PredictError(f"the `predict` settings stored with this model do not fit this "
+                               f"genderclf ({keys}): run from the project with its params.yaml, "
+                               "pass --params, or re-register the model") from None  # fmt: skip
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -225,13 +242,11 @@ class Summary:
     no_face: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     left_out: int = 0
-    _last_file: str | None = field(default=None, repr=False)
 
     def add(self, row: dict[str, Any]) -> None:
-        # Rows of one file are consecutive (predict_images keeps input order).
-        if row["file"] != self._last_file:
-            self._last_file = row["file"]
-            self.files += 1
+        # Each image gives one row with face None (whole image, no face, error) or rows
+        # with faces 0, 1, ...: its first row is the one with face None or 0.
+        self.files += row["face"] in (None, 0)
         if row["status"] == "ok":
             self.faces += 1
         elif row["status"] == "no_face":

@@ -327,6 +327,9 @@ def test_predict_images_rows_per_face_no_face_and_error(tmp_path, faces, clf, de
     assert rows[0]["x"] < rows[1]["x"] < rows[2]["x"]
     s = P.summarize(rows)
     assert (s.files, s.faces, s.no_face, len(s.failed)) == (3, 3, 1, 1)
+    # the same file twice counts twice (its rows are counted, not its name)
+    again = P.summarize(P.predict_images(files[:2] * 2, clf, detector, predict_settings))
+    assert (again.files, again.faces, again.no_face) == (4, 6, 2)
 
 
 def test_batching_does_not_change_the_answers(tmp_path, faces, clf, predict_settings):
@@ -347,6 +350,16 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
     P.ServingConfig(SIZE, "center_crop", 0.8).write(tmp_path / P.SERVING_CONFIG)
     assert load_classifier(str(tmp_path / "model.keras")).config.threshold == 0.8
     assert load_classifier(str(tmp_path / "model.keras"), threshold=0.3).config.threshold == 0.3
+
+
+def test_settings_stored_by_an_older_version_name_what_is_missing(predict_settings):
+    old = predict_settings.model_dump()
+    del old["detector"], old["blazeface"]  # what a model registered before them carries
+    cfg = P.ServingConfig(SIZE, "center_crop", 0.5, old)
+    with pytest.raises(P.PredictError, match=r"predict\.blazeface, predict\.detector.*params"):
+        cfg.predict_settings()
+    assert P.ServingConfig(SIZE, "center_crop", 0.5, predict_settings.model_dump()
+                           ).predict_settings() == predict_settings  # fmt: skip
 
 
 # --- the command ----------------------------------------------------------------------------
