@@ -191,7 +191,7 @@ class _BlazeModel:
             return []
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep], -80, 80)))
         raw = self.interpreter.get_tensor(self.boxes).reshape(-1, 16)[keep, :4] / size
-        centre = raw[:, :2] + self.anchors[keep]  # offsets from the anchor, in input units
+        centre = raw[:, :2] + self.anchors[keep]  # offsets from the anchor, in input sides
         corners = np.concatenate([centre - raw[:, 2:4] / 2, centre + raw[:, 2:4] / 2], 1)
         out = []
         for x1, y1, x2, y2 in _weighted_nms(corners, scores, self.nms_iou):
