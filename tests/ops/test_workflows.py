@@ -78,8 +78,11 @@ def test_ci_runs_lint_and_the_suite_on_pull_requests():
     assert any(".ci/run" in r for r in runs.values())
     assert ci["permissions"] == {"contents": "read"}
     ci_run = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci_run[-3:] == ["make lint", "make test", "make test-slow"]
-    assert "npm ci" in "\n".join(ci_run) and "postgresql" in "\n".join(ci_run)
+    assert ci_run[-4:] == ["make lint", "make test", "make test-slow", "make test-docker"]
+    text = "\n".join(ci_run)
+    assert "npm ci" in text and "postgresql" in text
+    for tool in ("docker.io", "docker-compose", "debootstrap"):  # the `docker` tests' tools
+        assert tool in text, tool
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
