@@ -3,33 +3,25 @@ shrunk params.yaml the other pipeline tests use, committed in a git repository o
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-from tests.pipeline_copy import REPO_ROOT, copy_pipeline
+from tests.helpers import REPO_ROOT
+from tests.helpers.params import pipeline_params as tiny_pipeline_params
+from tests.helpers.workspace import copy_pipeline, write_params
 
 STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
 IMAGE_UID = 1000  # the `genderclf` user of both images
 
 
-def pipeline_params(real: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml shrunk as tests/integration/test_full_pipeline.py shrinks it: the TINY
-    values, a small CNN at 32 px, one epoch per phase, and a promotion floor of 0 (one tiny
-    epoch is no good model, and the tests need a champion after the first run)."""
-    from tests.conftest import shrink
-
-    params = shrink(copy.deepcopy(real))
-    params["data"]["sample"]["num_images"] = 160
-    params["augment"]["copies"] = 0
-    params["train"].update(backbone="simple_cnn", weights=None, batch_size=32, epochs_head=1,
-                           epochs_finetune=1)  # fmt: skip
-    params["register"]["min_accuracy"] = 0.0
-    return params
+def pipeline_params(real: dict[str, Any] | None = None) -> dict[str, Any]:
+    """params.yaml shrunk as the other whole-pipeline tests shrink it
+    (`tests.helpers.params.pipeline_params`: a small CNN at 32 px, one epoch per phase, a
+    promotion floor of 0: one tiny epoch is no good model, and the tests need a champion)."""
+    return tiny_pipeline_params()
 
 
 def git(repo: Path, *args: str) -> str:
@@ -44,8 +36,7 @@ def make_pipeline_repo(repo: Path, real_params: dict[str, Any]) -> Path:
     """dvc.yaml, src/, flows/, prefect.yaml and the shrunk params.yaml, committed in `repo`."""
     copy_pipeline(repo, ("src", "flows"))
     shutil.copy2(REPO_ROOT / "prefect.yaml", repo / "prefect.yaml")
-    (repo / "params.yaml").write_text(yaml.safe_dump(pipeline_params(real_params),
-                                                     sort_keys=False))  # fmt: skip
+    write_params(repo, pipeline_params(real_params))
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "pipeline with tiny params")

@@ -81,9 +81,9 @@ def test_image_runs_the_pipeline_on_a_mounted_clone(engine, cpu_image, mounted_c
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     # written by the container's non-root user, into the mount
-    for out in ("dvc.lock", "mlflow.db", C.MODEL_FILE, C.REGISTER_REPORT):
+    for out in ("dvc.lock", "mlflow.db", C.PATHS.model, C.PATHS.register_report):
         assert (clone / out).stat().st_uid == IMAGE_UID, out
-    report = json.loads((clone / C.REGISTER_REPORT).read_text())
+    report = json.loads((clone / C.PATHS.register_report).read_text())
     assert (report["decision"], report["champion_after"]) == ("promoted", report["version"])
 
     # the champion resolves in the MLflow SQLite store on the mount ...
@@ -94,7 +94,7 @@ def test_image_runs_the_pipeline_on_a_mounted_clone(engine, cpu_image, mounted_c
     champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
     assert str(champion.version) == report["version"]
     assert client.get_model_version_by_alias(MODEL_NAME, CHALLENGER).version == champion.version
-    run_id = json.loads((clone / C.RUN_FILE).read_text())["run_id"]
+    run_id = json.loads((clone / C.PATHS.run).read_text())["run_id"]
     assert champion.run_id == run_id
     # ... and its files are there too: the store recorded them under /workspace, the mount
     where = client.get_model_version_download_uri(MODEL_NAME, champion.version)

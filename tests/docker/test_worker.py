@@ -79,7 +79,7 @@ def test_worker_joins_a_server_and_runs_the_pipeline_deployment(engine, cpu_imag
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert (workspace / "dvc.lock").stat().st_uid == IMAGE_UID
-    report = json.loads((workspace / C.REGISTER_REPORT).read_text())
+    report = json.loads((workspace / C.PATHS.register_report).read_text())
     assert report["decision"] == "promoted"
     from mlflow import MlflowClient
 
