@@ -146,7 +146,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 # A line of a stage's output: its level as the CLI, DVC, MLflow or Python warnings print it.
-_LEVEL = re.compile(r"(?:^|[\s|:])(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:[\s|:]|$)|(\w+Warning):")
+_LEVEL = re.compile(r"(?:^|[\s|:])(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:[\s|:]|$)")
+_PY_WARNING = re.compile(r"\b\w+Warning: ")  # `path.py:12: UserWarning: ...` (Python warnings)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
 
@@ -160,9 +161,8 @@ def log_stage_line(logger: Any, line: str) -> bool:
     if PUSH_HINT in line:
         return True
     m = _LEVEL.search(line[:60])
-    level = (
-        logging.WARNING if m and m.group(2) else getattr(logging, m.group(1)) if m else logging.INFO
-    )
+    level = (logging.WARNING if _PY_WARNING.search(line) else
+             getattr(logging, m.group(1)) if m else logging.INFO)  # fmt: skip
     logger.log(level, line)
     return False
 

@@ -6,11 +6,13 @@ runs every stage through the real `dvc` in a temporary git repository.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,69 @@ def test_second_run_on_a_busy_workspace_fails_clearly(harness, flow_env):
         release.set()
         t.join()
     assert (flow_env / "dvc.lock").read_text() == lock_before
+
+
+def _wait_for_state(flow_name: str, state: str, timeout: float = 900):
+    """The newest run of `flow_name` once it is in `state` (through the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType as Type
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=Type(any_=[state]))),
+                sort=FlowRunSort.START_TIME_DESC, limit=1)  # fmt: skip
+            if runs:
+                return runs[0]
+            time.sleep(2)
+    raise TimeoutError(f"no flow run reached {state} in {timeout}s")
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_manual_approval_pauses_for_a_person_who_approves_or_rejects(harness, flow_env, approve):
+    """`register.approval: manual`: the candidate passes the gate, waits as challenger, the
+    flow run pauses with its model card, and the answer given through Prefect's API (as
+    the UI's Resume form sends it) promotes it or records the no."""
+    from flows.pipeline import gender_pipeline
+    from mlflow import MlflowClient
+    from prefect.flow_runs import resume_flow_run
+
+    from genderclf.tracking.setup import CHAMPION, MODEL_NAME
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    with contextlib.suppress(Exception):  # judge the new candidate as the first one
+        client.delete_registered_model_alias(MODEL_NAME, CHAMPION)
+    overrides = {"register.approval": "manual", "register.min_accuracy": 0.0,
+                 "register.max_ece": 1.0, "train.lr_head": 0.0013 if approve else 0.0011}  # fmt: skip
+    result: dict = {}
+    flow = threading.Thread(target=lambda: result.update(
+        gender_pipeline(repo=str(flow_env), overrides=overrides, approval_timeout=900)))  # fmt: skip
+    flow.start()
+    try:
+        paused = _wait_for_state("gender-pipeline", "PAUSED")
+        report = json.loads((flow_env / C.PATHS.register_report).read_text())
+        assert report["decision"] == "pending_approval"
+        version = report["version"]
+        assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == version
+        reason = "card reviewed" if approve else "the Young slice is too thin to judge"
+        resume_flow_run(paused.id, run_input={"approve": approve, "reason": reason,
+                                              "reviewer": "ana"})  # fmt: skip
+    finally:
+        flow.join(900)
+    assert result["approval"] == {"version": version, "approved": approve, "reviewer": "ana",
+                                  "reason": reason, "moved": approve}  # fmt: skip
+    mv = client.get_model_version(MODEL_NAME, version)
+    record = json.loads(mv.tags["approval"])
+    assert (record["verdict"], record["by"]) == ("approved" if approve else "rejected", "ana")
+    assert "by ana" in mv.description and reason in mv.description
+    champion = None
+    with contextlib.suppress(Exception):
+        champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version
+    assert (champion == version) is approve
+    if approve:
+        move = json.loads(mv.tags[f"alias.{CHAMPION}.set"])
+        assert "by ana: card reviewed" in move["reason"]
+    assert _artifact("approval") is not None and _artifact("model-card") is not None

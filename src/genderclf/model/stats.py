@@ -29,11 +29,16 @@ def bootstrap_ci(statistic, arrays: tuple[np.ndarray, ...], samples: int, seed: 
                  level: float = Z95) -> list[float] | None:  # fmt: skip
     """A percentile bootstrap interval of `statistic(*arrays)`, the arrays resampled
     together (paired). None when it is undefined (e.g. one class only)."""
-    from scipy.stats import bootstrap
+    import warnings
+
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     if len(arrays[0]) < 2:
         return None
-    with np.errstate(all="ignore"):
+    # A tiny or one-class test split gives a degenerate resampling distribution: the
+    # interval is then a point (or None), which is the honest answer, not a warning.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
         res = bootstrap(arrays, statistic, paired=True, vectorized=False, n_resamples=samples,
                         confidence_level=level, method="percentile",
                         random_state=np.random.default_rng(seed))  # fmt: skip
