@@ -161,8 +161,8 @@ def use_jit_compile(setting: str, model: keras.Model, deterministic: bool) -> bo
 
     `auto` = XLA on whenever the model supports it and a GPU is visible, one or several
     (Keras' own "auto" turns XLA off on CPU hosts and under any tf.distribute strategy,
-    i.e. on every multi-GPU TensorFlow worker). TensorFlow refuses XLA with op determinism
-    on, so `auto` is off there and `on` is an error.
+    i.e. on every multi-GPU TensorFlow worker), and always on the JAX backend. TensorFlow
+    refuses XLA with op determinism on, so `auto` is off there and `on` is an error.
 
     Raises:
         ModelConfigError: `on` for a model or setting that cannot compile under XLA.
@@ -179,7 +179,8 @@ def use_jit_compile(setting: str, model: keras.Model, deterministic: bool) -> bo
                                "off, or train.deterministic: off")  # fmt: skip
     if blockers or tf_determinism:
         return False
-    return setting == "on" or accelerator_count() > 0
+    # On JAX, no XLA means running op by op: several times slower on a CPU too.
+    return setting == "on" or keras.config.backend() == "jax" or accelerator_count() > 0
 
 
 def use_deterministic(setting: str) -> bool:
