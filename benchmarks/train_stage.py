@@ -36,6 +36,36 @@ if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 
+def compare(args, raw: dict, paths, records: int) -> None:
+    """The stage once per value of `--compare KEY=A,B`, in turn, on the same prepared data."""
+    from dataclasses import replace
+
+    from genderclf.config import Paths, parse_settings, set_dotted
+    from genderclf.stages import train
+
+    key, _, values = args.compare.partition("=")
+    rates: dict[str, list[float]] = {v: [] for v in values.split(",")}
+    for r in range(args.repeats):
+        for value in rates if r % 2 == 0 else list(rates)[::-1]:
+            set_dotted(raw, key, yaml.safe_load(value))
+            settings = parse_settings(raw, f"train_stage.py {key}={value}")
+            out = Paths().under(paths.prepared.parent.parent / f"{value}-{r}")
+            report = train.run(settings, replace(out, prepared=paths.prepared))
+            # every epoch after the first (which compiles), the stage's own rates
+            epoch_rates = [h["images_per_second"] for h in report.history[1:]]
+            rates[value].extend(x for x in epoch_rates if x)
+            print(f"round {r + 1} {key}={value}: images/s per epoch "
+                  f"{[h['images_per_second'] for h in report.history]}", flush=True)  # fmt: skip
+    base, *others = rates
+    med = {v: sorted(x)[len(x) // 2] for v, x in rates.items() if x}
+    print(
+        f"\n{key}, median epoch images/s over {records} records, epochs after the first: "
+        + ", ".join(f"{v}: {m:.1f}" for v, m in med.items())
+    )
+    for v in others:
+        print(f"{key}={v} / {key}={base}: {med[v] / med[base]:.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,6 +78,13 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=3000.0, help="images/s to meet")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more params overrides, e.g. train.jit_compile=off")  # fmt: skip
+    ap.add_argument(
+        "--compare",
+        metavar="KEY=A,B",
+        help="run the stage once per value on the same data, in turn "
+        "(--repeats times), e.g. train.deterministic=on,off; prints the ratios",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of --compare")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
@@ -86,6 +123,9 @@ def main() -> None:
 
         import keras
 
+        if args.compare:
+            compare(args, raw, paths, records)
+            return
         t = time.perf_counter()
         report = train.run(settings, paths)
         wall = time.perf_counter() - t
