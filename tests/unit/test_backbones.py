@@ -22,7 +22,7 @@ from genderclf.model.backbones import (
     check_compatible,
     unfreeze_top_blocks,
 )
-from genderclf.model.fit import use_jit_compile, xla_blockers
+from genderclf.model.fit import check_jit_settings, use_jit_compile, xla_blockers
 from genderclf.model.layers import BackbonePreprocess, FusedAugment
 from genderclf.model.saving import ModelLoadError, load_model
 
@@ -239,6 +239,11 @@ def test_jit_compile_setting_resolves_per_model_and_host(make_settings):
     if keras.config.backend() == "tensorflow":
         with pytest.raises(ModelConfigError, match=r"train\.deterministic"):
             use_jit_compile("on", model, deterministic=True)
+        # and before anything starts (the train stage's prepare): auto is on without a GPU
+        conflict = _train(make_settings, jit_compile="on", deterministic="auto")
+        with pytest.raises(ModelConfigError, match=r"train\.jit_compile=on but train\.determ"):
+            check_jit_settings(conflict)
+        check_jit_settings(_train(make_settings, jit_compile="on", deterministic="off"))
 
 
 # --- fine-tuning -----------------------------------------------------------------------------

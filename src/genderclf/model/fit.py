@@ -183,6 +183,21 @@ def use_jit_compile(setting: str, model: keras.Model, deterministic: bool) -> bo
     return setting == "on" or keras.config.backend() == "jax" or accelerator_count() > 0
 
 
+def check_jit_settings(train: TrainSettings) -> None:
+    """Fail early on `train.jit_compile: on` that TensorFlow's op determinism would undo.
+
+    Raises:
+        ModelConfigError: naming both keys.
+    """
+    if (train.jit_compile == "on" and keras.config.backend() == "tensorflow"
+            and use_deterministic(train.deterministic)):  # fmt: skip
+        raise ModelConfigError(
+            f"train.jit_compile=on but train.deterministic={train.deterministic} turns op "
+            "determinism on, and Keras turns XLA off on the TensorFlow backend then: set "
+            "train.deterministic: off (or train.jit_compile: auto)"
+        )
+
+
 def use_deterministic(setting: str) -> bool:
     """`train.deterministic`: `auto` = on without an accelerator, off with one."""
     if setting != "auto":

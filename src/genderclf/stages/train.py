@@ -25,6 +25,7 @@ from genderclf.io import atomic_file, write_json
 from genderclf.model.backbones import check_compatible
 from genderclf.model.fit import (
     backup_dir_for,
+    check_jit_settings,
     class_weights,
     deterministic_xla_flags,
     fit_phases,
@@ -54,10 +55,12 @@ def prepare(settings: Settings, paths: Paths) -> Path:
 
     Raises:
         PreparedDataError: prepared data missing or at another image size.
-        ModelConfigError: the backbone cannot take these settings.
+        ModelConfigError: the backbone cannot take these settings (or the weights file is
+            missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
     meta = read_meta(paths.prepared)
     check_compatible(settings.train, settings.base.image_size)
+    check_jit_settings(settings.train)
     if int(meta["image_size"]) != settings.base.image_size:
         raise PreparedDataError(
             f"prepared data is {meta['image_size']}px but base.image_size="
