@@ -14,7 +14,11 @@
 #     with a package index: `uv sync --frozen --no-dev` (the lockfile: Keras, TensorFlow
 #     and the rest) then `uv pip install "jax[cuda12]"` on top (JAX is in no lockfile).
 #     Offline, put the wheels in a folder and pass it: --wheelhouse DIR (installed with
-#     `pip install --no-index --no-deps --target`, nothing else is fetched).
+#     `pip install --no-index --no-deps --target`, nothing else is fetched). For a Python
+#     that has JAX, NumPy, h5py, ml-dtypes, rich, absl-py and PyYAML but no Keras, the
+#     folder needs the versions uv.lock pins of: keras, namex, optree, pydantic,
+#     pydantic-core, annotated-types, typing-inspection (`pip download --no-deps
+#     --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 ...`).
 #   * part 3 also needs what the stages import: TensorFlow (tf.data, the TFRecord
 #     reader; CPU-only is enough, it is kept off the GPU), pandas, Pillow. Without an
 #     importable TensorFlow part 3 is skipped with a message.
@@ -32,7 +36,7 @@ while (($#)); do
     --cpu-smoke) smoke=1 ;;
     --wheelhouse) wheelhouse="$2"; shift ;;
     --out) out="$2"; shift ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
