@@ -23,6 +23,9 @@ repeated `--rounds` times in turn (the best round is reported: the cores are sha
   (b''') keras_layers_tfdata  Keras RandomFlip/RandomRotation/RandomZoom inside `tf.data`
                      (the approach the issue measured at about 194 images/s).
   (c) decode_resize  `tf.data` read + JPEG decode + resize to 224 only: the ceiling.
+  (b1) project_epoch_1_thread  (b) on a private pool of one thread: the reader's images/s
+                     per CPU core, and from it the cores a GPU worker needs to feed
+                     `--feed` images/s (default 5,000).
 
 Augmenting on the accelerator instead (inside the model) is measured by
 benchmarks/train_throughput.py (`--augment keras|fused`).
@@ -110,10 +113,18 @@ def keras_idg(raw: Path, df, n: int) -> float:
     return _rate(batches(), n)
 
 
-def project_epoch(prepared: Path, n: int) -> float:
+def project_epoch(prepared: Path, n: int, threads: int | None = None) -> float:
+    """The train stage's reader; with `threads`, on a private pool of that many threads."""
+    import tensorflow as tf
+
     from genderclf.data.tfrecords import make_dataset
 
     ds = make_dataset(prepared, "train", BATCH, shuffle=True, seed=0, repeat=True)
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
+        ds = ds.with_options(options)
     return _rate(ds.as_numpy_iterator(), n)
 
 
@@ -198,6 +209,9 @@ def main() -> None:
     ap.add_argument("--keras-layers-images", type=int, default=1024,
                     help="images timed for the slow Keras-layers variant")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
+    ap.add_argument("--feed", type=float, default=5000.0,
+                    help="images/s a GPU worker must be fed (for the cores estimate)")  # fmt: skip
+    ap.add_argument("--variants", nargs="+", help="only these variants (prefix, e.g. b c)")
     args = ap.parse_args()
 
     import pandas as pd
@@ -221,12 +235,18 @@ def main() -> None:
         variants = {
             "a keras_idg": lambda: keras_idg(raw, df, n),
             "b project_epoch": lambda: project_epoch(work / "data" / "prepared", n_records),
+            "b1 project_epoch_1_thread": lambda: project_epoch(
+                work / "data" / "prepared", min(n_records, 2048), threads=1
+            ),
             "b'' fused_tfdata": lambda: fused_tfdata(raw, df, n, aug),
             "b''' keras_layers_tfdata": lambda: keras_layers_tfdata(
                 raw, df, min(n, args.keras_layers_images), aug
             ),
             "c decode_resize": lambda: decode_resize(raw, df, n),
         }
+        if args.variants:
+            keep = {"a", "b", "c", *args.variants}  # the ratios below need a, b and c
+            variants = {k: v for k, v in variants.items() if k.split()[0] in keep}
         rates: dict[str, list[float]] = {k: [] for k in variants}
         stage_s: list[float] = []
         for r in range(args.rounds):
@@ -258,6 +278,13 @@ def main() -> None:
             f"{'met' if b >= 5 * a else 'NOT met'} ({b / a:.1f}x); "
             f"(b) >= 60% of (c): {'met' if b >= 0.6 * c else 'NOT met'} ({b / c:.0%})"
         )
+        one = best.get("b1 project_epoch_1_thread")
+        if one:
+            need = math.ceil(args.feed / one)
+            print(f"\nreader per CPU core (one tf.data thread, 224 px JPEG records): {one:.0f} img/s; "
+                  f"all {cores} cores: {b:.0f} img/s ({b / cores:.0f} per core). To feed "
+                  f"{args.feed:.0f} img/s: {need} cores for the reader at the one-thread rate, "
+                  f"plus 1-2 for the training process")  # fmt: skip
         print(f"load average at end: {os.getloadavg()}")
         print(json.dumps({"best_img_s": best, "augment_stage_s": stage_s, "n": n,
                           "records": n_records, "amortised": amortised}))  # fmt: skip

@@ -195,7 +195,9 @@ class AugmentSettings(_Section):
 
 class TrainSettings(_Section):
     backbone: Literal["vgg16", "vgg19", "resnet50", "mobilenet_v2", "simple_cnn"]
-    weights: Literal["imagenet"] | None
+    weights: str | None = Field(
+        description="imagenet (Keras downloads it), null (from scratch) or a local weights file"
+    )
     batch_size: int = Field(ge=1, le=4096)
     epochs_head: int = Field(ge=0, le=1000)
     epochs_finetune: int = Field(ge=0, le=1000)
@@ -207,13 +209,33 @@ class TrainSettings(_Section):
     online_augment: bool
     aug_rotation: float = Field(ge=0.0, le=0.5, description="fraction of a full turn")
     aug_zoom: float = Field(ge=0.0, le=0.5)
+    aug_shift: float = Field(ge=0.0, le=0.3, description="fraction of the side, per axis")
     aug_contrast: float = Field(ge=0.0, le=0.9)
+    aug_brightness: float = Field(ge=0.0, le=0.9)
     early_stopping_patience: int = Field(ge=1, le=100)
     reduce_lr_patience: int = Field(ge=1, le=100)
     mixed_precision: Literal["auto", "on", "off"]
+    jit_compile: Literal["auto", "on", "off"] = Field(description="XLA for the training step")
+    deterministic: Literal["auto", "on", "off"] = Field(
+        description="same params and data on the same machine give the same weights"
+    )
     class_weights: Literal["auto", "off"]
 
-    @field_validator("mixed_precision", mode="before")
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, v: str | None) -> str | None:
+        # Whether the file exists is checked by the train stage (check_compatible): other
+        # stages and machines read these settings without the file.
+        if v is None or v == "imagenet":
+            return v
+        if not v.strip() or not v.endswith((".h5", ".keras")):
+            raise ValueError(
+                "must be imagenet, null, or the path of a local weights file ending in .h5 "
+                "or .keras (e.g. Keras' vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+            )
+        return v
+
+    @field_validator("mixed_precision", "jit_compile", "deterministic", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         # YAML 1.1 reads unquoted on/off as booleans (and `dvc exp run -S` drops the quotes).

@@ -101,6 +101,10 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert [(int(r["epoch"]), int(r["phase"])) for r in hist] == [(1, 1), (2, 2)]
     loss = [float(r["loss"]) for r in hist]
     assert loss[1] < loss[0], f"training loss did not fall: {loss}"
+    # the stage's own training rate per epoch (compilation excluded), in the row and summary
+    rates = [float(r["images_per_second"]) for r in hist]
+    assert all(r > 0 for r in rates)
+    assert metrics["images_per_second"] == max(rates)  # the median of two: the upper one
 
     # Held-out accuracy, measured the way the pipeline reports it (threshold chosen on val,
     # accuracy on the test split of people never seen in training), against the accuracy of
@@ -124,7 +128,14 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert run.data.params["train.backbone"] == "simple_cnn"
     assert run.data.params["base.image_size"] == "32"
     assert run.data.params["train.batch_size"] == "8"
-    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr"):
+    for key in (
+        "train/loss",
+        "train/accuracy",
+        "val/loss",
+        "val/accuracy",
+        "train/lr",
+        "train/images_per_second",
+    ):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [1, 2], key
     assert run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"], abs=1e-6)
@@ -235,7 +246,7 @@ def test_killed_training_resumes_without_repeating_an_epoch(mlflow_store, model_
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [json.loads(C.PATHS.run.read_text())["run_id"]]
     assert runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert len(steps) == len(set(steps))
     assert set(range(done_before + 1, 5)) <= set(steps)
 
@@ -384,6 +395,7 @@ def test_server_lost_after_training_keeps_the_model_and_a_rerun_finishes(
     metrics = run_train(settings, prepared, params, Path("x"))
     assert metrics["resumed"] == "phase 2 after epoch 2"  # nothing trained again
     assert metrics["epochs"] == 2 and metrics["train_images_per_second"] is None
+    assert metrics["images_per_second"] is not None  # the rates of the epochs trained before
     assert time.monotonic() - started < 60
     assert [int(r["epoch"]) for r in _history(C.PATHS.history)] == [1, 2]
     assert json.loads(C.PATHS.run.read_text())["run_id"] == run_id
@@ -391,5 +403,40 @@ def test_server_lost_after_training_keeps_the_model_and_a_rerun_finishes(
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "keras_model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "keras_model")}
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
     assert not backup.exists()
+
+
+# --- reproducibility ---------------------------------------------------------------------------
+
+
+def test_deterministic_training_gives_the_same_weights_twice(
+    model_settings, prepared_augmented, tmp_path
+):
+    """`train.deterministic: on`: same params and data on the same machine, same model.
+
+    Shuffled reads, online augmentation, dropout and initialisation all draw from seeds;
+    TensorFlow's op determinism keeps the `tf.data` order and the kernels fixed.
+    """
+    from dataclasses import replace
+
+    import keras
+
+    from genderclf.config import Paths
+    from genderclf.stages import train
+
+    settings = model_settings({"augment.copies": 1, "train.batch_size": 8,
+                               "train.deterministic": "on"})  # fmt: skip
+    assert settings.train.online_augment  # the augmentation's draws are part of what repeats
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    runs = []
+    for i in (1, 2):
+        paths = replace(Paths().under(tmp_path / f"run{i}"), prepared=prepared_augmented)
+        report = train.run(settings, paths)
+        runs.append((report, [keras.ops.convert_to_numpy(w) for w in report.model.weights]))
+    (first, w1), (second, w2) = runs
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
+    for a, b in zip(w1, w2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.model.predict(x, verbose=0),
+                                  second.model.predict(x, verbose=0))  # fmt: skip

@@ -6,6 +6,8 @@ pretrained weights; tests never download anything.
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import keras
@@ -20,7 +22,8 @@ from genderclf.model.backbones import (
     check_compatible,
     unfreeze_top_blocks,
 )
-from genderclf.model.layers import BackbonePreprocess
+from genderclf.model.fit import check_jit_settings, use_jit_compile, xla_blockers
+from genderclf.model.layers import BackbonePreprocess, FusedAugment
 from genderclf.model.saving import ModelLoadError, load_model
 
 SIZE = 32
@@ -53,7 +56,7 @@ def test_every_backbone_builds_and_outputs_one_probability(make_settings, name):
 
 def test_online_augmentation_is_off_at_inference(make_settings):
     model = build_model(_train(make_settings, backbone="simple_cnn", online_augment=True), SIZE)
-    assert "augmentation" in [layer.name for layer in model.layers]
+    assert isinstance(model.get_layer("augmentation"), FusedAugment)
     x = _pixels(4)
     first = keras.ops.convert_to_numpy(model(x, training=False))
     second = keras.ops.convert_to_numpy(model(x, training=False))
@@ -97,6 +100,150 @@ def test_simple_cnn_has_no_pretrained_weights(make_settings):
     train = _train(make_settings, backbone="simple_cnn").model_copy(update={"weights": "imagenet"})
     with pytest.raises(ModelConfigError, match=r"train\.weights"):
         build_model(train, SIZE)
+
+
+def test_a_local_weights_file_is_loaded_into_the_backbone(make_settings, tmp_path):
+    """`train.weights: <path>`: a cluster without internet keeps the weights on a share."""
+    donor = build_model(_train(make_settings, backbone="simple_cnn"), SIZE).get_layer("backbone")
+    path = tmp_path / "share" / "simple_cnn_notop.weights.h5"
+    path.parent.mkdir()
+    donor.save_weights(str(path))
+    train = _train(make_settings, backbone="simple_cnn", weights=str(path))  # real validation
+    model = build_model(train, SIZE)
+    base = model.get_layer("backbone")
+    for got, want in zip(base.weights, donor.weights, strict=True):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want)
+        )
+    assert not base.trainable  # pretrained: phase 1 trains the head only
+
+
+def test_a_missing_or_misnamed_weights_file_names_train_weights(make_settings, tmp_path):
+    missing = _train(make_settings, backbone="vgg16", weights=str(tmp_path / "absent.h5"))
+    with pytest.raises(ModelConfigError, match=r"train\.weights='.*absent\.h5': no such file"):
+        check_compatible(missing, SIZE)
+    with pytest.raises(SettingsError, match=r"train\.weights: .*imagenet, null, or the path"):
+        make_settings({"train.weights": "imagenet21k"})
+    wrong = tmp_path / "wrong.weights.h5"
+    keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)
+    ).save_weights(str(wrong))
+    with pytest.raises(
+        ModelConfigError, match=r"could not be loaded into train\.backbone=simple_cnn"
+    ):
+        build_model(_train(make_settings, backbone="simple_cnn", weights=str(wrong)), SIZE)
+
+
+# --- online augmentation: one fused affine warp in keras.ops ---------------------------------
+
+_U = {  # per image: rotation, zoom, shift (x, y) draws in [-1, 1], and the flip sign
+    "rot": np.array([0.7, -0.3, 0.1], "float32"),
+    "zoom": np.array([0.5, -0.8, 0.9], "float32"),
+    "shift": np.array([[0.3, -0.5, 0.0], [0.2, 0.4, -0.9]], "float32"),
+    "flip": np.array([1.0, -1.0, 1.0], "float32"),
+}
+
+
+@pytest.mark.parametrize("fill_mode", ["reflect", "nearest"])
+def test_fused_warp_equals_keras_affine_transform_with_the_same_matrix(fill_mode):
+    """The gather-based warp (XLA-compatible) computes what Keras' own op computes."""
+    h, w, rot, zoom, shift = 20, 24, 0.1, 0.3, 0.1
+    x = _pixels(3, 20, seed=3)[:, :, :, :].repeat(2, axis=2)[:, :, :w]
+    layer = FusedAugment(rotation=rot, zoom=zoom, shift=shift, fill_mode=fill_mode)
+    got = keras.ops.convert_to_numpy(
+        layer._warp(keras.ops.convert_to_tensor(x), _U["rot"], _U["zoom"], _U["shift"], _U["flip"])
+    )
+    theta, scale = _U["rot"] * rot * 2 * math.pi, 1 + zoom * _U["zoom"]
+    cos, sin = np.cos(theta) * scale, np.sin(theta) * scale
+    a0, a1, b0, b1 = cos * _U["flip"], -sin, sin * _U["flip"], cos
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    a2 = cx - a0 * cx - a1 * cy + _U["shift"][0] * shift * w
+    b2 = cy - b0 * cx - b1 * cy + _U["shift"][1] * shift * h
+    zero = np.zeros_like(a0)
+    matrix = np.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1).astype("float32")
+    want = keras.ops.convert_to_numpy(
+        keras.ops.image.affine_transform(x, matrix, interpolation="bilinear", fill_mode=fill_mode)
+    )
+    np.testing.assert_allclose(got, want, atol=5e-3)
+
+
+def test_fused_warp_of_a_quarter_turn_is_a_rotation_by_90_degrees():
+    x = _pixels(1, 9, seed=4)
+    layer = FusedAugment(rotation=0.25)
+    one = np.ones(1, "float32")
+    got = keras.ops.convert_to_numpy(layer._warp(x, one, 0 * one, np.zeros((2, 1), "float32"), one))
+    # a positive angle turns the image counter-clockwise, as in Keras' RandomRotation
+    np.testing.assert_allclose(got[0], np.rot90(x[0], k=1), atol=1e-3)
+
+
+def test_flip_alone_mirrors_some_images_and_keeps_the_others():
+    x = _pixels(16, 8, seed=5)
+    got = keras.ops.convert_to_numpy(FusedAugment(seed=1)(x, training=True))
+    mirrored = [np.array_equal(g, xi[:, ::-1]) for g, xi in zip(got, x, strict=True)]
+    kept = [np.array_equal(g, xi) for g, xi in zip(got, x, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert any(mirrored) and any(kept)
+
+
+def test_fused_augment_is_seeded_training_only_and_stays_in_pixel_range():
+    def layer(seed):
+        return FusedAugment(rotation=0.05, zoom=0.2, shift=0.1, contrast=0.3, brightness=0.3,
+                            seed=seed)  # fmt: skip
+
+    x = _pixels(4, SIZE, seed=6)
+    a = keras.ops.convert_to_numpy(layer(7)(x, training=True))
+    b = keras.ops.convert_to_numpy(layer(7)(x, training=True))
+    c = keras.ops.convert_to_numpy(layer(8)(x, training=True))
+    np.testing.assert_array_equal(a, b)  # same seed, same augmentation
+    assert not np.allclose(a, c)
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(7)(x)), x)  # inference
+
+
+def test_fused_augment_rejects_out_of_range_settings():
+    with pytest.raises(ValueError, match="reflect or nearest"):
+        FusedAugment(fill_mode="wrap")
+    with pytest.raises(ValueError, match=r"zoom must be in \[0, 1\)"):
+        FusedAugment(zoom=1.5)
+
+
+def test_the_pipeline_model_compiles_under_xla_on_the_tensorflow_backend(make_settings):
+    """Keras' RandomRotation/RandomZoom made Keras drop jit_compile=True for the whole step
+    ("Model doesn't support jit_compile=True"); the fused layer keeps XLA on."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("the TensorFlow backend's XLA is the one checked here")
+    train = _train(make_settings, backbone="simple_cnn", online_augment=True, aug_shift=0.05,
+                   aug_brightness=0.1)  # fmt: skip
+    model = build_model(train, SIZE)
+    assert xla_blockers(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "doesn't support jit_compile" warning fails the test
+        model.compile(keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=True)
+    assert model.jit_compile is True
+    y = np.array([0, 1, 0, 1], "float32")
+    losses = [float(model.train_on_batch(_pixels(4, seed=s), y)) for s in range(2)]
+    assert model.jit_compile is True and all(np.isfinite(losses))
+
+
+def test_jit_compile_setting_resolves_per_model_and_host(make_settings):
+    model = build_model(_train(make_settings, backbone="simple_cnn"), SIZE)
+    assert use_jit_compile("on", model, deterministic=False) is True
+    assert use_jit_compile("off", model, deterministic=False) is False
+    # this host has no GPU: off on TensorFlow; on JAX, off would mean op by op
+    assert use_jit_compile("auto", model, deterministic=False) is (keras.config.backend() == "jax")
+    inp = keras.Input((SIZE, SIZE, 3))
+    old = keras.Model(inp, keras.layers.RandomRotation(0.1)(inp))  # what build_model used
+    assert xla_blockers(old) and use_jit_compile("auto", old, deterministic=False) is False
+    with pytest.raises(ModelConfigError, match=r"train\.jit_compile=on but layers"):
+        use_jit_compile("on", old, deterministic=False)
+    if keras.config.backend() == "tensorflow":
+        with pytest.raises(ModelConfigError, match=r"train\.deterministic"):
+            use_jit_compile("on", model, deterministic=True)
+        # and before anything starts (the train stage's prepare): auto is on without a GPU
+        conflict = _train(make_settings, jit_compile="on", deterministic="auto")
+        with pytest.raises(ModelConfigError, match=r"train\.jit_compile=on but train\.determ"):
+            check_jit_settings(conflict)
+        check_jit_settings(_train(make_settings, jit_compile="on", deterministic="off"))
 
 
 # --- fine-tuning -----------------------------------------------------------------------------
@@ -233,6 +380,9 @@ def test_saved_model_reloads_in_safe_mode_with_the_same_predictions(make_setting
     model.save(str(path))
     loaded = load_model(path)
     assert loaded.get_layer("preprocess").mode == "unit"
+    aug = loaded.get_layer("augmentation")  # the custom layer, rebuilt in safe mode
+    assert isinstance(aug, FusedAugment)
+    assert aug.get_config() == model.get_layer("augmentation").get_config()
     x = _pixels(3)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(x, training=False)),

@@ -6,6 +6,7 @@ the source path (relative to `data/raw/`) and the variant number (0 = original).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -128,13 +129,17 @@ def make_dataset(
     repeat: bool = False,
     with_path: bool = False,
     drop_remainder: bool = False,
+    deterministic: bool = False,
 ):
     """A `tf.data` pipeline over the prepared shards of one split.
 
     Parallel reads and decodes, optional shuffle, batching and prefetch. Yields
     `(images float32 [B,S,S,3] in 0..255, labels float32 [B])`, plus paths when
     `with_path`. Pixel scaling is left to the model, which holds its backbone's
-    preprocessing (so inference needs none).
+    preprocessing (so inference needs none). A shuffled pipeline hands records over as
+    soon as they are decoded (fastest, order varies) unless `deterministic`: then the
+    order is a function of `seed` alone. It feeds any Keras backend (`model.fit` on JAX
+    takes a `tf.data.Dataset` too).
     """
     import tensorflow as tf
 
@@ -167,16 +172,29 @@ def make_dataset(
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
         tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=auto,
-        deterministic=not shuffle,
+        deterministic=deterministic or not shuffle,
     )  # fmt: skip
     if shuffle:
         ds = ds.shuffle(min(10_000, max(1, meta["splits"][split]["records"])), seed=seed)
-    ds = ds.map(parse, num_parallel_calls=auto, deterministic=not shuffle)
+    ds = ds.map(parse, num_parallel_calls=auto, deterministic=deterministic or not shuffle)
     # Tell Keras how many records there are, so it knows the steps per epoch up front.
     ds = ds.apply(tf.data.experimental.assert_cardinality(int(meta["splits"][split]["records"])))
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)
+
+
+def reader_on_cpu_only() -> None:
+    """Keep TensorFlow off the GPUs: when JAX trains on them, `tf.data` only reads on the CPU.
+
+    Without this TensorFlow would find the CUDA libraries JAX brings and reserve most of
+    the GPU memory for itself. Call it before TensorFlow first lists its devices (a no-op
+    after that).
+    """
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # TensorFlow already initialised its devices
+        tf.config.set_visible_devices([], "GPU")
 
 
 def first_record(prepared_dir: str | os.PathLike[str], split: str) -> tuple[bytes, int, str]:

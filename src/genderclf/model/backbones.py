@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 
-from genderclf.config import TrainSettings
-from genderclf.model.layers import BackbonePreprocess
+from genderclf.config import GenderclfError, TrainSettings
+from genderclf.model.layers import BackbonePreprocess, FusedAugment
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(GenderclfError, ValueError):
     """A train setting the chosen backbone cannot honour; names the param."""
 
 
@@ -29,7 +30,7 @@ _SIMPLE_CNN_BN_MOMENTUM = 0.9
 
 
 def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
-    if weights is not None:
+    if weights == "imagenet":
         raise ModelConfigError(
             "train.weights=imagenet is not available for train.backbone=simple_cnn "
             "(it is trained from scratch): set train.weights: null"
@@ -44,7 +45,10 @@ def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
                                                 name=f"block{i}_bn{j}")(x)  # fmt: skip
             x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{i}_pool")(x)
-    return keras.Model(inp, x, name="simple_cnn")
+    model = keras.Model(inp, x, name="simple_cnn")
+    if weights is not None:  # a file saved from an earlier simple_cnn backbone
+        model.load_weights(weights)
+    return model
 
 
 def _app(cls: Callable[..., keras.Model]) -> Callable[[int, str | None], keras.Model]:
@@ -95,6 +99,13 @@ def check_compatible(train: TrainSettings, image_size: int) -> Backbone:
             f"base.image_size={image_size} is too small for train.backbone={bb.name} "
             f"(needs at least {bb.min_size})"
         )
+    if train.weights not in (None, "imagenet") and not Path(train.weights).is_file():
+        raise ModelConfigError(
+            f"train.weights={train.weights!r}: no such file (from {Path.cwd()}). Give the path "
+            f"of a local weights file for {bb.name} without its top (for ImageNet weights: "
+            f"the .h5 file Keras caches in ~/.keras/models/, copied to this machine), or set "
+            "train.weights: imagenet to download them, or null to train from scratch"
+        )
     if train.finetune_blocks > len(bb.blocks):
         raise ModelConfigError(
             f"train.finetune_blocks={train.finetune_blocks} but {bb.name} has only "
@@ -103,16 +114,15 @@ def check_compatible(train: TrainSettings, image_size: int) -> Backbone:
     return bb
 
 
-def augmentation(train: TrainSettings) -> keras.Sequential:
-    """Online augmentation, active only when the model is called with training=True."""
-    layers: list[keras.layers.Layer] = [keras.layers.RandomFlip("horizontal")]
-    if train.aug_rotation > 0:
-        layers.append(keras.layers.RandomRotation(train.aug_rotation, fill_mode="reflect"))
-    if train.aug_zoom > 0:
-        layers.append(keras.layers.RandomZoom(train.aug_zoom, fill_mode="reflect"))
-    if train.aug_contrast > 0:
-        layers.append(keras.layers.RandomContrast(train.aug_contrast, value_range=(0, 255)))
-    return keras.Sequential(layers, name="augmentation")
+def augmentation(train: TrainSettings) -> FusedAugment:
+    """Online augmentation, active only when the model is called with training=True.
+
+    Flip, rotation, zoom and shift as one affine warp per image, then contrast and
+    brightness (`train.aug_*`); written in `keras.ops`, so XLA compiles the training step.
+    """
+    return FusedAugment(rotation=train.aug_rotation, zoom=train.aug_zoom, shift=train.aug_shift,
+                        contrast=train.aug_contrast, brightness=train.aug_brightness,
+                        flip=True, fill_mode="reflect", name="augmentation")  # fmt: skip
 
 
 def build_model(train: TrainSettings, image_size: int) -> keras.Model:
@@ -127,7 +137,15 @@ def build_model(train: TrainSettings, image_size: int) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation(train)(inputs) if train.online_augment else inputs
     x = BackbonePreprocess(bb.preprocess, name="preprocess")(x)
-    base = bb.factory(image_size, train.weights)
+    try:
+        base = bb.factory(image_size, train.weights)
+    except (ValueError, OSError) as err:
+        if train.weights in (None, "imagenet"):
+            raise
+        raise ModelConfigError(
+            f"train.weights={train.weights!r} could not be loaded into train.backbone="
+            f"{bb.name} (without its top) at base.image_size={image_size}: {err}"
+        ) from err
     base.name = "backbone"
     pretrained = train.weights is not None
     base.trainable = not pretrained

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ from typing import Any
 import keras
 
 from genderclf.config import Settings, TrainSettings
-from genderclf.model.backbones import build_model, unfreeze_top_blocks
+from genderclf.model.backbones import ModelConfigError, build_model, unfreeze_top_blocks
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+HISTORY_FIELDS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                  "images_per_second"]  # fmt: skip
 
 
 @dataclass
@@ -39,17 +41,45 @@ class TrainResult:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """One line per epoch on the console, a row in history.csv, the row to `on_epoch`."""
+    """One line per epoch on the console, a row in history.csv, the row to `on_epoch`.
+
+    `images_per_second` is the training rate of the epoch: the `records` images of the
+    train split over the time from the epoch's start to its last training step (validation
+    excluded). In the first epoch of a `fit` (the one that compiles the step) the clock
+    starts after the first step instead, and that step's `batch_size` images are not
+    counted. None when that leaves nothing to time (one step per epoch) or `records` is
+    unknown. Keras' own callbacks (BackupAndRestore, ModelCheckpoint) already hook every
+    batch end, so Keras syncs each step with the host: the clock reads finished steps.
+    """
 
     def __init__(self, phase: int, offset: int, history_csv: Path,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None):  # fmt: skip
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 records: int | None = None, batch_size: int | None = None):  # fmt: skip
         super().__init__()
         self.phase, self.offset, self.history_csv = phase, offset, history_csv
         self.on_epoch = on_epoch
-        self._t0 = 0.0
+        self.records, self.batch_size = records, batch_size
+        self._t0 = self._t_first = self._t_last = 0.0
+        self._compiled = False  # the first epoch of this fit() compiles the training step
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._t0 = time.monotonic()
+        self._t0 = self._t_first = self._t_last = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._t_last = time.monotonic()
+        if batch == 0:
+            self._t_first = self._t_last
+
+    def _images_per_second(self) -> float | None:
+        if not self.records:
+            return None
+        if self._compiled:
+            images, seconds = self.records, self._t_last - self._t0
+        else:  # exclude the first step: compilation
+            self._compiled = True
+            images = self.records - min(self.batch_size or self.records, self.records)
+            seconds = self._t_last - self._t_first
+        return round(images / seconds, 1) if images > 0 and seconds > 0 else None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})
@@ -57,6 +87,7 @@ class EpochLog(keras.callbacks.Callback):
         row = {
             "epoch": self.offset + epoch + 1, "phase": self.phase, "lr": lr,
             "seconds": round(time.monotonic() - self._t0, 2),
+            "images_per_second": self._images_per_second(),
             **{k: round(float(logs[k]), 6) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs},
         }  # fmt: skip
         new = not self.history_csv.exists()
@@ -68,7 +99,8 @@ class EpochLog(keras.callbacks.Callback):
         print(
             f"phase {self.phase} epoch {row['epoch']}: loss {row.get('loss', float('nan')):.4f} "
             f"acc {row.get('accuracy', float('nan')):.4f} val_loss {row.get('val_loss', float('nan')):.4f} "
-            f"val_acc {row.get('val_accuracy', float('nan')):.4f} lr {lr:.2e} ({row['seconds']:.0f}s)",
+            f"val_acc {row.get('val_accuracy', float('nan')):.4f} lr {lr:.2e} ({row['seconds']:.0f}s"
+            + (f", {row['images_per_second']:.0f} img/s)" if row["images_per_second"] else ")"),
             flush=True,
         )
         if self.on_epoch is not None:
@@ -113,6 +145,105 @@ def accelerator_count() -> int:
     return 0
 
 
+def xla_blockers(model: keras.Model) -> list[str]:
+    """Names of the layers (nested models included) that set `supports_jit = False`."""
+    blockers, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        if not getattr(layer, "supports_jit", True):
+            blockers.append(layer.name)
+        stack.extend(getattr(layer, "layers", None) or [])
+    return blockers
+
+
+def use_jit_compile(setting: str, model: keras.Model, deterministic: bool) -> bool:
+    """`train.jit_compile` resolved for `model.compile(jit_compile=...)`.
+
+    `auto` = XLA on whenever the model supports it and a GPU is visible, one or several
+    (Keras' own "auto" turns XLA off on CPU hosts and under any tf.distribute strategy,
+    i.e. on every multi-GPU TensorFlow worker), and always on the JAX backend. TensorFlow
+    refuses XLA with op determinism on, so `auto` is off there and `on` is an error.
+
+    Raises:
+        ModelConfigError: `on` for a model or setting that cannot compile under XLA.
+    """
+    if setting == "off":
+        return False
+    blockers = xla_blockers(model)
+    tf_determinism = deterministic and keras.config.backend() == "tensorflow"
+    if setting == "on" and (blockers or tf_determinism):
+        why = (f"layers {blockers} do not support XLA" if blockers else
+               "Keras turns XLA off on the TensorFlow backend when op determinism is on "
+               "(train.deterministic)")  # fmt: skip
+        raise ModelConfigError(f"train.jit_compile=on but {why}: set train.jit_compile: auto or "
+                               "off, or train.deterministic: off")  # fmt: skip
+    if blockers or tf_determinism:
+        return False
+    # On JAX, no XLA means running op by op: several times slower on a CPU too.
+    return setting == "on" or keras.config.backend() == "jax" or accelerator_count() > 0
+
+
+def check_jit_settings(train: TrainSettings) -> None:
+    """Fail early on `train.jit_compile: on` that TensorFlow's op determinism would undo.
+
+    Raises:
+        ModelConfigError: naming both keys.
+    """
+    if (train.jit_compile == "on" and keras.config.backend() == "tensorflow"
+            and use_deterministic(train.deterministic)):  # fmt: skip
+        raise ModelConfigError(
+            f"train.jit_compile=on but train.deterministic={train.deterministic} turns op "
+            "determinism on, and Keras turns XLA off on the TensorFlow backend then: set "
+            "train.deterministic: off (or train.jit_compile: auto)"
+        )
+
+
+def use_deterministic(setting: str) -> bool:
+    """`train.deterministic`: `auto` = on without an accelerator, off with one."""
+    if setting != "auto":
+        return setting == "on"
+    return accelerator_count() == 0
+
+
+@contextlib.contextmanager
+def reproducible(seed: int, on: bool):
+    """Seed Python, NumPy and the backend; with `on`, also make the ops deterministic.
+
+    TensorFlow's op determinism (deterministic kernels, and `tf.data` transformations that
+    keep their order) is switched on for the block and back off after it (it is process
+    wide). On the JAX backend, XLA on a GPU needs `--xla_gpu_deterministic_ops=true` in
+    `XLA_FLAGS` before JAX starts: `deterministic_xla_flags()`; JAX on a CPU is
+    deterministic as it is.
+    """
+    keras.utils.set_random_seed(seed)
+    if not on:
+        yield
+        return
+    from tensorflow.python.framework import config as tf_config  # tf.data runs on every backend
+
+    was_on = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on:
+            tf_config.disable_op_determinism()
+
+
+def deterministic_xla_flags(setting: str) -> None:
+    """With `train.deterministic: on` on the JAX backend, ask XLA for deterministic GPU ops.
+
+    Must run before JAX initialises its backend (the first device query); `auto` is off
+    on a GPU, so only `on` sets the flag. Deterministic XLA:GPU has no deterministic
+    select-and-scatter (the gradient of max pooling): compilation may fail there.
+    """
+    if setting != "on" or keras.config.backend() != "jax":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def distribution_scope():
     """A `tf.distribute.MirroredStrategy` over all GPUs when more than one is visible."""
     if keras.config.backend() == "tensorflow" and accelerator_count() > 1:
@@ -142,11 +273,15 @@ def fit_phases(
     *,
     weights: dict[int, float] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    train_records: int | None = None,
+    deterministic: bool = False,
 ) -> TrainResult:
     """Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the top blocks.
 
     Every completed epoch is backed up in `backup_dir`, so calling this again after a
     crash resumes from the last completed epoch (phase 1 is skipped once it finished).
+    `train_records` (images per epoch) gives each history row its `images_per_second`;
+    `deterministic` is `train.deterministic` resolved (it decides whether XLA can be on).
 
     Returns:
         TrainResult with the best model (lowest validation loss over both phases).
@@ -172,6 +307,10 @@ def fit_phases(
     keras.utils.set_random_seed(settings.base.seed)
     with distribution_scope():
         model = build_model(t, settings.base.image_size)
+    jit = use_jit_compile(t.jit_compile, model, deterministic)
+    print(f"train: backend {keras.config.backend()}, XLA {'on' if jit else 'off'}, "
+          f"policy {keras.config.dtype_policy().name}, deterministic "
+          f"{'on' if deterministic else 'off'}", flush=True)  # fmt: skip
     loss = keras.losses.BinaryCrossentropy()
     checkpoint_best = keras.callbacks.ModelCheckpoint(
         str(best), monitor="val_loss", save_best_only=True, save_weights_only=True
@@ -187,12 +326,13 @@ def fit_phases(
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
                                               patience=t.reduce_lr_patience, min_lr=1e-7),
             checkpoint_best,
-            EpochLog(phase, offset, history_csv, on_epoch),
+            EpochLog(phase, offset, history_csv, on_epoch, train_records, t.batch_size),
         ]  # fmt: skip
 
     if t.epochs_head > 0 and not phase1_done.exists():
         with distribution_scope():
-            model.compile(_optimizer(t.optimizer, t.lr_head), loss=loss, metrics=["accuracy"])
+            model.compile(_optimizer(t.optimizer, t.lr_head), loss=loss, metrics=["accuracy"],
+                          jit_compile=jit)  # fmt: skip
         h = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs_head,
                       callbacks=callbacks(1, 0), class_weight=weights, shuffle=False, verbose=0)  # fmt: skip
         epochs_now += len(h.epoch)
@@ -208,7 +348,8 @@ def fit_phases(
         names = unfreeze_top_blocks(model, t)
         log.info("phase 2: %d backbone layers trainable, lr %.1e", len(names), t.lr_finetune)
         with distribution_scope():
-            model.compile(_optimizer(t.optimizer, t.lr_finetune), loss=loss, metrics=["accuracy"])
+            model.compile(_optimizer(t.optimizer, t.lr_finetune), loss=loss, metrics=["accuracy"],
+                          jit_compile=jit)  # fmt: skip
         # Carry the best validation loss of phase 1 so phase 2 only checkpoints real gains.
         prev = [r["val_loss"] for r in read_history(history_csv) if r.get("val_loss") is not None]
         if prev:

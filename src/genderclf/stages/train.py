@@ -15,10 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import Paths, Settings
-from genderclf.data.tfrecords import PreparedDataError, make_dataset, read_meta
+from genderclf.data.tfrecords import (
+    PreparedDataError,
+    make_dataset,
+    read_meta,
+    reader_on_cpu_only,
+)
 from genderclf.io import atomic_file, write_json
 from genderclf.model.backbones import check_compatible
-from genderclf.model.fit import backup_dir_for, class_weights, fit_phases, use_mixed_precision
+from genderclf.model.fit import (
+    backup_dir_for,
+    check_jit_settings,
+    class_weights,
+    deterministic_xla_flags,
+    fit_phases,
+    reproducible,
+    use_deterministic,
+    use_mixed_precision,
+)
 from genderclf.model.plots import plot_history
 from genderclf.model.saving import save_model
 
@@ -41,10 +55,12 @@ def prepare(settings: Settings, paths: Paths) -> Path:
 
     Raises:
         PreparedDataError: prepared data missing or at another image size.
-        ModelConfigError: the backbone cannot take these settings.
+        ModelConfigError: the backbone cannot take these settings (or the weights file is
+            missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
     meta = read_meta(paths.prepared)
     check_compatible(settings.train, settings.base.image_size)
+    check_jit_settings(settings.train)
     if int(meta["image_size"]) != settings.base.image_size:
         raise PreparedDataError(
             f"prepared data is {meta['image_size']}px but base.image_size="
@@ -57,38 +73,52 @@ def run(settings: Settings, paths: Paths,
         on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainReport:  # fmt: skip
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
+    Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
+    the `tf.data` reader feeds either.
+
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
-            val_loss, val_accuracy, lr, seconds), e.g. to log it.
+            val_loss, val_accuracy, lr, seconds, images_per_second), e.g. to log it.
     """
     import keras
 
     t = settings.train
     backup = prepare(settings, paths)
     meta = read_meta(paths.prepared)
+    deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
+    if keras.config.backend() != "tensorflow":
+        reader_on_cpu_only()
     if use_mixed_precision(t.mixed_precision):
         keras.mixed_precision.set_global_policy("mixed_float16")
+    deterministic = use_deterministic(t.deterministic)
     for other in paths.train_backups.glob("*"):  # backups of other settings or data
         if other != backup:
             shutil.rmtree(other, ignore_errors=True)
-    train_ds = make_dataset(paths.prepared, "train", t.batch_size, shuffle=True,
-                            seed=settings.base.seed)  # fmt: skip
-    val_ds = make_dataset(paths.prepared, "val", t.batch_size)
     tr = meta["splits"]["train"]
     weights = class_weights(tr["male"], tr["images"], t.class_weights)
-    result = fit_phases(settings, train_ds, val_ds, backup, weights=weights, on_epoch=on_epoch)
+    with reproducible(settings.base.seed, deterministic):
+        train_ds = make_dataset(paths.prepared, "train", t.batch_size, shuffle=True,
+                                seed=settings.base.seed, deterministic=deterministic)  # fmt: skip
+        val_ds = make_dataset(paths.prepared, "val", t.batch_size)
+        result = fit_phases(settings, train_ds, val_ds, backup, weights=weights,
+                            on_epoch=on_epoch, train_records=tr["records"],
+                            deterministic=deterministic)  # fmt: skip
     save_model(result.model, paths.model)
 
     hist = result.history
     best = min((r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"],
                default={})  # fmt: skip
     rate = tr["records"] * result.epochs_run_now / result.seconds if result.epochs_run_now else None
+    # The training rate per epoch, compilation and validation excluded (history rows).
+    rates = sorted(r["images_per_second"] for r in hist if r.get("images_per_second"))
+    steady = rates[len(rates) // 2] if rates else None
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
         "val_loss": best.get("val_loss"),
         "val_accuracy": best.get("val_accuracy"),
         "epochs": len(hist),
-        "train_images_per_second": round(rate, 1) if rate else None,
+        "train_images_per_second": round(rate, 1) if rate else None,  # whole fit, wall clock
+        "images_per_second": steady,  # median epoch: training steps only, no compilation
         "resumed": result.resumed_from or "no",
         "class_weights": weights or "none",
     }

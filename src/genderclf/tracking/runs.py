@@ -126,7 +126,8 @@ class TrainingRun:
         summary = {"best_epoch": m["best_epoch"], "best_val_loss": m["val_loss"],
                    "best_val_accuracy": m["val_accuracy"], "epochs": m["epochs"],
                    "resumed": m["resumed"], "class_weights": m["class_weights"],
-                   "train_images_per_second": m["train_images_per_second"]}  # fmt: skip
+                   "train_images_per_second": m["train_images_per_second"],
+                   "images_per_second": m["images_per_second"]}  # fmt: skip
         info = log_keras_model(
             report.model, report.example, {k: str(v) for k, v in summary.items()}
         )
