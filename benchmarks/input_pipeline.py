@@ -163,7 +163,7 @@ def fused_tfdata(raw: Path, df, n: int, aug: dict) -> float:
         tx, ty = [(2 * u[i] - 1) * aug["shift"] * SIZE for i in (2, 3)]
         flip = tf.where(u[4] < 0.5, -1.0, 1.0) if aug["flip"] else tf.ones_like(u[4])
         cos, sin = tf.cos(theta), tf.sin(theta)
-        # output -> input: in = C + F R (out - C - T) / scale, as augment_ops.random_affine
+        # output -> input: in = C + F R (out - C - T) / scale, as data/augment.py random_affine
         a0, a1, b0, b1 = flip * cos / scale, flip * sin / scale, -sin / scale, cos / scale
         c = (SIZE - 1) / 2
         a2 = c - a0 * (c + tx) - a1 * (c + ty)

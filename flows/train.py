@@ -92,5 +92,5 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
 
 
 if __name__ == "__main__":
-    # Serve this flow from a worker's clone: `python flows/train.py` (see README, "GPU worker").
+    # Serve this flow from a worker's clone: `python flows/train.py` (docs/orchestration.md, "GPU worker").
     train_flow.serve(name="gpu-local")

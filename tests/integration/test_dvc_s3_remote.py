@@ -2,7 +2,7 @@
 
 The whole pipeline runs once with `dvc repro` in a temporary git repository (tiny params,
 as tests/integration/test_full_pipeline.py), the repository's remote is pointed at a
-bucket on the local server the way README "Scaling out" says, and then:
+bucket on the local server the way docs/scaling-out.md says, and then:
 
 * `dvc push` uploads every cached output of every stage (checked in the bucket with boto3);
 * the local cache and every cached output are deleted;
@@ -93,7 +93,7 @@ def repo(tmp_path_factory, pipeline_params, s3_server) -> Path:
     copy_pipeline(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(pipeline_params, sort_keys=False))
     _run(repo, "git", "init", "-q")
-    # The remote as README "Scaling out" sets it up: the bucket in .dvc/config, the
+    # The remote as docs/scaling-out.md sets it up: the bucket in .dvc/config, the
     # endpoint of an S3-compatible store next to it, the credentials from the environment.
     _dvc(repo, "remote", "add", "--default", "--force", "s3", f"s3://{BUCKET}/{PREFIX}")
     _dvc(repo, "remote", "modify", "s3", "endpointurl", s3_server)
