@@ -34,6 +34,9 @@ from typing import Any
 # The ephemeral API server's telemetry heartbeat shares its SQLite file with the flow run
 # and fails with "database is locked"; nothing here needs it.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect waits 20 s for the ephemeral server to answer; on two busy cores its start-up
+# (database migrations, services) can take longer, and the run then fails before any stage.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
