@@ -240,8 +240,8 @@ def workspace(tmp_path, monkeypatch, model_settings, sample_data, prepared) -> P
     shutil.copytree(raw, tmp_path / C.PATHS.raw)
     shutil.copytree(splits, tmp_path / C.PATHS.splits)
     shutil.copytree(prepared, tmp_path / C.PATHS.prepared)
-    # a floor of 0: one epoch on the tiny sample is enough to become the first champion
-    settings = model_settings({"register.min_accuracy": 0.0})
+    # no floor, no calibration ceiling: one epoch on the tiny sample becomes the first champion
+    settings = model_settings({"register.min_accuracy": 0.0, "register.max_ece": 1.0})
     (tmp_path / C.PATHS.params).write_text(
         yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False))  # fmt: skip
     monkeypatch.chdir(tmp_path)

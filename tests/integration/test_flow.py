@@ -211,17 +211,19 @@ def test_manual_approval_pauses_for_a_person_who_approves_or_rejects(harness, fl
     flow = threading.Thread(target=lambda: result.update(
         gender_pipeline(repo=str(flow_env), overrides=overrides, approval_timeout=900)))  # fmt: skip
     flow.start()
+    paused = _wait_for_state("gender-pipeline", "PAUSED")
+    answer = {"approve": False, "reason": "the test failed before answering", "reviewer": "test"}
     try:
-        paused = _wait_for_state("gender-pipeline", "PAUSED")
         report = json.loads((flow_env / C.PATHS.register_report).read_text())
         assert report["decision"] == "pending_approval"
-        version = report["version"]
-        assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == version
+        version = str(report["version"])
+        assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == version
         reason = "card reviewed" if approve else "the Young slice is too thin to judge"
-        resume_flow_run(paused.id, run_input={"approve": approve, "reason": reason,
-                                              "reviewer": "ana"})  # fmt: skip
-    finally:
-        flow.join(900)
+        answer = {"approve": approve, "reason": reason, "reviewer": "ana"}
+    finally:  # always answer, so a failed assertion does not leave the flow paused for 900 s
+        resume_flow_run(paused.id, run_input=answer)
+        flow.join(300)
+    assert not flow.is_alive(), "the flow did not finish after it was resumed"
     assert result["approval"] == {"version": version, "approved": approve, "reviewer": "ana",
                                   "reason": reason, "moved": approve}  # fmt: skip
     mv = client.get_model_version(MODEL_NAME, version)
@@ -230,7 +232,7 @@ def test_manual_approval_pauses_for_a_person_who_approves_or_rejects(harness, fl
     assert "by ana" in mv.description and reason in mv.description
     champion = None
     with contextlib.suppress(Exception):
-        champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version
+        champion = str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
     assert (champion == version) is approve
     if approve:
         move = json.loads(mv.tags[f"alias.{CHAMPION}.set"])
