@@ -1,0 +1,102 @@
+"""The drift tests on known cases, the reference file, the report text (no model here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genderclf.monitor.profile import FEATURES, Profile, ReferenceError
+from genderclf.monitor.stats import ks_per_feature, mmd_test, two_proportions
+
+ALPHA = 0.05
+
+
+def _gauss(rng, n, d=16, shift=0.0, scale=1.0):
+    return rng.normal(shift, scale, (n, d))
+
+
+def test_mmd_false_alarm_rate_is_at_most_alpha_on_one_distribution():
+    # 200 independent pairs from one distribution: alarms are Binomial(200, <= 0.05); the
+    # tolerance is 2.5 standard deviations of that count (0.05 + 0.039).
+    trials, alarms = 200, 0
+    for seed in range(trials):
+        rng = np.random.default_rng(10_000 + seed)
+        alarms += mmd_test(_gauss(rng, 40), _gauss(rng, 40), 99, ALPHA, seed).drifted
+    rate = alarms / trials
+    assert rate <= ALPHA + 2.5 * np.sqrt(ALPHA * (1 - ALPHA) / trials), rate
+
+
+@pytest.mark.parametrize(("shift", "scale"), [(0.5, 1.0), (0.0, 1.6)])
+def test_mmd_alarms_on_a_clear_shift_of_mean_or_spread(shift, scale):
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        r = mmd_test(_gauss(rng, 60), _gauss(rng, 60, shift=shift, scale=scale), 199, ALPHA, seed)
+        assert r.drifted and r.p_value <= 0.01 and r.statistic > np.quantile(r.null, 0.99)
+
+
+def test_mmd_is_seeded_and_checks_its_input():
+    rng = np.random.default_rng(0)
+    x, y = _gauss(rng, 30), _gauss(rng, 30)
+    a, b = mmd_test(x, y, 50, ALPHA, 7), mmd_test(x, y, 50, ALPHA, 7)
+    assert a.p_value == b.p_value and np.array_equal(a.null, b.null)
+    assert a.bandwidth > 0 and len(a.null) == 50
+    with pytest.raises(ValueError, match="two samples"):
+        mmd_test(x[:1], y, 50, ALPHA, 0)
+    with pytest.raises(ValueError, match="one dimension"):
+        mmd_test(x, y[:, :3], 50, ALPHA, 0)
+
+
+def test_ks_per_feature_bonferroni_and_constant_columns():
+    rng = np.random.default_rng(1)
+    ref = np.column_stack([np.full(100, 178.0), rng.normal(0.5, 0.1, 100), rng.uniform(size=100)])
+    same = np.column_stack([np.full(80, 178.0), rng.normal(0.5, 0.1, 80), rng.uniform(size=80)])
+    dark = same.copy()
+    dark[:, 1] *= 0.5
+    names = ["width", "brightness", "blue"]
+    assert not any(t.drifted for t in ks_per_feature(ref, same, names, ALPHA))
+    tests = {t.name: t for t in ks_per_feature(ref, dark, names, ALPHA)}
+    assert tests["brightness"].drifted and tests["brightness"].p_value < ALPHA / 3
+    assert tests["width"].statistic == 0.0 and tests["width"].p_value == 1.0
+    assert not tests["width"].drifted and not tests["blue"].drifted
+    other_size = same.copy()
+    other_size[:, 0] = 640.0
+    assert {t.name for t in ks_per_feature(ref, other_size, names, ALPHA) if t.drifted} == {"width"}
+
+
+def test_two_proportions():
+    delta, p = two_proportions(50, 100, 50, 100)
+    assert delta == 0 and p == pytest.approx(1.0)
+    delta, p = two_proportions(50, 100, 80, 100)
+    assert delta == pytest.approx(0.3) and p < 1e-4
+    assert two_proportions(0, 10, 0, 10) == (0.0, 1.0)
+
+
+def _profile(rng, n=12, d=8) -> Profile:
+    p = rng.uniform(size=n)
+    return Profile([f"img_{i}.jpg" for i in range(n)], rng.uniform(size=(n, len(FEATURES))),
+                   rng.normal(size=(n, d)).astype(np.float32), p, (p >= 0.5).astype(int),
+                   [("bad.jpg", "truncated: corrupt or truncated image")], {"source": "test"})  # fmt: skip
+
+
+def test_reference_round_trip(tmp_path):
+    prof = _profile(np.random.default_rng(3))
+    path = prof.save(tmp_path / "reports" / "reference.npz")
+    back = Profile.load(path)
+    assert back.names == prof.names and back.failed == prof.failed
+    assert back.meta["source"] == "test" and back.meta["features"] == FEATURES
+    np.testing.assert_allclose(back.features, prof.features, rtol=1e-6)
+    np.testing.assert_allclose(back.embeddings, prof.embeddings, atol=2e-3)  # float16 on disk
+    np.testing.assert_allclose(back.p_male, prof.p_male, rtol=1e-6)
+    np.testing.assert_array_equal(back.male, prof.male)
+    np.testing.assert_allclose(back.confidence, np.maximum(prof.p_male, 1 - prof.p_male), 1e-6)
+    assert path.stat().st_size < 10_000
+    assert [p.name for p in path.parent.iterdir()] == ["reference.npz"]  # no temp left
+
+
+def test_reference_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(ReferenceError, match=r"missing\.npz: no reference.*dvc repro evaluate"):
+        Profile.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not numpy")
+    with pytest.raises(ReferenceError, match=r"bad\.npz: not readable"):
+        Profile.load(bad)
