@@ -90,10 +90,13 @@ def train(settings: Settings, prepared: Path, params: Path, source_file: Path) -
 
 
 def evaluate(settings: Settings, prepared: Path, splits: Path) -> dict[str, Any]:
-    """`genderclf evaluate` (model and outputs relative to the cwd); returns eval.json."""
+    """`genderclf evaluate` (model and outputs relative to the cwd; the raw images, for the
+    reference statistics, beside `splits` as the `sample_data` fixture has them); returns
+    eval.json."""
     from genderclf.cli import run_evaluate
 
-    return run_evaluate(settings, Paths(prepared=Path(prepared), splits=Path(splits))).metrics
+    paths = Paths(prepared=Path(prepared), splits=Path(splits), raw=Path(splits).parent / "raw")
+    return run_evaluate(settings, paths).metrics
 
 
 def log_model_run(model: Any, image_size: int) -> dict[str, Any]:
