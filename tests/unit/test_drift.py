@@ -100,3 +100,57 @@ def test_reference_errors_name_the_file_and_the_fix(tmp_path):
     bad.write_text("not numpy")
     with pytest.raises(ReferenceError, match=r"bad\.npz: not readable"):
         Profile.load(bad)
+
+
+def _population(rng, n, male_rate=0.5, brightness=0.5, d=8) -> Profile:
+    male = (rng.uniform(size=n) < male_rate).astype(int)
+    p = np.where(male == 1, rng.uniform(0.7, 0.99, n), rng.uniform(0.01, 0.3, n))
+    feats = np.column_stack([np.full(n, 178.0), np.full(n, 218.0),
+                             rng.normal(brightness, 0.08, n),
+                             *(rng.uniform(size=n) for _ in FEATURES[3:])])  # fmt: skip
+    emb = rng.normal(size=(n, d)) + male[:, None]  # embeddings follow the class mix
+    return Profile([f"{i}.jpg" for i in range(n)], feats, emb.astype(np.float32), p, male)
+
+
+def test_compare_each_view_on_known_cases(make_settings, tmp_path):
+    from genderclf.monitor.drift import compare, markdown, summarize
+    from genderclf.monitor.plots import drift_figure
+
+    cfg = make_settings({"drift.permutations": 200}).drift
+    rng = np.random.default_rng(5)
+    ref = _population(rng, 300)
+    same = compare(ref, _population(rng, 200), cfg, 0)
+    assert not same["drifted"]
+    mostly_men = compare(ref, _population(rng, 200, male_rate=0.85), cfg, 0)
+    v = mostly_men["views"]
+    assert mostly_men["drifted"] and v["predictions"]["male_fraction_drifted"]
+    assert v["predictions"]["male_fraction_delta"] == pytest.approx(0.35, abs=0.08)
+    assert not v["image"]["drifted"] and v["embeddings"]["drifted"]
+    dark = compare(ref, _population(rng, 200, brightness=0.3), cfg, 0)
+    feats = dark["views"]["image"]["features"]
+    top = max(feats, key=lambda f: f["statistic"])
+    assert top["name"] == "brightness" and top["drifted"] and top["p_value"] < 1e-20
+    assert not any(f["drifted"] for f in feats if f["name"] in ("width", "height"))
+    assert not dark["views"]["predictions"]["drifted"]
+    # the words and the picture
+    batch = _population(rng, 200, brightness=0.3)
+    result = {**dark, "batch": {"images": 200, "failed": [{"file": "x.jpg", "reason": "truncated"}],
+                                "location": "s3://b/new"},
+              "reference": {"images": 300}}  # fmt: skip
+    result["summary"] = summarize(result, "s3://b/new", "version 4")
+    assert result["summary"].startswith("DRIFT in 1 of 3 views: 200 images of s3://b/new")
+    assert "brightness median 0.5" in result["summary"] and "1 files could not" in result["summary"]
+    assert "`x.jpg`: truncated" in markdown(result)
+    out = drift_figure(ref, batch, result, result.pop("null"), 20, tmp_path / "drift.png")
+    assert out.stat().st_size > 20_000
+    with pytest.raises(ReferenceError, match="not this model's"):
+        compare(ref, _population(rng, 50, d=4), cfg, 0)
+
+
+def test_drift_settings_are_checked(make_settings):
+    from genderclf.config import SettingsError
+
+    with pytest.raises(SettingsError, match=r"never give a p-value below drift\.alpha"):
+        make_settings({"drift.permutations": 30, "drift.alpha": 0.01})
+    with pytest.raises(SettingsError, match=r"drift\.max_images=10 is below drift\.min_images"):
+        make_settings({"drift.max_images": 10, "drift.min_images": 30})

@@ -18,13 +18,18 @@ LABELS = {"width": "width (px)", "height": "height (px)", "brightness": "brightn
 
 def _hist(ax, a: np.ndarray, b: np.ndarray, bins: int, title: str, drifted: bool) -> None:
     lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-    ax.hist(a, edges, density=True, alpha=0.55, color=REF, label=f"reference (n={len(a)})")
-    ax.hist(b, edges, density=True, alpha=0.55, color=NEW, label=f"batch (n={len(b)})")
     ax.set_title(title, fontsize=9, color=ALARM if drifted else "black",
                  fontweight="bold" if drifted else "normal")  # fmt: skip
-    ax.tick_params(labelsize=7)
     ax.set_yticks([])
+    if hi == lo:  # one value everywhere (e.g. every image 178x218): a histogram says nothing
+        ax.text(0.5, 0.5, f"every image: {lo:g}\n(reference n={len(a)}, batch n={len(b)})",
+                ha="center", va="center", fontsize=9, transform=ax.transAxes)  # fmt: skip
+        ax.set_xticks([])
+        return
+    edges = np.linspace(lo, hi, bins + 1)
+    ax.hist(a, edges, density=True, alpha=0.55, color=REF, label=f"reference (n={len(a)})")
+    ax.hist(b, edges, density=True, alpha=0.55, color=NEW, label=f"batch (n={len(b)})")
+    ax.tick_params(labelsize=7)
 
 
 def drift_figure(reference: Profile, batch: Profile, result: dict[str, Any], null: np.ndarray,
@@ -46,7 +51,7 @@ def drift_figure(reference: Profile, batch: Profile, result: dict[str, Any], nul
     _hist(axes[2, 1], reference.confidence, batch.confidence, bins,
           f"confidence of the predicted label\nmean {p['reference_mean_confidence']:.3f} -> "
           f"{p['batch_mean_confidence']:.3f}", p["confidence_drifted"])  # fmt: skip
-    axes[2, 0].legend(fontsize=7, loc="upper center")
+    axes[0, 2].legend(fontsize=7, loc="upper right")
     gs = axes[2, 2].get_gridspec()
     axes[2, 2].remove()
     axes[2, 3].remove()
