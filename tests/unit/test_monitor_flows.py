@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from flows.monitor import batch_location
+
 from genderclf.monitor.batch import BatchError, list_images, sources
 
 

@@ -42,9 +42,8 @@ def test_deployments_names_pools_and_schedules():
 
 
 def test_drift_monitoring_is_wired_by_events():
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
     from flows.monitor import DATA_ARRIVED, DRIFT_DETECTED, monitor, resource_id, watch
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
     deps = _deployments()
     trig = {name: [DeploymentEventTrigger.model_validate(t) for t in d.get("triggers", [])]
