@@ -10,58 +10,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import keras
-import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from tests.helpers import params as P
-from tests.helpers.stages import log_model_run
+from tests.helpers.stages import copy_images, register_champion
 from typer.testing import CliRunner
 
 from genderclf import config as C
-from genderclf.cli import app, run_evaluate, run_register
+from genderclf.cli import app
 from genderclf.data.split import read_split
-from genderclf.io import write_json
-from genderclf.model.backbones import build_model
-from genderclf.model.saving import save_model
 from genderclf.monitor.drift import DRIFT_EXIT_CODE
 from genderclf.tracking.registry import REFERENCE_TAG
 from genderclf.tracking.setup import MODEL_NAME
-
-OVERRIDES = {**P.MODEL_TINY, "register.min_accuracy": 0.0, "register.alpha": None,
-             "register.max_slice_drop": 1.0, "register.max_ece": 1.0,
-             "register.serving_check_images": 0, "drift.min_images": 30,
-             "drift.permutations": 200}  # fmt: skip
 
 
 @pytest.fixture
 def champion(mlflow_store, real_params, sample_data, prepared) -> Path:
     """A registered champion with its reference; returns the params.yaml the CLI reads."""
     raw, splits = sample_data
-    params = Path("params.yaml")
-    params.write_text(yaml.safe_dump(P.shrink(real_params, OVERRIDES), sort_keys=False))
-    settings = C.load_settings(params)
-    keras.utils.set_random_seed(3)
-    paths = C.Paths(raw=raw, splits=splits, prepared=prepared)
-    save_model(build_model(settings.train, settings.base.image_size), paths.model)
-    model = keras.saving.load_model(paths.model)
-    write_json(paths.run, log_model_run(model, settings.base.image_size))
-    run_evaluate(settings, paths)
-    assert paths.reference.is_file()
-    report = run_register(settings, paths)
-    assert report["decision"] == "promoted"
-    return params
-
-
-def _copy(names: list[str], raw: Path, dest: Path, darken: float = 1.0) -> Path:
-    dest.mkdir(parents=True)
-    for n in names:
-        im = Image.open(raw / n).convert("RGB")
-        if darken != 1.0:
-            im = Image.fromarray((np.asarray(im, dtype=np.float32) * darken).astype(np.uint8))
-        im.save(dest / Path(n).name, quality=95)
-    return dest
+    return register_champion(P.shrink(real_params, P.DRIFT_CHAMPION), raw, splits, prepared)
 
 
 def _drift(*args: str):
@@ -74,8 +41,8 @@ def test_drift_command_same_vs_shifted_batch(champion, sample_data):
 
     raw, splits = sample_data
     train = read_split(splits, "train")["path"].tolist()[:80]
-    same = _copy(train, raw, Path("batches/same"))
-    dark = _copy(train, raw, Path("batches/dark"), darken=0.45)
+    same = copy_images(train, raw, Path("batches/same"))
+    dark = copy_images(train, raw, Path("batches/dark"), darken=0.45)
     (dark / "broken.jpg").write_text("this is not a JPEG")
     (dark / "notes.txt").write_text("left out: not an image name")
 

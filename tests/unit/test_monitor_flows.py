@@ -37,3 +37,33 @@ def test_list_images_of_a_folder(tmp_path, make_image):
     assert sources(str(tmp_path), ["a.png"]) == [("a.png", tmp_path / "a.png")]
     with pytest.raises(BatchError, match="nowhere: no such folder"):
         list_images(str(tmp_path / "nowhere"))
+
+
+# The real S3 protocol server (moto on loopback) and its bucket, from the sources tests.
+from tests.unit.test_sources import aws_env, bucket, s3_server  # noqa: E402, F401
+
+
+@pytest.mark.integration
+def test_list_and_read_an_s3_prefix(s3_server, bucket, make_image, tmp_path):  # noqa: F811
+    import boto3
+
+    from genderclf.images import ImageError
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    jpg = make_image(tmp_path / "a.jpg").read_bytes()
+    for key, body in {"in/b1/a.jpg": jpg, "in/b1/sub/b.jpg": jpg, "in/b1/readme.md": b"#",
+                      "other/c.jpg": jpg}.items():  # fmt: skip
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    location = f"s3://{bucket}/in"
+    entries, other = list_images(location, s3_server, 0)
+    assert [e.name for e in entries] == ["b1/a.jpg", "b1/sub/b.jpg"] and other == 1
+    assert all(e.size == len(jpg) and e.stamp for e in entries)
+    assert batch_location(location, [e.name for e in entries]) == f"{location}/b1"
+    pairs = sources(location, [e.name for e in entries], s3_server, 0)
+    assert [n for n, _ in pairs] == ["b1/a.jpg", "b1/sub/b.jpg"] and pairs[0][1]() == jpg
+    client.delete_object(Bucket=bucket, Key="in/b1/sub/b.jpg")  # gone after the listing
+    with pytest.raises(ImageError, match=r"cannot fetch s3://.*/in/b1/sub/b\.jpg") as err:
+        pairs[1][1]()
+    assert err.value.reason == "unreadable"
+    with pytest.raises(BatchError, match="cannot list the prefix"):
+        list_images("s3://no-such-bucket-here/x", s3_server, 0)
