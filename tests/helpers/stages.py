@@ -89,14 +89,15 @@ def train(settings: Settings, prepared: Path, params: Path, source_file: Path) -
     return run_train(settings, paths).metrics
 
 
-def evaluate(settings: Settings, prepared: Path, splits: Path) -> dict[str, Any]:
-    """`genderclf evaluate` (model and outputs relative to the cwd; the raw images, for the
-    reference statistics, beside `splits` as the `sample_data` fixture has them); returns
-    eval.json."""
+def evaluate(
+    settings: Settings, prepared: Path, splits: Path, raw: Path | None = None
+) -> dict[str, Any]:
+    """`genderclf evaluate` (model and outputs relative to the cwd); returns eval.json.
+    `raw` holds the SOURCE.json the test dataset's MLflow record names (default: none)."""
     from genderclf.cli import run_evaluate
 
-    paths = Paths(prepared=Path(prepared), splits=Path(splits), raw=Path(splits).parent / "raw")
-    return run_evaluate(settings, paths).metrics
+    paths = Paths(prepared=Path(prepared), splits=Path(splits))
+    return run_evaluate(settings, paths if raw is None else replace(paths, raw=Path(raw))).metrics
 
 
 def log_model_run(model: Any, image_size: int) -> dict[str, Any]:

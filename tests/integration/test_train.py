@@ -110,7 +110,7 @@ def test_smoke_training_learns_the_sample_and_records_it(
     # accuracy on the test split of people never seen in training), against the accuracy of
     # always answering the majority class. Measured (4 runs): accuracy 0.73-0.81 against a
     # majority rate of 0.5, ROC AUC 0.85-0.90.
-    ev = run_evaluate(settings, prepared_augmented, splits)
+    ev = run_evaluate(settings, prepared_augmented, splits, raw)
     tn, fp, fn, tp = np.array(ev["confusion_matrix"]).ravel()
     majority = max(tn + fp, fn + tp) / ev["n"]
     assert ev["accuracy"] >= majority + 0.1, (ev["accuracy"], majority)
