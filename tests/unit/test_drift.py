@@ -154,3 +154,29 @@ def test_drift_settings_are_checked(make_settings):
         make_settings({"drift.permutations": 30, "drift.alpha": 0.01})
     with pytest.raises(SettingsError, match=r"drift\.max_images=10 is below drift\.min_images"):
         make_settings({"drift.max_images": 10, "drift.min_images": 30})
+
+
+def test_confidence_view_needs_a_real_fall_not_a_small_reference(make_settings):
+    from genderclf.monitor.drift import compare
+    from genderclf.monitor.stats import mean_drop
+
+    cfg = make_settings({"drift.permutations": 200}).drift
+    rng = np.random.default_rng(8)
+    big = _population(rng, 300)
+    unsure = _population(rng, 200)
+    unsure.p_male = np.where(
+        unsure.male == 1, rng.uniform(0.5, 0.75, 200), rng.uniform(0.25, 0.5, 200)
+    )
+    v = compare(big, unsure, cfg, 0)["views"]["predictions"]
+    assert v["confidence_drifted"] and v["confidence_drop"] > 0.2 and v["confidence_p_value"] < 1e-6
+    # a dozen reference images, a mean 0.15 above the batch by chance: no alarm
+    tiny = _population(np.random.default_rng(0), 12)
+    tiny.male[:] = 1
+    tiny.p_male = np.array([0.99] * 6 + [0.5] * 6)  # confidence mean 0.745, sd 0.26
+    noisy = _population(rng, 200)
+    noisy.male[:] = 1
+    noisy.p_male = np.linspace(0.5, 0.76, 200)  # mean 0.63
+    drop, p = mean_drop(tiny.confidence, noisy.confidence)
+    assert drop > cfg.max_confidence_drop and p > cfg.alpha
+    assert not compare(tiny, noisy, cfg, 0)["views"]["predictions"]["confidence_drifted"]
+    assert mean_drop(np.ones(5), np.ones(5)) == (0.0, 1.0)

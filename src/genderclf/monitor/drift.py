@@ -28,7 +28,7 @@ from genderclf.inference import Classifier
 from genderclf.io import atomic_dir
 from genderclf.monitor.batch import BatchError, list_images, sources
 from genderclf.monitor.profile import FEATURES, Profile, ReferenceError, profile
-from genderclf.monitor.stats import ks_per_feature, mmd_test, two_proportions
+from genderclf.monitor.stats import ks_per_feature, mean_drop, mmd_test, two_proportions
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,15 @@ def compare(reference: Profile, batch: Profile, cfg: DriftSettings, seed: int) -
     k1, n1, k2, n2 = int(reference.male.sum()), len(reference), int(batch.male.sum()), len(batch)
     delta, p = two_proportions(k1, n1, k2, n2)
     conf_ref, conf_new = float(reference.confidence.mean()), float(batch.confidence.mean())
+    drop, p_conf = mean_drop(reference.confidence, batch.confidence)
     male_drift = abs(delta) > cfg.max_male_fraction_delta and p < cfg.alpha
-    conf_drift = conf_ref - conf_new > cfg.max_confidence_drop
+    conf_drift = drop > cfg.max_confidence_drop and p_conf < cfg.alpha
     pred = {"reference_male_fraction": k1 / n1, "batch_male_fraction": k2 / n2,
             "male_fraction_delta": delta, "p_value": p, "alpha": cfg.alpha,
             "max_male_fraction_delta": cfg.max_male_fraction_delta,
             "male_fraction_drifted": male_drift, "reference_mean_confidence": conf_ref,
-            "batch_mean_confidence": conf_new, "confidence_drop": conf_ref - conf_new,
+            "batch_mean_confidence": conf_new, "confidence_drop": drop,
+            "confidence_p_value": p_conf,
             "max_confidence_drop": cfg.max_confidence_drop, "confidence_drifted": conf_drift,
             "drifted": male_drift or conf_drift}  # fmt: skip
     views = {"image": image, "embeddings": emb, "predictions": pred}
@@ -141,7 +143,7 @@ def summarize(result: dict[str, Any], location: str, champion: str) -> str:
     if p["confidence_drifted"]:
         parts.append(f"mean confidence fell {p['reference_mean_confidence']:.3f} -> "
                      f"{p['batch_mean_confidence']:.3f} (more than drift.max_confidence_drop="
-                     f"{p['max_confidence_drop']})")  # fmt: skip
+                     f"{p['max_confidence_drop']}, Welch p={p['confidence_p_value']:.2g})")  # fmt: skip
     b = result["batch"]
     head = (
         f"{b['images']} images of {location} against the reference of {champion} "

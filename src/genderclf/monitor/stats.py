@@ -14,7 +14,9 @@ Three views, each tested at `drift.alpha`:
   gives an exact false-alarm rate at any sample size (Gretton et al., JMLR 2012).
 * **predictions**: the predicted male fraction (two-proportion z-test, and an effect-size
   floor `drift.max_male_fraction_delta`, so a large batch does not alarm on a trivial
-  shift) and the mean confidence of the predicted label (`drift.max_confidence_drop`).
+  shift) and the mean confidence of the predicted label (a drop of more than
+  `drift.max_confidence_drop` that a one-sided Welch t-test finds significant: on a
+  reference of a dozen images the mean alone moves that much by chance).
 """
 
 from __future__ import annotations
@@ -121,3 +123,15 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
     if se == 0:
         return p2 - p1, 1.0 if p1 == p2 else 0.0
     return p2 - p1, float(2 * norm.sf(abs(p2 - p1) / se))
+
+
+def mean_drop(reference: np.ndarray, batch: np.ndarray) -> tuple[float, float]:
+    """(mean(reference) - mean(batch), one-sided Welch t-test p-value that the batch's mean
+    is lower)."""
+    from scipy.stats import ttest_ind
+
+    a, b = np.asarray(reference, dtype=np.float64), np.asarray(batch, dtype=np.float64)
+    drop = float(a.mean() - b.mean())
+    if a.std() == 0 and b.std() == 0:
+        return drop, 0.0 if drop > 0 else 1.0
+    return drop, float(ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
