@@ -95,3 +95,31 @@ def test_drift_command_too_few_images_is_a_clear_error(champion, sample_data):
     r = _drift("batches/nowhere", "--params", str(champion))
     assert r.exit_code == 1 and "no such folder" in r.output
     assert not C.PATHS.drift.exists()  # nothing half-written
+
+
+@pytest.mark.integration
+def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_params,
+                                                           make_image):  # fmt: skip
+    import yaml
+    from mlflow import MlflowClient
+
+    Path("params.yaml").write_text(yaml.safe_dump(P.shrink(real_params, P.DRIFT_CHAMPION)))
+    for i in range(3):
+        make_image(Path("batch") / f"{i}.jpg")
+    r = _drift("batch")
+    assert r.exit_code == 1 and "has no gender-classifier@champion" in r.output
+    assert "make demo" in r.output
+    # a champion registered before drift monitoring: no reference tag on the version
+    from tests.helpers.stages import log_model_run
+
+    from genderclf.model.backbones import build_model
+
+    settings = C.load_settings("params.yaml")
+    run = log_model_run(build_model(settings.train, settings.base.image_size), 32)
+    client = MlflowClient()
+    client.create_registered_model(MODEL_NAME)
+    mv = client.create_model_version(MODEL_NAME, run["keras_model_uri"], run["run_id"])
+    client.set_registered_model_alias(MODEL_NAME, "champion", mv.version)
+    r = _drift("batch")
+    assert r.exit_code == 1 and "version 1 has no reference statistics" in r.output
+    assert "dvc repro evaluate register" in r.output and "--reference" in r.output

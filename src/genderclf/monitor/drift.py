@@ -86,8 +86,14 @@ def compare(reference: Profile, batch: Profile, cfg: DriftSettings, seed: int) -
     """The three views of the batch against the reference, each with its verdict.
 
     Raises:
-        ReferenceError: the embeddings differ in size (a reference of another model).
+        ReferenceError: fewer than `drift.min_images` reference images, or embeddings of
+            another size (a reference of another model).
     """
+    if len(reference) < cfg.min_images:
+        raise ReferenceError(f"the reference holds {len(reference)} images, fewer than "
+                             f"drift.min_images={cfg.min_images}: no test says anything on so "
+                             "few; evaluate on a larger test split (split.test_fraction, "
+                             "drift.reference_images) and register again")  # fmt: skip
     if reference.embeddings.shape[1] != batch.embeddings.shape[1]:
         raise ReferenceError(f"the reference has {reference.embeddings.shape[1]}-dimensional "
                              f"embeddings, the model gives {batch.embeddings.shape[1]}: the "
