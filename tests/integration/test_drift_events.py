@@ -102,6 +102,11 @@ def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sampl
         assert check["parameters"] == {"location": str(incoming / "batch-1")}
         time.sleep(10)  # an event from a drifted check would have started the pipeline by now
         assert _runs(api, "gender-pipeline/on-demand") == []
+        query = {"filter": {"event": {"name": ["genderclf.drift.detected"]}}, "limit": 10}
+        assert http_json(f"{api}/events/filter", query)["events"] == []
+        arrived = {"filter": {"event": {"name": ["genderclf.data.arrived"]}}, "limit": 10}
+        (first,) = http_json(f"{api}/events/filter", arrived)["events"]  # none for the baseline
+        assert first["payload"]["new_files"] == 80
 
         copy_images(train, raw, incoming / "batch-2", darken=0.45)  # a darker camera
         watch()
@@ -115,7 +120,6 @@ def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sampl
         ):
             time.sleep(2)
         assert len(pipeline) == 1, "genderclf.drift.detected did not start the pipeline"
-        query = {"filter": {"event": {"name": ["genderclf.drift.detected"]}}, "limit": 10}
         deadline = time.monotonic() + 60  # the server persists events in batches
         while not (events := http_json(f"{api}/events/filter", query)["events"]):
             assert time.monotonic() < deadline, "no genderclf.drift.detected event stored"
