@@ -112,6 +112,32 @@ def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
         return register.run(settings, paths, registry)
 
 
+def run_drift(settings: Settings, location: str, paths: Paths = PATHS,
+              reference: Path | None = None) -> Any:  # fmt: skip
+    """Check a batch against the champion and its reference; log the check to MLflow.
+
+    The champion is resolved once and loaded by version, so the model and the reference
+    belong together even if the alias moves meanwhile. `reference` (a local .npz) replaces
+    the registered one.
+    """
+    import tempfile
+
+    quiet_tensorflow()
+    from genderclf.monitor.drift import check
+    from genderclf.monitor.profile import Profile
+    from genderclf.tracking.monitor import champion, download_reference, log_drift
+    from genderclf.tracking.serving import load_classifier
+
+    champ = champion(settings.registry.retries)
+    with tempfile.TemporaryDirectory(prefix="genderclf-ref-") as tmp:
+        ref_file = reference or download_reference(champ, Path(tmp), settings.registry.retries)
+        ref = Profile.load(ref_file, f"reference of version {champ.version} ({ref_file})")
+    clf = load_classifier(champ.model_uri)
+    report = check(location, clf, ref, settings, paths.drift, champ.describe())
+    log_drift(report.result, report.files, champ)
+    return report
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 
@@ -337,6 +363,34 @@ def _table_row(r: dict[str, Any]) -> tuple[str, ...]:
     status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
     face = "" if r["face"] is None else str(r["face"])
     return (r["file"], face, box, r["label"] or "", prob, status)
+
+
+@app.command()
+@command
+def drift(
+    location: Annotated[str, typer.Argument(help="A folder of images or s3://bucket/prefix.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="A local reference .npz instead of the champion's registered one."),
+    ] = None,
+    params: ParamsOpt = PATHS.params,
+) -> None:
+    """Check a batch of new images against the champion: has the data drifted?
+
+    The champion (`gender-classifier@champion`) profiles the batch as evaluate profiled its
+    test images: image statistics (KS per feature, Bonferroni), its embeddings (MMD with a
+    permutation test) and its predictions (male fraction, mean confidence), thresholds in
+    the `drift` section of params.yaml. Writes reports/drift/ (drift.json, summary.md,
+    drift.png) and logs the check to MLflow. Exit 0: no drift; 3: drift (the summary says
+    where); 1: the check could not run (e.g. fewer than `drift.min_images` images).
+    """
+    from genderclf.monitor.drift import DRIFT_EXIT_CODE
+
+    report = run_drift(load_settings(params), location, PATHS, reference)
+    typer.echo(report.summary)
+    typer.echo(f"drift: report in {PATHS.drift}/ (drift.json, summary.md, drift.png)")
+    if report.drifted:
+        raise typer.Exit(DRIFT_EXIT_CODE)
 
 
 @app.command()

@@ -56,6 +56,10 @@ class Paths:
     plots: Path = Path("plots")
     register_report: Path = Path("reports/register.json")
     model_card: Path = Path("reports/model_card.md")
+    # What the champion-to-be saw (image statistics, embeddings, predictions): the
+    # reference of `genderclf drift`, written by evaluate, logged by register.
+    reference: Path = Path("reports/reference.npz")
+    drift: Path = Path("reports/drift")
     # Training backups live outside DVC's outputs, so `dvc repro` never deletes them.
     train_backups: Path = Path(".cache/train")
 
@@ -303,6 +307,30 @@ class PredictSettings(_Section):
     batch_size: int = Field(ge=1, le=4096)
 
 
+class DriftSettings(_Section):
+    """`genderclf drift`: a new batch of images against the champion's reference."""
+
+    alpha: float = Field(gt=0.0, lt=0.5, description="false-alarm rate of each of the three views")
+    min_images: int = Field(ge=10, le=1_000_000, description="fewer usable images is an error")
+    max_images: int = Field(ge=10, le=1_000_000, description="a seeded sample of bigger batches")
+    reference_images: int = Field(ge=10, le=100_000, description="evaluate's test-split sample")
+    permutations: int = Field(ge=20, le=100_000, description="of the embedding test (MMD)")
+    max_male_fraction_delta: Probability
+    max_confidence_drop: Probability
+    histogram_bins: int = Field(ge=5, le=200)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftSettings:
+        if 1.0 / (self.permutations + 1) >= self.alpha:
+            raise ValueError(f"drift.permutations={self.permutations} can never give a p-value "
+                             f"below drift.alpha={self.alpha}: use at least "
+                             f"{int(1 / self.alpha)} permutations")  # fmt: skip
+        if self.max_images < self.min_images:
+            raise ValueError(f"drift.max_images={self.max_images} is below drift.min_images="
+                             f"{self.min_images}")  # fmt: skip
+        return self
+
+
 class Settings(_Section):
     base: BaseSettings
     data: DataSettings
@@ -313,6 +341,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
     predict: PredictSettings
+    drift: DriftSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -61,6 +61,19 @@ MODEL_TINY: dict[str, Any] = {
     "register.retries": 0,
 }
 
+# On top of MODEL_TINY, for the drift tests: the champion clears the gate whatever its
+# accuracy (they are about drift, not quality), small batches are enough.
+DRIFT_CHAMPION: dict[str, Any] = {
+    **MODEL_TINY,
+    "register.min_accuracy": 0.0,
+    "register.alpha": None,
+    "register.max_slice_drop": 1.0,
+    "register.max_ece": 1.0,
+    "register.serving_check_images": 0,
+    "drift.min_images": 30,
+    "drift.permutations": 200,
+}
+
 
 def real_params() -> dict[str, Any]:
     """The repository's params.yaml as a dict."""

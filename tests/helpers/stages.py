@@ -115,3 +115,45 @@ def log_model_run(model: Any, image_size: int) -> dict[str, Any]:
         info = log_keras_model(model, example)
     return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "keras_model_uri": info.model_uri, "model_id": info.model_id}  # fmt: skip
+
+
+def register_champion(params: dict[str, Any], raw: Path, splits: Path, prepared: Path,
+                      seed: int = 3) -> Path:  # fmt: skip
+    """A small CNN made champion through the real evaluate and register stages (in the
+    configured MLflow store, outputs relative to the cwd), so it carries the reference
+    statistics of `genderclf drift`. Writes `params` to ./params.yaml; returns that path."""
+    import keras
+    import yaml
+
+    from genderclf.cli import run_evaluate, run_register
+    from genderclf.config import load_settings
+    from genderclf.io import write_json
+    from genderclf.model.backbones import build_model
+    from genderclf.model.saving import save_model
+
+    file = Path("params.yaml")
+    file.write_text(yaml.safe_dump(params, sort_keys=False))
+    settings = load_settings(file)
+    keras.utils.set_random_seed(seed)
+    paths = Paths(raw=Path(raw), splits=Path(splits), prepared=Path(prepared))
+    save_model(build_model(settings.train, settings.base.image_size), paths.model)
+    write_json(paths.run, log_model_run(keras.saving.load_model(paths.model),
+                                        settings.base.image_size))  # fmt: skip
+    run_evaluate(settings, paths)
+    report = run_register(settings, paths)
+    assert report["decision"] == "promoted" and paths.reference.is_file(), report
+    return file
+
+
+def copy_images(names: list[str], raw: Path, dest: Path, darken: float = 1.0) -> Path:
+    """The raw images `names` as JPEGs in `dest` (multiplied by `darken`: a shifted batch)."""
+    import numpy as np
+    from PIL import Image
+
+    dest.mkdir(parents=True)
+    for n in names:
+        im = Image.open(Path(raw) / n).convert("RGB")
+        if darken != 1.0:
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) * darken).astype(np.uint8))
+        im.save(dest / Path(n).name, quality=95)
+    return dest

@@ -120,6 +120,31 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
     assert f"{ev['accuracy']}" in found or f"{round(ev['accuracy'], 5)}" in found
 
 
+def test_drift_check_against_the_pipelines_champion(pipeline):
+    """The champion `dvc repro` registered carries its reference, and `genderclf drift`
+    loads it. This pipeline's test split is tiny (12 images of 3 people), so the check
+    refuses to judge, and says why, rather than alarming on noise (it did, on the mean
+    confidence, before the reference size was checked)."""
+    from genderclf.monitor.profile import Profile
+    from genderclf.tracking.registry import REFERENCE_TAG
+
+    repo, _, _ = pipeline
+    ref = Profile.load(repo / C.PATHS.reference)
+    test_rows = len((repo / C.PATHS.splits / "test.csv").read_text().splitlines()) - 1
+    assert len(ref) == min(300, test_rows) and ref.embeddings.shape[1] == 256
+    client = _client(repo)
+    version = client.get_model_version(MODEL_NAME, "1")  # champion or not, it has its reference
+    assert version.tags[REFERENCE_TAG] == f"runs:/{version.run_id}/reference/reference.npz"
+    # The tiny model may miss the gate (max_ece on a busy machine); this test is about drift.
+    if CHAMPION not in version.aliases:
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, "1")
+    images = sorted((repo / C.PATHS.raw).rglob("*.jpg"))
+    r = _run(repo, "genderclf", "drift", str(images[0].parent), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert f"the reference holds {len(ref)} images, fewer than drift.min_images=30" in r.stderr
+    assert _run(repo, "git", "status", "--porcelain").stdout == ""  # reports/ stays ignored
+
+
 def test_changing_a_train_param_reruns_exactly_train_evaluate_register(pipeline, pipeline_params):
     repo, _, _ = pipeline
     before = json.loads((repo / C.PATHS.run).read_text())["run_id"]

@@ -211,7 +211,7 @@ def test_paths_match_dvc_yaml():
     p = PATHS
     for path in (p.raw, p.manifest, p.validation, p.validation_metrics, p.splits, p.prepared,
                  p.augment_preview, p.model, p.run, p.train_metrics, p.history, p.curves,
-                 p.eval_metrics, p.register_report):  # fmt: skip
+                 p.eval_metrics, p.register_report, p.reference):  # fmt: skip
         assert path.as_posix() in declared, path
     for name in ("roc.png", "pr.png", "calibration.png", "slices.png", "mistakes.png",
                  "confusion_matrix.png"):  # fmt: skip

@@ -22,7 +22,8 @@ def _flow_name(entrypoint: str) -> str:
 def test_deployments_names_pools_and_schedules():
     deps = _deployments()
     full = {f"{_flow_name(d['entrypoint'])}/{name}": d for name, d in deps.items()}
-    assert set(full) == {"gender-pipeline/weekly", "gender-pipeline/on-demand", "train/gpu"}
+    assert set(full) == {"gender-pipeline/weekly", "gender-pipeline/on-demand", "train/gpu",
+                         "watch/every-5-min", "monitor/on-arrival"}  # fmt: skip
     weekly, on_demand, gpu = (
         full["gender-pipeline/weekly"],
         full["gender-pipeline/on-demand"],
@@ -38,3 +39,31 @@ def test_deployments_names_pools_and_schedules():
     assert jv["gpu_limit"] == 1
     # the weekly run trains on the GPU deployment, by its full name
     assert weekly["parameters"]["train_on"] == "train/gpu"
+
+
+def test_drift_monitoring_is_wired_by_events():
+    from flows.monitor import DATA_ARRIVED, DRIFT_DETECTED, monitor, resource_id, watch
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    deps = _deployments()
+    trig = {name: [DeploymentEventTrigger.model_validate(t) for t in d.get("triggers", [])]
+            for name, d in deps.items()}  # fmt: skip
+    # new images -> the drift check, with the batch's location from the event
+    (arrived,) = trig["on-arrival"]
+    assert arrived.expect == {DATA_ARRIVED} and arrived.enabled
+    assert arrived.parameters == {"location": "{{ event.payload.location }}"}
+    # drift -> the whole pipeline
+    (drifted,) = trig["on-demand"]
+    assert drifted.expect == {DRIFT_DETECTED} and not drifted.parameters
+    pattern = "genderclf.dataset.*"
+    for t in (arrived, drifted):
+        assert t.match.model_dump()["prefect.resource.id"] == pattern
+    assert resource_id("s3://bucket/incoming/b1").startswith(pattern.removesuffix("*"))
+    # the watcher is scheduled, on the folder or prefix the user sets at deploy time
+    w = deps["every-5-min"]
+    assert w["schedules"][0]["interval"] == 300
+    assert w["parameters"] == {"location": "{{ $GENDERCLF_WATCH }}"}
+    assert {"location"} <= set(
+        watch.parameters.properties
+    ) and "location" in monitor.parameters.required
+    assert trig["weekly"] == trig["gpu"] == trig["every-5-min"] == []

@@ -1,7 +1,9 @@
 """The evaluate stage: the model on the test split, threshold chosen on validation.
 
 Writes `metrics/eval.json` (accuracy, precision, recall, F1, ROC-AUC, calibration, slices)
-and the plots in `plots/`; `genderclf.tracking` logs both into the training run.
+and the plots in `plots/`; `genderclf.tracking` logs both into the training run. Also
+`reports/reference.npz`: what the model sees on a seeded sample of the test split's images
+(image statistics, embeddings, predictions), the reference of `genderclf drift`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from genderclf.config import Paths, Settings
 from genderclf.data.split import read_split
+from genderclf.inference import Classifier, ServingConfig
 from genderclf.io import write_json
 from genderclf.model.plots import mistakes_grid, write_plots, write_predictions
 from genderclf.model.saving import load_model
@@ -26,6 +29,7 @@ from genderclf.model.scoring import (
     slice_metrics,
 )
 from genderclf.model.stats import Platt, fit_platt, metric_intervals
+from genderclf.monitor.profile import profile
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,30 @@ def run(settings: Settings, paths: Paths) -> EvaluateReport:
                           paths.plots / "mistakes.png")  # fmt: skip
     plots.append(paths.plots / "mistakes.png")
     write_predictions(names, y, p, cut, paths.plots / "predictions.csv")
+    write_reference(settings, paths, model, m["threshold"], platt)
     write_json(paths.eval_metrics, m)
     log.info("evaluate: %d test images, %d mistakes shown", len(y), shown)
     return EvaluateReport(m, plots)
+
+
+def write_reference(settings: Settings, paths: Paths, model: Any, threshold: float,
+                    platt: Platt) -> Path:  # fmt: skip
+    """`reports/reference.npz`: the model's profile of `drift.reference_images` test images
+    (a seeded sample), read from the raw files the way `genderclf drift` reads a batch.
+
+    Raises:
+        FileNotFoundError: the test split or the raw folder is missing.
+    """
+    test = read_split(paths.splits, "test")
+    n = min(settings.drift.reference_images, len(test))
+    rows = np.sort(np.random.default_rng(settings.base.seed).choice(len(test), n, replace=False))
+    names = test["path"].iloc[rows].tolist()
+    if names and not (paths.raw / names[0]).is_file():
+        raise FileNotFoundError(f"{paths.raw / names[0]} not found: the reference statistics are "
+                                f"read from the raw test images (run `dvc repro download`)")  # fmt: skip
+    config = ServingConfig(int(model.inputs[0].shape[1]), settings.augment.resize, threshold,
+                           None, (platt.a, platt.b))  # fmt: skip
+    prof = profile([(p, paths.raw / p) for p in names], Classifier(model, config, str(paths.model)),
+                   settings.predict.max_pixels, settings.train.batch_size * 2,
+                   {"source": "test split", "split_size": len(test)})  # fmt: skip
+    return prof.save(paths.reference)

@@ -104,8 +104,10 @@ class Registry(Protocol):
         Returns the recorded move, or None when the champion changed meanwhile."""
 
     def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Any, description: str, card_file: Any) -> None:  # fmt: skip
-        """Keep the decision with the version (tags, `description`, the card) and the run."""
+               report_file: Any, description: str, card_file: Any,
+               reference_file: Any = None) -> None:  # fmt: skip
+        """Keep the decision with the version (tags, `description`, the card) and the run;
+        the reference statistics of `genderclf drift` go into the run, named on the version."""
 
 
 # --- scores and checks -----------------------------------------------------------------------
@@ -330,8 +332,12 @@ def run(settings: Settings, paths: Paths, registry: Registry,
     write_json(paths.register_report, report)
     card = model_card(settings, paths, report, metrics)
     atomic_write(paths.model_card, card)
+    reference = paths.reference if paths.reference.is_file() else None
+    if reference is None:
+        log.warning("register: %s missing: `genderclf drift` will have no reference for "
+                    "version %s (run `dvc repro evaluate`)", paths.reference, version)  # fmt: skip
     registry.record(run_info["run_id"], version, label, report["reasons"], paths.register_report,
-                    describe(report) + "\n\n" + card, paths.model_card)  # fmt: skip
+                    describe(report) + "\n\n" + card, paths.model_card, reference)  # fmt: skip
     return report
 
 

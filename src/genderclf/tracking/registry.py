@@ -169,6 +169,10 @@ def promotion_lock(client, where: str, timeout: float = 300.0, stale_after: floa
 
 
 SERVING_MODEL_TAG = "genderclf.serving_model_id"
+# The reference statistics of `genderclf drift`: an artifact of the version's run, named
+# on the version by this tag (so a drift check needs no training images).
+REFERENCE_DIR = "reference"
+REFERENCE_TAG = "genderclf.reference"
 
 
 def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, example: bytes,
@@ -302,7 +306,8 @@ class MlflowRegistry:
             return self._call(lambda: move_alias(self.client, CHAMPION, version, reason))
 
     def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Path, description: str = "", card_file: Path | None = None) -> None:  # fmt: skip
+               report_file: Path, description: str = "", card_file: Path | None = None,
+               reference_file: Path | None = None) -> None:  # fmt: skip
         import mlflow
 
         c = self.client
@@ -318,7 +323,12 @@ class MlflowRegistry:
             mlflow.log_artifact(str(report_file), "registry")
             if card_file is not None:
                 mlflow.log_artifact(str(card_file), "registry")
+            if reference_file is not None:
+                mlflow.log_artifact(str(reference_file), REFERENCE_DIR)
             mlflow.set_tags({"registry.version": version, "registry.decision": decision})
+        if reference_file is not None:
+            uri = f"runs:/{run_id}/{REFERENCE_DIR}/{Path(reference_file).name}"
+            self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, REFERENCE_TAG, uri))
 
     @contextlib.contextmanager
     def failures_explained(self, paths: Any) -> Iterator[None]:

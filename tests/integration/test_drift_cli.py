@@ -1,0 +1,125 @@
+"""`genderclf drift` on the bundled sample, against a real champion in a real MLflow store.
+
+A small CNN goes through the real evaluate stage (which writes the reference statistics)
+and the real register stage (which logs them with the version); the command then loads
+the champion and its reference from the registry, as a user's would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tests.helpers import params as P
+from tests.helpers.stages import copy_images, register_champion
+from typer.testing import CliRunner
+
+from genderclf import config as C
+from genderclf.cli import app
+from genderclf.data.split import read_split
+from genderclf.monitor.drift import DRIFT_EXIT_CODE
+from genderclf.tracking.registry import REFERENCE_TAG
+from genderclf.tracking.setup import MODEL_NAME
+
+
+@pytest.fixture
+def champion(mlflow_store, real_params, sample_data, prepared) -> Path:
+    """A registered champion with its reference; returns the params.yaml the CLI reads."""
+    raw, splits = sample_data
+    return register_champion(P.shrink(real_params, P.DRIFT_CHAMPION), raw, splits, prepared)
+
+
+def _drift(*args: str):
+    return CliRunner().invoke(app, ["drift", *args], catch_exceptions=False)
+
+
+@pytest.mark.integration
+def test_drift_command_same_vs_shifted_batch(champion, sample_data):
+    from mlflow import MlflowClient
+
+    raw, splits = sample_data
+    train = read_split(splits, "train")["path"].tolist()[:80]
+    same = copy_images(train, raw, Path("batches/same"))
+    dark = copy_images(train, raw, Path("batches/dark"), darken=0.45)
+    (dark / "broken.jpg").write_text("this is not a JPEG")
+    (dark / "notes.txt").write_text("left out: not an image name")
+
+    r = _drift(str(same), "--params", str(champion))
+    assert r.exit_code == 0, r.output
+    assert "No drift: 80 images of batches/same against the reference of version 1" in r.output
+    result = json.loads((C.PATHS.drift / "drift.json").read_text())
+    assert result["drifted"] is False and result["exit_code"] == 0
+    assert result["champion"]["version"] == "1" and result["batch"]["failed"] == []
+    assert result["reference"]["images"] == len(read_split(splits, "test"))
+
+    r = _drift(str(dark), "--params", str(champion))
+    assert r.exit_code == DRIFT_EXIT_CODE, r.output
+    assert "DRIFT in" in r.output and "brightness median" in r.output
+    result = json.loads((C.PATHS.drift / "drift.json").read_text())
+    views = result["views"]
+    assert result["drifted"] and views["image"]["drifted"] and views["embeddings"]["drifted"]
+    moved = {f["name"] for f in views["image"]["features"] if f["drifted"]}
+    assert {"brightness", "contrast"} <= moved and "width" not in moved
+    assert result["batch"]["images"] == 80 and result["batch"]["non_images"] == 1
+    assert [f["file"] for f in result["batch"]["failed"]] == ["broken.jpg"]
+    assert "text_file" in result["batch"]["failed"][0]["reason"]
+    summary = (C.PATHS.drift / "summary.md").read_text()
+    assert "broken.jpg" in summary and "| brightness |" in summary
+    png = Image.open(C.PATHS.drift / "drift.png")
+    assert png.size[0] > 1000
+    assert sorted(p.name for p in C.PATHS.drift.iterdir()) == ["drift.json", "drift.png",
+                                                               "summary.md"]  # fmt: skip
+
+    client = MlflowClient()
+    mv = client.get_model_version(MODEL_NAME, "1")
+    assert mv.tags[REFERENCE_TAG] == f"runs:/{mv.run_id}/reference/reference.npz"
+    assert json.loads(mv.tags["drift.last"])["drifted"] is True
+    runs = client.search_runs([client.get_experiment_by_name("gender-classification").experiment_id],
+                              "tags.`genderclf.kind` = 'drift'", order_by=["start_time ASC"])  # fmt: skip
+    assert [r.data.tags["drift.detected"] for r in runs] == ["false", "true"]
+    assert all(r.data.tags["champion.version"] == "1" for r in runs)
+    assert runs[1].data.metrics["drift/detected"] == 1.0
+    arts = {a.path for a in client.list_artifacts(runs[1].info.run_id, "drift")}
+    assert arts == {"drift/drift.json", "drift/summary.md", "drift/drift.png"}
+
+
+@pytest.mark.integration
+def test_drift_command_too_few_images_is_a_clear_error(champion, sample_data):
+    empty = Path("batches/empty")
+    empty.mkdir(parents=True)
+    r = _drift(str(empty), "--params", str(champion))
+    assert r.exit_code == 1
+    assert "batches/empty: 0 image files" in r.output and "drift.min_images=30" in r.output
+    r = _drift("batches/nowhere", "--params", str(champion))
+    assert r.exit_code == 1 and "no such folder" in r.output
+    assert not C.PATHS.drift.exists()  # nothing half-written
+
+
+@pytest.mark.integration
+def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_params,
+                                                           make_image):  # fmt: skip
+    import yaml
+    from mlflow import MlflowClient
+
+    Path("params.yaml").write_text(yaml.safe_dump(P.shrink(real_params, P.DRIFT_CHAMPION)))
+    for i in range(3):
+        make_image(Path("batch") / f"{i}.jpg")
+    r = _drift("batch")
+    assert r.exit_code == 1 and "has no gender-classifier@champion" in r.output
+    assert "make demo" in r.output
+    # a champion registered before drift monitoring: no reference tag on the version
+    from tests.helpers.stages import log_model_run
+
+    from genderclf.model.backbones import build_model
+
+    settings = C.load_settings("params.yaml")
+    run = log_model_run(build_model(settings.train, settings.base.image_size), 32)
+    client = MlflowClient()
+    client.create_registered_model(MODEL_NAME)
+    mv = client.create_model_version(MODEL_NAME, run["keras_model_uri"], run["run_id"])
+    client.set_registered_model_alias(MODEL_NAME, "champion", mv.version)
+    r = _drift("batch")
+    assert r.exit_code == 1 and "version 1 has no reference statistics" in r.output
+    assert "dvc repro evaluate register" in r.output and "--reference" in r.output
