@@ -117,17 +117,25 @@ def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
 
 @app.command()
 @command
-def download(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
+def download(
+    params: ParamsOpt = PATHS.params,
+    quiet: QuietOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="fetch even if the source's listing "
+                                        "is unchanged")] = False,  # fmt: skip
+) -> None:
     """Fetch the dataset (`data.source`: sample | kaggle | dir | s3) into data/raw/.
 
-    The folder is replaced only when the download is complete; data/raw/SOURCE.json
-    records the source, time, file count and a content checksum.
+    The source is listed first; an unchanged listing keeps data/raw/ as it is. The folder
+    is replaced only when the download is complete; data/raw/SOURCE.json records the
+    source, time, file count, a content checksum and the listing.
     """
     from genderclf.stages import download as stage
 
-    rec = stage.run(load_settings(params), PATHS, progress=not quiet).record
+    report = stage.run(load_settings(params), PATHS, progress=not quiet, force=force)
+    rec = report.record
     refused = f"; {len(rec['refused'])} links refused" if rec["refused"] else ""
-    typer.echo(f"download: {rec['file_count']} files from {rec['source']} -> {PATHS.raw}/ "
+    what = "files from" if report.fetched else "files kept, unchanged:"
+    typer.echo(f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
                f"({rec['checksum'][:19]}...){refused}")  # fmt: skip
 
 
