@@ -39,6 +39,7 @@ ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Settings file (default: params.yaml in the cwd).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Fetch even if the source is unchanged.")]
 
 
 def _setup_logging() -> None:
@@ -120,8 +121,7 @@ def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
 def download(
     params: ParamsOpt = PATHS.params,
     quiet: QuietOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="fetch even if the source's listing "
-                                        "is unchanged")] = False,  # fmt: skip
+    force: ForceOpt = False,
 ) -> None:
     """Fetch the dataset (`data.source`: sample | kaggle | dir | s3) into data/raw/.
 
