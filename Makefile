@@ -6,7 +6,8 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-slow test-all test-docker test-docker-gpu lint format docs ui clean
+.PHONY: help setup demo test test-slow test-all test-docker test-docker-gpu lint format docs ui clean \
+	retrain-prepare retrain-train retrain-summary retrain-publish
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +65,20 @@ ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on l
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
 	  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 --workers 1 & \
 	  wait
+
+# CI retraining (.github/workflows/retrain.yml; docs/ci.md). No `setup` prerequisite: the
+# train job syncs the `gpu` extra itself, and `uv sync` here would take it away again.
+retrain-prepare: ## CI retraining: DVC remote from DVC_REMOTE_URL, pull, repro, push the data stages
+	$(RUN) bash .ci/retrain prepare
+
+retrain-train: ## CI retraining: pull, repro (train, evaluate, register on MLFLOW_TRACKING_URI), push
+	$(RUN) bash .ci/retrain train
+
+retrain-summary: ## CI retraining: dvc metrics diff against origin/main + the promotion decision
+	$(RUN) bash .ci/retrain summary
+
+retrain-publish: ## CI retraining: commit dvc.lock and metrics to a branch retrain/<run id>, push it
+	$(RUN) bash .ci/retrain publish
 
 clean: ## Remove pipeline outputs and local stores (keeps the DVC cache)
 	rm -rf data models metrics plots reports mlflow.db mlruns mlartifacts .cache

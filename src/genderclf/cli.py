@@ -39,6 +39,7 @@ ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Settings file (default: params.yaml in the cwd).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Fetch even if the source is unchanged.")]
 
 
 def _setup_logging() -> None:
@@ -143,17 +144,24 @@ def run_drift(settings: Settings, location: str, paths: Paths = PATHS,
 
 @app.command()
 @command
-def download(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
+def download(
+    params: ParamsOpt = PATHS.params,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+) -> None:
     """Fetch the dataset (`data.source`: sample | kaggle | dir | s3) into data/raw/.
 
-    The folder is replaced only when the download is complete; data/raw/SOURCE.json
-    records the source, time, file count and a content checksum.
+    The source is listed first; an unchanged listing keeps data/raw/ as it is. The folder
+    is replaced only when the download is complete; data/raw/SOURCE.json records the
+    source, time, file count, a content checksum and the listing.
     """
     from genderclf.stages import download as stage
 
-    rec = stage.run(load_settings(params), PATHS, progress=not quiet).record
+    report = stage.run(load_settings(params), PATHS, progress=not quiet, force=force)
+    rec = report.record
     refused = f"; {len(rec['refused'])} links refused" if rec["refused"] else ""
-    typer.echo(f"download: {rec['file_count']} files from {rec['source']} -> {PATHS.raw}/ "
+    what = "files from" if report.fetched else "files kept, unchanged:"
+    typer.echo(f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
                f"({rec['checksum'][:19]}...){refused}")  # fmt: skip
 
 

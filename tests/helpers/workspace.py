@@ -83,3 +83,22 @@ def git_init(repo: Path, **kw: Any) -> str:
     """A git repository of `repo`'s files, committed once."""
     run(repo, "git", "init", "-q", **kw)
     return git_commit(repo, "init", **kw)
+
+
+# The download stage is `always_changed` (it lists the source and keeps an unchanged one's
+# data), so `dvc status` always names it; "nothing to do" means nothing else is named.
+ALWAYS_RUNS = frozenset({"download"})
+
+
+def status_stages(status: str) -> set[str]:
+    """The stages a `dvc status` output names (its `stage:` lines)."""
+    import re
+
+    return set(re.findall(r"^([\w.-]+):\s*$", status, re.M))
+
+
+def nothing_stale(status: str) -> bool:
+    """`dvc status` reports nothing but the always-changed download stage."""
+    if "Data and pipelines are up to date" in status:
+        return True
+    return status_stages(status) <= ALWAYS_RUNS and "always changed" in status

@@ -90,14 +90,22 @@ def test_second_run_is_a_no_op(pipeline):
     repo, _, _ = pipeline
     lock_before = (repo / "dvc.lock").read_text()
     meta_before = (repo / C.PATHS.prepared / "meta.json").read_bytes()
+    raw_before = {p: p.read_bytes() for p in (repo / C.PATHS.raw).rglob("*") if p.is_file()}
     again = _dvc(repo, "repro", "augment")
-    assert _ran(again.stdout) == set()
-    assert _skipped(again.stdout) == set(DATA_STAGES)
-    assert "up to date" in again.stdout
+    # download always runs (`always_changed`): it lists the source, finds it unchanged and
+    # keeps data/raw, so DVC finds the same hash and skips everything after it
+    assert _ran(again.stdout) == {"download"}
+    assert "files kept, unchanged" in again.stdout
+    assert _skipped(again.stdout) == set(DATA_STAGES) - {"download"}
     assert (repo / "dvc.lock").read_text() == lock_before
     assert (repo / C.PATHS.prepared / "meta.json").read_bytes() == meta_before
-    # later stages (train, ...) have not run; the data stages are all up to date
-    assert "up to date" in _dvc(repo, "status", "--with-deps", "augment").stdout
+    after = {p: p.read_bytes() for p in (repo / C.PATHS.raw).rglob("*") if p.is_file()}
+    assert after == raw_before
+    # later stages (train, ...) have not run; of the data stages only download is listed
+    status = _dvc(repo, "status", "--with-deps", "augment").stdout
+    assert "download:" in status and "always changed" in status
+    for stage in ("validate", "split", "augment"):
+        assert f"{stage}:" not in status
 
 
 def test_changing_copies_reruns_only_augment(pipeline):
@@ -108,19 +116,19 @@ def test_changing_copies_reruns_only_augment(pipeline):
     status = _dvc(repo, "status", "--with-deps", "augment").stdout
     assert "augment" in status
     assert "params.yaml" in status
-    for stage in ("download", "validate", "split"):
+    for stage in ("validate", "split"):
         assert f"{stage}:" not in status
 
     run = _dvc(repo, "repro", "augment")
-    assert _ran(run.stdout) == {"augment"}
-    assert _skipped(run.stdout) == {"download", "validate", "split"}
+    assert _ran(run.stdout) == {"download", "augment"}  # download: always, a no-op here
+    assert _skipped(run.stdout) == {"validate", "split"}
     meta = yaml.safe_load((repo / C.PATHS.prepared / "meta.json").read_text())
     n_train = len(pd.read_csv(repo / C.PATHS.splits / "train.csv"))
     assert meta["splits"]["train"]["records"] == n_train * (1 + copies)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["augment"]["params"]["params.yaml"]["augment.copies"] == copies
 
-    # A bad value: the stage fails at start, naming the key, and dvc.lock keeps the last
+    # A bad value: the run fails at start, naming the key, and dvc.lock keeps the last
     # good run, whose cached outputs `dvc checkout` brings back (DVC removes a stage's
     # outputs before running it).
     meta_before = (repo / C.PATHS.prepared / "meta.json").read_bytes()
@@ -129,7 +137,8 @@ def test_changing_copies_reruns_only_augment(pipeline):
     failed = _dvc(repo, "repro", "augment", check=False)
     assert failed.returncode != 0
     output = failed.stdout + failed.stderr
-    assert "failed to reproduce 'augment'" in output
+    # every stage loads all of params.yaml, so download (which always runs) is the first to fail
+    assert "failed to reproduce 'download'" in output
     assert "augment.copies: Input should be greater than or equal to 0" in output
     assert "Traceback" not in output
     assert (repo / "dvc.lock").read_text() == lock_before

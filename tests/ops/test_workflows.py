@@ -133,51 +133,88 @@ def _steps(job: dict[str, Any]) -> str:
     return "\n".join(s.get("run", "") for s in job["steps"])
 
 
-def test_retrain_pull_repro_push_summary_with_training_on_the_gpu_runner():
+RETRAIN_SCRIPT = REPO_ROOT / ".ci" / "retrain"
+
+
+def _script_function(name: str) -> str:
+    """The body of one shell function of .ci/retrain."""
+    text = RETRAIN_SCRIPT.read_text()
+    return re.search(rf"^{name}\(\) {{.*?^}}", text, re.M | re.S).group(0)
+
+
+def test_retrain_steps_are_the_script_behind_make_targets():
+    """The workflow runs `make retrain-<step>`; each target runs `.ci/retrain <step>`
+    (tests/integration/test_retrain_ci.py runs those steps end to end)."""
     wf = _load("retrain.yml")
     jobs = wf["jobs"]
     prepare, train = jobs["prepare"], jobs["train"]
     assert train["needs"] == "prepare"
-    for job in (prepare, train):
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for job, steps in ((prepare, ["prepare"]), (train, ["train", "summary", "publish"])):
         script = _steps(job)
-        pull, repro, push = (script.index(f"dvc {c}") for c in ("pull", "repro", "push"))
-        assert pull < repro < push
-        assert "make setup" in script  # the lockfile
-    assert "dvc repro augment" in _steps(prepare)  # data stages on the hosted CPU runner
+        assert script.index("make setup") < script.index("make retrain-")  # the lockfile
+        positions = [script.index(f"make retrain-{step}") for step in steps]
+        assert positions == sorted(positions)
+        for step in steps:
+            target = re.search(rf"^retrain-{step}:.*\n\t(.*)$", makefile, re.M)
+            assert target and target.group(1).endswith(f"bash .ci/retrain {step}"), step
+            assert f"\nretrain-{step}: setup" not in makefile  # would drop the gpu extra
+    for step in ("prepare", "train"):
+        body = _script_function(step)
+        pull, repro, push = (body.index(f"dvc {c}") for c in ("pull", "repro", "push"))
+        assert pull < repro < push, step
+    assert "dvc repro augment" in _script_function("prepare")  # data stages on the CPU runner
     assert prepare["runs-on"] == "ubuntu-latest"
+    # the prepare job's dvc.lock and metrics reach the train job
+    upload = next(s for s in prepare["steps"] if s.get("uses", "").startswith("actions/upload"))
+    download = next(s for s in train["steps"] if s.get("uses", "").startswith("actions/download"))
+    assert upload["with"]["name"] == download["with"]["name"]
+    assert upload["with"]["path"].split() == ["dvc.lock", "metrics/"]
+    names = [s.get("uses", s.get("run", "")) for s in train["steps"]]
+    assert names.index(download["uses"]) < names.index("make retrain-train")
     runs_on = train["runs-on"]
     assert "inputs.gpu_runner" in runs_on and "vars.GPU_RUNNER_LABELS" in runs_on
     default = re.search(r"'(\[.*\])'", runs_on).group(1)
     assert json.loads(default) == ["self-hosted", "gpu"]
     assert "gpu_runner" in wf["on"]["workflow_dispatch"]["inputs"]
-    script = _steps(train)
-    assert "uv sync --frozen --extra gpu" in script
-    assert "dvc metrics diff origin/main --md" in script
-    assert "GITHUB_STEP_SUMMARY" in script and "reports/register.json" in script
-    summary = next(s for s in train["steps"] if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
+    assert "uv sync --frozen --extra gpu" in _steps(train)
+    summary = next(s for s in train["steps"] if s.get("run") == "make retrain-summary")
     assert summary["if"] == "always()"
-    assert "decision" in summary["env"]["SUMMARY_PY"]
+    body = _script_function("summary")
+    assert 'dvc metrics diff "$base" --md' in body and "origin/main" in body
+    assert "GITHUB_STEP_SUMMARY" in body and "reports/register.json" in body
     checkout = next(s for s in train["steps"] if s.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0  # main's metrics for the diff
 
 
-def test_retrain_summary_script_renders_a_register_report(tmp_path):
-    """The summary's Python, run on a report of the shape run_register writes."""
+def test_retrain_summary_renders_a_register_report(tmp_path):
+    """The summary's decision, rendered from a report of the shape run_register writes."""
+    import os
     import sys
 
-    summary = next(s for s in _load("retrain.yml")["jobs"]["train"]["steps"]
-                   if "SUMMARY_PY" in s.get("env", {}))  # fmt: skip
     report = tmp_path / "register.json"
     report.write_text(json.dumps({
         "model_name": "gender-classifier", "version": "7", "decision": "kept champion",
         "candidate": {"accuracy": 0.91}, "champion_before": {"version": "5", "accuracy": 0.93},
         "champion_after": "5", "reasons": ["does not beat the champion's 0.9300"],
     }))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", summary["env"]["SUMMARY_PY"], str(report)],
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(RETRAIN_SCRIPT), "decision", str(report)], env=env,
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert "**kept champion**: gender-classifier version 7 (accuracy 0.91)" in proc.stdout
     assert "champion before: version 5, after: version 5" in proc.stdout
     assert "- does not beat the champion's 0.9300" in proc.stdout
+
+
+def test_retrain_script_never_prints_its_secrets():
+    text = RETRAIN_SCRIPT.read_text()
+    assert not re.search(r"^\s*set\s+-[a-z]*x", text, re.M)  # no command tracing
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+                "DVC_REMOTE_URL", "MLFLOW_TRACKING_URI"):  # fmt: skip
+        assert not re.search(rf"echo[^\n]*\${{?{var}\b", text), var
+    for secret in ("DVC_REMOTE_URL", "MLFLOW_TRACKING_URI"):
+        assert f"require {secret}" in text
+    assert 'echo "::error::$*"' in text and 'die "repository secret $1 is not set' in text
 
 
 SECRET_ENV = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN|TRACKING_URI|REMOTE_URL|ENDPOINT_URL)$")

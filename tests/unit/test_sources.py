@@ -635,3 +635,92 @@ def test_kaggle_rejected_token(tmp_path, kaggle_settings, fake_kaggle, monkeypat
     assert not (tmp_path / "raw").exists()
     out, err = capfd.readouterr()
     assert "expired-token-0123456789" not in out + err
+
+
+# --- noticing a changed source (the listing in SOURCE.json) --------------------------------
+
+
+def _run_download(settings, raw: Path, force: bool = False):
+    from genderclf.config import Paths
+    from genderclf.stages import download as stage
+
+    return stage.run(settings, Paths(raw=raw), progress=False, force=force)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime: "left alone" means neither changed."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}  # fmt: skip
+
+
+def test_unchanged_dir_source_leaves_raw_alone(tmp_path, make_settings, source_folder, make_image):
+    settings = make_settings({"data.source": "dir", "data.dir.path": str(source_folder)})
+    raw = tmp_path / "raw"
+    first = _run_download(settings, raw)
+    assert first.fetched
+    assert first.record["listing"]["compares"] == "path, size, mtime"
+    before = _snapshot(raw)
+    again = _run_download(settings, raw)
+    assert not again.fetched
+    assert again.record == first.record
+    assert _snapshot(raw) == before  # not rewritten: same bytes, same times
+
+    # a new file is noticed
+    make_image(source_folder / "Training" / "female" / "new.jpg", seed=50)
+    added = _run_download(settings, raw)
+    assert added.fetched and (raw / "Training" / "female" / "new.jpg").is_file()
+    assert added.record["listing"] != first.record["listing"]
+    # the same name with other bytes (and the same size) is noticed
+    target = source_folder / "Training" / "male" / "0.jpg"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    changed = _run_download(settings, raw)
+    assert changed.fetched
+    assert (raw / "Training" / "male" / "0.jpg").read_bytes() == bytes(data)
+    assert changed.record["checksum"] != added.record["checksum"]
+    # a deleted file in data/raw (file count off) is fetched again; so is --force
+    (raw / "Training" / "female" / "new.jpg").unlink()
+    assert _run_download(settings, raw).fetched
+    assert (raw / "Training" / "female" / "new.jpg").is_file()
+    assert _run_download(settings, raw, force=True).fetched
+    assert not _run_download(settings, raw).fetched
+
+
+def test_sample_listing_is_the_params(tmp_path, make_settings):
+    settings = make_settings({"data.sample.num_images": 20})
+    raw = tmp_path / "raw"
+    assert _run_download(settings, raw).fetched
+    assert not _run_download(settings, raw).fetched
+    more = make_settings({"data.sample.num_images": 21})
+    assert _run_download(more, raw).fetched
+    assert len(read_layout(raw).rows) == 21
+
+
+@pytest.mark.integration
+def test_s3_listing_notices_new_and_changed_objects(tmp_path, make_settings, s3_server, bucket):
+    _put(s3_server, bucket, {"d/male/a.jpg": b"a", "d/female/b.jpg": b"b"})
+    settings = make_settings({"data.source": "s3", "data.s3.uri": f"s3://{bucket}/d",
+                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    raw = tmp_path / "raw"
+    first = _run_download(settings, raw)
+    assert first.fetched and first.record["listing"]["compares"] == "key, size, ETag"
+    before = _snapshot(raw)
+    assert not _run_download(settings, raw).fetched
+    assert _snapshot(raw) == before
+    _put(s3_server, bucket, {"d/female/b.jpg": b"B"})  # same key, same size, other bytes
+    assert _run_download(settings, raw).fetched
+    assert (raw / "female" / "b.jpg").read_bytes() == b"B"
+    _put(s3_server, bucket, {"d/male/c.jpg": b"c"})
+    assert _run_download(settings, raw).fetched
+    assert (raw / "male" / "c.jpg").read_bytes() == b"c"
+    assert not _run_download(settings, raw).fetched
+
+
+def test_unreadable_source_json_means_fetch(tmp_path, make_settings, source_folder):
+    settings = make_settings({"data.source": "dir", "data.dir.path": str(source_folder)})
+    raw = tmp_path / "raw"
+    _run_download(settings, raw)
+    (raw / SOURCE_NAME).write_text("{not json")
+    assert _run_download(settings, raw).fetched
+    assert json.loads((raw / SOURCE_NAME).read_text())["listing"]

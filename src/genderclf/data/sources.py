@@ -8,6 +8,7 @@ lead out of the source) are returned too, so that validation lists them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from genderclf.io import Refused, copy_tree, cpu_workers, retry, safe_extract
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOURCE_NAME", "DownloadError", "Fetched", "fetch"]
+__all__ = ["SOURCE_NAME", "DownloadError", "Fetched", "fetch", "listing"]
 
 
 class DownloadError(GenderclfError, RuntimeError):
@@ -55,6 +56,17 @@ def fetch_sample(settings: Settings, dest: Path, progress: bool = True) -> Fetch
     )
     return Fetched({"generator": "genderclf.data.sample", "num_images": s.num_images,
                     "seed": settings.base.seed, "cue_flip_fraction": s.cue_flip_fraction})  # fmt: skip
+
+
+def list_sample(settings: Settings) -> list[str]:
+    # Deterministic: the params and the generator's code say everything about the files.
+    from genderclf.data import sample
+
+    s = settings.data.sample
+    code = hashlib.sha256(Path(sample.__file__).read_bytes()).hexdigest()
+    return [f"seed={settings.base.seed}", f"num_images={s.num_images}",
+            f"images_per_identity={s.images_per_identity}", f"male_fraction={s.male_fraction}",
+            f"cue_flip_fraction={s.cue_flip_fraction}", f"generator=sha256:{code}"]  # fmt: skip
 
 
 # --- kaggle -------------------------------------------------------------------------------
@@ -157,6 +169,13 @@ class _TransientHTTP(Exception):
     pass
 
 
+def list_kaggle(settings: Settings) -> list[str]:
+    # Asking the Kaggle API for a version needs credentials and the network on every
+    # `dvc repro`; the slug stands for the dataset instead (a `/<version>` suffix pins one).
+    # A new version of the same slug is fetched by `genderclf download --force`.
+    return [f"slug={settings.data.kaggle.slug}"]
+
+
 # --- dir ----------------------------------------------------------------------------------
 
 
@@ -168,6 +187,37 @@ def fetch_dir(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     for r in refused:
         log.warning("download: %s/%s not copied (%s)", src, r.path, r.reason)
     return Fetched({"path": str(src.resolve())}, refused)
+
+
+def _dir_entries(src: Path) -> list[str]:
+    """`path size mtime_ns` of each file `copy_tree` would copy (links: their target's)."""
+    root = src.resolve()
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not (here / d).is_symlink())  # fmt: skip
+        for name in sorted(filenames):
+            p = here / name
+            if name.startswith("."):
+                continue
+            rel = p.relative_to(src).as_posix()
+            if p.is_symlink():
+                target = p.resolve()
+                if not target.is_relative_to(root) or not target.is_file():
+                    entries.append(f"{rel} refused")
+                    continue
+                p = target
+            st = p.stat()
+            entries.append(f"{rel} {st.st_size} {st.st_mtime_ns}")
+    return sorted(entries)
+
+
+def list_dir(settings: Settings) -> list[str]:
+    src = Path(settings.data.dir.path or "").expanduser()
+    if not src.is_dir():
+        raise DownloadError(f"data.dir.path={str(src)!r} is not a folder: point it at the dataset")
+    return [f"path={src.resolve()}", *_dir_entries(src)]
 
 
 # --- s3 -----------------------------------------------------------------------------------
@@ -220,6 +270,24 @@ def fetch_s3(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     return Fetched({"uri": s.uri, "endpoint_url": client.meta.endpoint_url})
 
 
+def list_s3(settings: Settings) -> list[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s = settings.data.s3
+    bucket, prefix = split_s3_uri(s.uri or "")
+    client = s3_client(s.endpoint_url, s.retries)
+    entries = [f"uri={s.uri}"]
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) :]
+                if rel and not rel.endswith("/"):
+                    entries.append(f"{rel} {obj['Size']} {obj.get('ETag', '').strip(chr(34))}")
+    except (BotoCoreError, ClientError) as err:
+        raise DownloadError(f"S3 download of {s.uri} failed (listing): {err}") from err
+    return entries
+
+
 FETCHERS: dict[str, Callable[[Settings, Path, bool], Fetched]] = {
     "sample": fetch_sample,
     "kaggle": fetch_kaggle,
@@ -236,3 +304,37 @@ def fetch(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
         UnsafeArchiveError: an archive holds a member that would land outside `dest`.
     """
     return FETCHERS[settings.data.source](settings, dest, progress)
+
+
+LISTERS: dict[str, Callable[[Settings], list[str]]] = {
+    "sample": list_sample,
+    "kaggle": list_kaggle,
+    "dir": list_dir,
+    "s3": list_s3,
+}
+
+# What a listing compares, per source (recorded in SOURCE.json next to the digest).
+LISTED = {
+    "sample": "params and generator code",
+    "kaggle": "slug",
+    "dir": "path, size, mtime",
+    "s3": "key, size, ETag",
+}
+
+
+def listing(settings: Settings) -> dict[str, Any]:
+    """A cheap fingerprint of what `fetch` would bring, taken without fetching anything.
+
+    Same fingerprint, same files: the download stage then keeps `data/raw/` as it is. It
+    holds no time of its own, so it is equal on every run while the source is unchanged.
+
+    Returns:
+        {"compares": what is compared, "entries": how many, "digest": "sha256:..."}
+
+    Raises:
+        DownloadError: the source is unreachable or misconfigured.
+    """
+    source = settings.data.source
+    entries = LISTERS[source](settings)
+    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    return {"compares": LISTED[source], "entries": len(entries), "digest": f"sha256:{digest}"}
