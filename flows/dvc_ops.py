@@ -51,6 +51,17 @@ def stale_stages(root: Path) -> set[str]:
         return {name.split(":")[-1] for name in repo.status()}
 
 
+def always_changed(root: Path) -> set[str]:
+    """Stages `dvc.yaml` marks `always_changed` (download: it checks its source each run)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return {name for name, spec in stages.items() if spec.get("always_changed")}
+
+
+def locked_outs(root: Path, stage: str) -> list[Any]:
+    """The outputs `dvc.lock` records for `stage` (paths and hashes)."""
+    return read_lock(root).get("stages", {}).get(stage, {}).get("outs", [])
+
+
 def run(root: Path, *args: str, on_line: Callable[[str], None] | None = None) -> str:
     """Run `dvc <args>` in `root`; stream each output line to `on_line` if given.
 
@@ -81,9 +92,13 @@ def run(root: Path, *args: str, on_line: Callable[[str], None] | None = None) ->
 
 
 def repro_stage(root: Path, stage: str, on_line: Callable[[str], None] | None = None) -> bool:
-    """`dvc repro --single-item <stage>`. Returns False when DVC found it up to date."""
+    """`dvc repro --single-item <stage>`. Returns False when DVC found it up to date, or,
+    for an `always_changed` stage, when its command left its outputs as they were."""
+    before = locked_outs(root, stage)
     text = run(root, "repro", "--single-item", stage, on_line=on_line)
-    return not (f"Stage '{stage}' didn't change" in text or "is cached - skipping" in text)
+    if f"Stage '{stage}' didn't change" in text or "is cached - skipping" in text:
+        return False
+    return not (stage in always_changed(root) and before and locked_outs(root, stage) == before)
 
 
 def read_lock(root: Path) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 Prefect runs the pipeline that `dvc.yaml` defines; it does not define the stages a second
 time. The stage order comes from DVC's own graph, and each stage runs as
 `dvc repro --single-item <stage>`, so DVC's cache and `dvc.lock` stay the single truth.
-The flow asks DVC once (`dvc status`, in process) which stages are stale: those and
-everything downstream run; the others end at once in a `Completed` state named `Skipped`,
-without starting a DVC process (an up-to-date pipeline costs one status check).
+Stages DVC always runs (download, `always_changed`: it checks its source cheaply) run
+first; then the flow asks DVC once (`dvc status`, in process) which stages are stale: those
+and everything downstream run; the others end at once in a `Completed` state named `Skipped`,
+without starting a DVC process (an up-to-date pipeline costs the source check and one
+status check).
 
     python flows/pipeline.py                       # whole pipeline, Prefect's ephemeral API
     python flows/pipeline.py -S train.lr_head=0.002
@@ -181,9 +183,19 @@ def run_stage(stage: str, root: str) -> Any:
     )
     data = {"stage": stage, "ran": ran, "push_hint": any(hints)}
     if not ran:
-        return Completed(name="Skipped", message=f"{stage}: up to date, DVC skipped it", data=data)
+        return Completed(name="Skipped", message=f"{stage}: up to date (DVC skipped it, or its "
+                         "command found nothing new)", data=data)  # fmt: skip
     publish_artifacts(stage, Path(root))
     return data
+
+
+def _run_stage(stage: str, root: Path) -> tuple[dict[str, Any], str]:
+    """The stage's task (with its retries): (its result, "ran" | "skipped")."""
+    task_fn = run_stage.with_options(retries=RETRIES.get(stage, 0),
+                                     retry_delay_seconds=RETRY_DELAY_S)  # fmt: skip
+    state = task_fn(stage, str(root), return_state=True)
+    result = state.result()  # raises the stage's error
+    return result, "skipped" if state.name == "Skipped" else "ran"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -328,16 +340,24 @@ def gender_pipeline(
         else:
             C.load_settings(params_file)
         order = dvc.stage_order(root)
-        todo = plan(order, dvc.stale_stages(root))
         summary: dict[str, Any] = {}
+        push_hint = False
+        # Stages DVC runs every time (download: a cheap check of the source) run first, and
+        # the plan is made after them: an unchanged source leaves the rest up to date.
+        first = [s for s, up in order if not up and s in dvc.always_changed(root)]
+        for stage in first:
+            result, summary[stage] = _run_stage(stage, root)
+            push_hint = push_hint or result["push_hint"]
+        todo = plan(order, dvc.stale_stages(root) - set(first))
         run_id = None
         if any(todo.values()):  # an up-to-date pipeline makes no (empty) MLflow run
             run_id, url = open_mlflow_run(str(flow_run.id), str(flow_run.name))
             os.environ["MLFLOW_RUN_ID"] = run_id  # the train stage adopts this run
             summary.update(mlflow_run_id=run_id, mlflow_run_url=url)
-        push_hint = False
         try:
             for stage, _upstream in order:
+                if stage in first:
+                    continue
                 if not todo[stage]:
                     skip_stage.with_options(task_run_name=f"{stage} (up to date)")(stage)
                     summary[stage] = "skipped"
@@ -347,13 +367,8 @@ def gender_pipeline(
 
                     summary[stage] = train_remotely(root, train_on)
                     continue
-                task_fn = run_stage.with_options(
-                    retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
-                )
-                state = task_fn(stage, str(root), return_state=True)
-                result = state.result()  # raises the stage's error
+                result, summary[stage] = _run_stage(stage, root)
                 push_hint = push_hint or result["push_hint"]
-                summary[stage] = "skipped" if state.name == "Skipped" else "ran"
         finally:
             if run_id:
                 os.environ.pop("MLFLOW_RUN_ID", None)
