@@ -364,13 +364,20 @@ def test_train_register_and_load_champion_through_the_server(
     run_prefix = f"{ARTIFACT_PREFIX}/{experiment.experiment_id}/{run['run_id']}/artifacts/"
     run_keys = {k.removeprefix(run_prefix) for k in keys if k.startswith(run_prefix)}
     assert {"plots/training_curves.png", "plots/history.csv"} <= run_keys, sorted(keys)
-    # the champion is the model logged by this run, and every file of it came from there
+    # the champion is a LoggedModel of this run (MLflow 3: models:/<model id>), stored in
+    # the bucket under the experiment's models/, and every file of it came from there
     # (`registered_model_meta` is written by the download itself)
-    model_uri = report["model_uri"]  # what register registered: runs:/<run id>/<path>
-    assert model_uri.startswith(f"runs:/{run['run_id']}/"), report
-    model_dir = model_uri.removeprefix(f"runs:/{run['run_id']}/").strip("/") + "/"
-    assert f"{model_dir}MLmodel" in run_keys, sorted(run_keys)
-    in_bucket = {k.removeprefix(model_dir) for k in run_keys if k.startswith(model_dir)}
+    model_uri = report["model_uri"]
+    assert model_uri.startswith("models:/m-"), report
+    model_id = model_uri.removeprefix("models:/")
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        assert mlflow.get_logged_model(model_id).source_run_id == run["run_id"]
+    finally:
+        mlflow.set_tracking_uri(None)
+    model_prefix = f"{ARTIFACT_PREFIX}/{experiment.experiment_id}/models/{model_id}/artifacts/"
+    in_bucket = {k.removeprefix(model_prefix) for k in keys if k.startswith(model_prefix)}
+    assert "MLmodel" in in_bucket, sorted(keys)
     assert model_files - {"registered_model_meta"} == in_bucket
     # and nothing was written to a local artifact folder on the client side
     assert not (workspace / "mlruns").exists() and not (workspace / "mlartifacts").exists()
