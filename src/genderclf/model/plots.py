@@ -101,7 +101,7 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
         ax.invert_yaxis()
         ax.axvline(m["accuracy"], color="black", ls="--", lw=1, label="overall")
         ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
-        ax.set_xlabel(f"accuracy, with 95% Wilson intervals (grey: fewer than "
+        ax.set_xlabel(f"accuracy, with 95% Wilson intervals\n(grey: fewer than "
                       f"{slices['min_n']} images, not ranked)")  # fmt: skip
         ax.set_title("accuracy per slice")
         ax.legend(loc="lower left")
