@@ -213,3 +213,29 @@ def test_the_calibrated_cut_loses_less_test_accuracy_than_max_f1_on_small_val_se
     print(f"test accuracy lost against the best cut: mean {mean}, 90th percentile {p90}")
     assert mean["calibrated"] < mean["val_f1"] / 2
     assert p90["calibrated"] < p90["val_f1"]
+
+
+@pytest.mark.parametrize("n", [1, 5, 26, 157, 1000])
+def test_wilson_interval_holds_the_proportion_at_zero_and_one(n):
+    from genderclf.model.stats import wilson
+
+    for k in (0, n):  # statsmodels' upper bound at 157/157 is 0.9999999999999999
+        lo, hi = wilson(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_slices_plot_draws_a_slice_with_every_answer_right(tmp_path):
+    """A perfect slice of 157 images (the demo had one) is drawn, not a matplotlib error."""
+    from genderclf.model.plots import write_plots
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 100)
+    p = np.clip(y * 0.8 + rng.uniform(0, 0.2, len(y)), 0, 1)
+    correct = ((p >= 0.5).astype(int) == y).astype(float)
+    frame = pd.DataFrame({"Young": [1] * 157 + [0] * 43})
+    slices = slice_metrics(frame, correct, ["Young"], 30)
+    assert slices["by_attribute"]["Young"]["with"]["accuracy"] == 1.0
+    m = compute_metrics(y, p, 0.5, 10)
+    _, calib = expected_calibration_error(y, p, 10)
+    files = write_plots(y, p, m, calib, slices, tmp_path)
+    assert (tmp_path / "slices.png").stat().st_size > 0 and tmp_path / "slices.png" in files

@@ -95,7 +95,9 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
         fig, ax = plt.subplots(figsize=(6.5, 0.38 * len(rows) + 1.3))
         ypos = np.arange(len(rows))
         ax.barh(ypos, acc, color=np.where(small, "lightgrey", "tab:blue"))
-        ax.errorbar(acc, ypos, xerr=[acc - lo, hi - acc], fmt="none", ecolor="black",
+        # a Wilson bound at 0 or 1 can land a rounding error inside the point estimate
+        err = np.clip([acc - lo, hi - acc], 0.0, None)
+        ax.errorbar(acc, ypos, xerr=err, fmt="none", ecolor="black",
                     capsize=3, lw=1)  # fmt: skip
         ax.set_yticks(ypos, [name + ("  too small" if r["too_small"] else "") for name, r in rows])
         ax.invert_yaxis()

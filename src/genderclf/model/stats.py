@@ -63,13 +63,15 @@ def metric_intervals(y: np.ndarray, p: np.ndarray, threshold: float, samples: in
 
 
 def wilson(successes: int, n: int, level: float = Z95) -> list[float] | None:
-    """The Wilson score interval of a proportion (statsmodels)."""
+    """The Wilson score interval of a proportion (statsmodels), holding the proportion
+    itself: at 157/157 statsmodels' upper bound is 0.9999999999999999, below 1.0."""
     from statsmodels.stats.proportion import proportion_confint
 
     if n == 0:
         return None
     lo, hi = proportion_confint(successes, n, alpha=1 - level, method="wilson")
-    return [float(lo), float(hi)]
+    p = successes / n
+    return [min(float(lo), p), max(float(hi), p)]
 
 
 @dataclass(frozen=True)
