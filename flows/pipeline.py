@@ -347,7 +347,7 @@ def gender_pipeline(
         first = [s for s, up in order if not up and s in dvc.always_changed(root)]
         for stage in first:
             result, summary[stage] = _run_stage(stage, root)
-            push_hint = push_hint or result["push_hint"]
+            push_hint = push_hint or (result["push_hint"] and summary[stage] == "ran")
         todo = plan(order, dvc.stale_stages(root) - set(first))
         run_id = None
         if any(todo.values()):  # an up-to-date pipeline makes no (empty) MLflow run
