@@ -243,8 +243,10 @@ def test_promote_force_and_rollback(ws, trained):
     r = ws.register(ws.candidate(trained), lenient)  # v2: passes, waits for a person
     assert r["decision"] == "pending_approval" and _champion() == "1"
     registry = MlflowRegistry(0)
-    out = stage.promote(ws.settings, ws.paths(), registry, "2", "reviewed the card", by="ana")
-    assert out["moved"] and _champion() == "2"
+    # the untrained champion answers one class, so a slice of that class can only drop:
+    # this test is about approval and the alias history, not the slice check
+    out = stage.promote(lenient, ws.paths(), registry, "2", "reviewed the card", by="ana")
+    assert out["moved"] and _champion() == "2", [c for c in out["checks"] if not c["passed"]]
     move = json.loads(MlflowClient().get_model_version(MODEL_NAME, "2").tags["alias.champion.set"])
     assert (move["from"], move["to"]) == ("1", "2") and "by ana: reviewed the card" in move[
         "reason"
@@ -280,7 +282,7 @@ def test_the_cli_promote_and_rollback(ws, trained, tmp_path):
     manual = _with(ws.settings, approval="manual", max_slice_drop=1.0)
     ws.register(ws.candidate(trained), manual)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(ws.settings.model_dump(by_alias=True)))
+    params.write_text(yaml.safe_dump(manual.model_dump(by_alias=True)))  # slices: as above
     Path("data").mkdir()
     Path("data/prepared").symlink_to(ws.prepared, target_is_directory=True)
     Path("data/splits").symlink_to(ws.splits, target_is_directory=True)

@@ -33,14 +33,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> list[Path]:
     """Register a model as champion; returns the image files to classify."""
     import keras
-    from tests.helpers.stages import log_model_run
+    from tests.helpers.stages import log_model_run, write_evaluation
     from tests.helpers.stages import register as run_register
 
     from genderclf.inference import Classifier, ServingConfig, open_rgb
     from genderclf.io import write_json
     from genderclf.model.backbones import build_model
+    from genderclf.model.scoring import predict_split
 
-    settings = model_settings({"register.min_accuracy": 0.5})
+    # an untrained model: no floor, no calibration ceiling; the serving check stays on
+    settings = model_settings({"register.min_accuracy": 0.0, "register.max_ece": 1.0,
+                               "register.serving_check_images": 8})  # fmt: skip
     size = settings.base.image_size
     raw, _ = sample_data
     files = sorted((raw / "img_align_celeba" / "img_align_celeba").glob("*.jpg"))[:10]
@@ -56,10 +59,12 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     threshold = float(np.median(p))
     run = log_model_run(model, size)
     write_json(Path("models/run.json"), {**run, "image_size": size, "resize": "center_crop"})
-    write_json(Path("metrics/eval.json"), {"accuracy": 0.95, "threshold": threshold,
-                                           "f1": 0.9, "roc_auc": 0.97})  # fmt: skip
+    # the evaluate stage's record: this model's own answers on the test split
+    names, y, p_test = predict_split(model, prepared, "test", 64)
+    write_evaluation(Path("metrics"), names, y, threshold=threshold,
+                     pred=(p_test >= threshold).astype(int), prob=p_test)  # fmt: skip
     report = run_register(settings, Path("models/run.json"), Path("metrics/eval.json"),
-                          prepared, C.PATHS.register_report)  # fmt: skip
+                          prepared, C.PATHS.register_report, sample_data[1])  # fmt: skip
     assert report["decision"] == "promoted" and report["model_uri"].startswith("models:/m-")
     return files
 

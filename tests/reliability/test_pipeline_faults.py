@@ -142,7 +142,7 @@ def test_killed_training_resumes_and_the_outputs_match_dvc_lock(pipeline):
 
     summary = json.loads(pipeline["third"].stdout[pipeline["third"].stdout.index("{") :])
     assert (summary["evaluate"], summary["register"]) == ("ran", "ran")
-    assert summary["download"] == "ran"  # always (it lists the source; unchanged: a no-op)
+    assert summary["download"] == "skipped"  # it checked the source: unchanged, data/raw kept
     assert {summary[s] for s in ("validate", "split", "augment", "train")} == {"skipped"}
 
     # complete and consistent: DVC sees nothing to do, and every hash in dvc.lock matches
