@@ -61,6 +61,7 @@ def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | N
     import pandas as pd
 
     from genderclf.io import write_json
+    from genderclf.model.scoring import expected_calibration_error
 
     y = np.asarray(y, dtype=int)
     if pred is None:
@@ -71,11 +72,12 @@ def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | N
     plots = Path(plots or folder)
     for d in (folder, plots):
         d.mkdir(parents=True, exist_ok=True)
+    prob = np.where(pred == 1, 0.9, 0.1) if prob is None else np.asarray(prob, dtype=float)
     pd.DataFrame({"path": names, "actual": names_[y], "predicted": names_[pred],
-                  "prob_male": np.where(pred == 1, 0.9, 0.1) if prob is None else prob}).to_csv(
-        plots / "predictions.csv", index=False)  # fmt: skip
+                  "prob_male": prob}).to_csv(plots / "predictions.csv", index=False)
+    ece = expected_calibration_error(y, prob, 10)[0]  # as evaluate records it
     write_json(folder / "eval.json", {"accuracy": right / len(y), "threshold": threshold,
-                                      "f1": 0.5, "roc_auc": None, "ece": 0.0, "n": len(y),
+                                      "f1": 0.5, "roc_auc": None, "ece": ece, "n": len(y),
                                       "calibration": {"method": "none", "a": 1.0, "b": 0.0,
                                                       "cut": 0.5}})  # fmt: skip
     return right / len(y)
