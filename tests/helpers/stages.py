@@ -73,8 +73,9 @@ def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | N
     for d in (folder, plots):
         d.mkdir(parents=True, exist_ok=True)
     prob = np.where(pred == 1, 0.9, 0.1) if prob is None else np.asarray(prob, dtype=float)
-    pd.DataFrame({"path": names, "actual": names_[y], "predicted": names_[pred],
-                  "prob_male": prob}).to_csv(plots / "predictions.csv", index=False)
+    pd.DataFrame(
+        {"path": names, "actual": names_[y], "predicted": names_[pred], "prob_male": prob}
+    ).to_csv(plots / "predictions.csv", index=False)
     ece = expected_calibration_error(y, prob, 10)[0]  # as evaluate records it
     write_json(folder / "eval.json", {"accuracy": right / len(y), "threshold": threshold,
                                       "f1": 0.5, "roc_auc": None, "ece": ece, "n": len(y),

@@ -284,8 +284,8 @@ def run(settings: Settings, paths: Paths, registry: Registry,
                "calibration": [float(cal.get("a", 1.0)), float(cal.get("b", 0.0))],
                "example": first_record(paths.prepared, "test")[0]}  # a real test image  # fmt: skip
     version, created, model_uri = registry.register(run_info, metrics, serving)
-    ece = float(metrics.get("ece", expected_calibration_error(
-        cand.y, cand.p, settings.evaluate.calibration_bins)[0]))
+    bins = settings.evaluate.calibration_bins
+    ece = float(metrics.get("ece", expected_calibration_error(cand.y, cand.p, bins)[0]))
     moves: list[dict[str, Any]] = []
     champ = None
     checks: list[Check] = []
