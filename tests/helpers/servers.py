@@ -1,5 +1,5 @@
 """Real servers on loopback for tests: a free port, waiting for HTTP, an `mlflow server`,
-and a TCP gate in front of one that can play a dead server.
+an S3-protocol server (moto), and a TCP gate in front of one that can play a dead server.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,40 @@ from tests.helpers import BIN
 # MLflow 3's server starts a pool of job workers (huey consumers, ~250 MB each) for its
 # GenAI jobs; nothing here uses them.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+# The S3 server's credentials: any pair works with moto; tests check they never leak.
+S3_KEY_ID, S3_SECRET, S3_REGION = "testing-key-id", "testing-secret", "us-east-1"
+
+
+def s3_env() -> dict[str, str]:
+    """The AWS variables boto3 and DVC read, for the test S3 server."""
+    return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": S3_REGION}  # fmt: skip
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
+                        aws_secret_access_key=S3_SECRET, region_name=S3_REGION)  # fmt: skip
+
+
+@contextlib.contextmanager
+def s3_server(*buckets: str) -> Iterator[str]:
+    """A real S3-protocol server (moto) on loopback holding `buckets`; yields its endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for bucket in buckets:
+            s3_client(endpoint).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

@@ -38,7 +38,8 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers import BIN, REPO_ROOT
-from tests.helpers.servers import MLFLOW_SERVER_ENV, free_port
+from tests.helpers.servers import MLFLOW_SERVER_ENV, free_port, s3_client, s3_env
+from tests.helpers.servers import s3_server as s3_server_at
 
 from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME
@@ -50,7 +51,6 @@ BUCKET = "mlflow-artifacts"
 ARTIFACT_PREFIX = "mlartifacts"
 PG_USER, PG_PASSWORD = "mlflow", "pg-test-password"
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-test-password-1"
-S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
 # MLflow's basic-auth app needs Flask-WTF (the `mlflow[auth]` extra). Without it the server
 # runs with MLFLOW_AUTH=off and only the authentication test is skipped.
 AUTH = importlib.util.find_spec("flask_wtf") is not None
@@ -150,22 +150,8 @@ def postgres() -> Iterator[Postgres]:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """A real S3-protocol server (moto) on loopback with the artifact bucket; its endpoint."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    _s3_client(endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-
-
-def _s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                        aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+    with s3_server_at(BUCKET) as endpoint:
+        yield endpoint
 
 
 def _clean_env() -> dict[str, str]:
@@ -196,9 +182,7 @@ def mlflow_server(tmp_path_factory, postgres, s3) -> Iterator[str]:
         **MLFLOW_SERVER_ENV,
         # only the server talks to the object store
         "MLFLOW_S3_ENDPOINT_URL": s3,
-        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
+        **s3_env(),
         "AWS_CONFIG_FILE": str(work / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(work / "no-aws-credentials"),
     }
@@ -358,7 +342,7 @@ def test_train_register_and_load_champion_through_the_server(
 
     # the artifacts are in the bucket, under the experiment and run of this training
     keys = []
-    for page in _s3_client(s3).get_paginator("list_objects_v2").paginate(
+    for page in s3_client(s3).get_paginator("list_objects_v2").paginate(
             Bucket=BUCKET, Prefix=f"{ARTIFACT_PREFIX}/"):  # fmt: skip
         keys += [o["Key"] for o in page.get("Contents", [])]
     run_prefix = f"{ARTIFACT_PREFIX}/{experiment.experiment_id}/{run['run_id']}/artifacts/"

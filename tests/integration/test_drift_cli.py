@@ -86,6 +86,40 @@ def test_drift_command_same_vs_shifted_batch(champion, sample_data):
 
 
 @pytest.mark.integration
+def test_drift_command_on_an_s3_prefix(champion, sample_data, monkeypatch, tmp_path):
+    """The same check on a prefix of a real S3-protocol server, found as a user's would be
+    (AWS_ENDPOINT_URL and the credentials from the environment); an unreadable object is
+    listed, not fatal, and the credentials appear in no output."""
+    from tests.helpers.servers import S3_SECRET, s3_client, s3_env, s3_server
+
+    raw, splits = sample_data
+    train = read_split(splits, "train")["path"].tolist()[:80]
+    dark = copy_images(train, raw, tmp_path / "dark", darken=0.45)
+    with s3_server("incoming") as endpoint:
+        client = s3_client(endpoint)
+        for f in sorted(dark.iterdir()):
+            client.upload_file(str(f), "incoming", f"cam-7/2026-12-02/{f.name}")
+        client.put_object(Bucket="incoming", Key="cam-7/2026-12-02/broken.jpg", Body=b"no")
+        client.put_object(Bucket="incoming", Key="cam-7/2026-12-02/_SUCCESS", Body=b"")
+        client.put_object(Bucket="incoming", Key="cam-8/other.jpg", Body=b"not this prefix")
+        for key, value in {**s3_env(), "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        r = _drift("s3://incoming/cam-7/2026-12-02/", "--params", str(champion))
+    assert r.exit_code == DRIFT_EXIT_CODE, r.output
+    assert "80 images of s3://incoming/cam-7/2026-12-02/" in r.output
+    result = json.loads((C.PATHS.drift / "drift.json").read_text())
+    assert result["drifted"] and result["views"]["image"]["drifted"]
+    batch = result["batch"]
+    assert batch["location"] == "s3://incoming/cam-7/2026-12-02/"
+    assert batch["images"] == 80 and batch["non_images"] == 1  # _SUCCESS
+    assert [f["file"] for f in batch["failed"]] == ["broken.jpg"]
+    written = "".join(f.read_text() for f in C.PATHS.drift.glob("*.[jm][sd]*"))
+    assert S3_SECRET not in r.output + written
+
+
+@pytest.mark.integration
 def test_drift_command_too_few_images_is_a_clear_error(champion, sample_data):
     empty = Path("batches/empty")
     empty.mkdir(parents=True)

@@ -5,8 +5,10 @@ and `gender-pipeline/on-demand` deployments with their triggers), a process work
 champion with its reference in a real MLflow store. Images dropped into the watched
 folder are noticed by the `watch` flow (a real flow run against the server), whose
 `genderclf.data.arrived` event makes the server start `monitor`; a darkened batch makes
-it emit `genderclf.drift.detected`, which makes the server start the pipeline. A batch
-like the reference starts the check and nothing after it.
+it emit `genderclf.drift.detected`, which makes the server start the pipeline, and that
+run retrains in the workspace (a git + DVC checkout of the pipeline) and registers a new
+version beside the champion. A batch like the reference starts the check and nothing
+after it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.helpers import BIN, REPO_ROOT
 from tests.helpers import params as P
 from tests.helpers.servers import free_port, http_json, wait_http
 from tests.helpers.stages import copy_images, register_champion
+from tests.helpers.workspace import copy_pipeline, git_init, pipeline_env
 
 from genderclf.data.split import read_split
 
@@ -54,19 +57,38 @@ def _wait_final(api: str, deployment: str, count: int, timeout: float, logs: lis
     raise AssertionError(f"{deployment}: {len(runs)} runs, wanted {count} finished:\n{tails}")
 
 
+def _retrained_version_is_registered(project: Path) -> None:
+    import json
+
+    from mlflow import MlflowClient
+
+    from genderclf.tracking.setup import MODEL_NAME
+
+    report = json.loads((project / "reports" / "register.json").read_text())
+    assert str(report["version"]) == "2" and report["decision"] in ("promoted", "rejected"), report
+    client = MlflowClient()
+    version = client.get_model_version(MODEL_NAME, "2")
+    run = json.loads((project / "models" / "run.json").read_text())
+    assert version.run_id == run["run_id"]  # trained by the triggered run, not the champion's
+    alias = "champion" if report["decision"] == "promoted" else "challenger"
+    assert alias in version.aliases, (alias, version.aliases)
+    assert (project / "dvc.lock").is_file()  # `dvc repro` ran in the workspace
+
+
 def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sample_data,
                                                 prepared, tmp_path):  # fmt: skip
     raw, splits = sample_data
     register_champion(P.shrink(real_params, P.DRIFT_CHAMPION), raw, splits, prepared)
-    project = tmp_path  # the workspace: params.yaml, mlflow.db, mlruns/, models/, reports/
+    # The workspace: a checkout of the pipeline (git + DVC, the champion's params.yaml)
+    # that also holds the champion's mlflow.db, mlruns/, models/ and reports/ (git-ignored).
+    project = copy_pipeline(tmp_path, ("src", "flows"))
     shutil.copy2(REPO_ROOT / "prefect.yaml", project / "prefect.yaml")
-    shutil.copytree(REPO_ROOT / "flows", project / "flows",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    git_init(project)
     incoming = project / "incoming"
     incoming.mkdir()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in pipeline_env(project, drop=("PREFECT_",)).items()}
     env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
                 "GENDERCLF_WATCH": str(incoming), "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -131,6 +153,11 @@ def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sampl
         )
         assert payload["champion_version"] == "1" and "image" in payload["views"]
         assert "brightness" in payload["features"] and payload["images"] == 80
+
+        # The retraining it started: the whole DAG in the workspace, a new version registered.
+        (retrain,) = _wait_final(api, "gender-pipeline/on-demand", 1, 1500, logs)
+        assert retrain["state_type"] == "COMPLETED", retrain
+        _retrained_version_is_registered(project)
     finally:
         for proc in reversed(procs):
             proc.terminate()

@@ -21,37 +21,27 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers import BIN
+from tests.helpers.servers import s3_client, s3_env
+from tests.helpers.servers import s3_server as s3_server_at
 from tests.helpers.workspace import copy_pipeline, git_commit, nothing_stale, pipeline_env, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BUCKET = "genderclf-dvc"
 PREFIX = "dvcstore"
-S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
 
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     """A real S3-protocol server (moto) on loopback, with the DVC bucket; its endpoint."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                 aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)  # fmt: skip
-    yield endpoint
-    server.stop()
+    with s3_server_at(BUCKET) as endpoint:
+        yield endpoint
 
 
 def _env(repo: Path) -> dict[str, str]:
     """No MLflow or AWS settings from the machine; the S3 credentials DVC reads from env."""
     return pipeline_env(
-        repo, drop=("MLFLOW_", "AWS_"), AWS_ACCESS_KEY_ID=S3_KEY_ID,
-        AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
+        repo, drop=("MLFLOW_", "AWS_"), **s3_env(),
         AWS_CONFIG_FILE=str(repo.parent / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(repo.parent / "no-aws-credentials"),
     )  # fmt: skip
@@ -104,8 +94,6 @@ def repo(tmp_path_factory, pipeline_params, s3_server) -> Path:
 
 
 def test_push_delete_pull_restores_every_output(repo, s3_server):
-    import boto3
-
     outs = _cached_outs(repo)
     assert {"data/raw", "data/prepared", "models/model.keras"} <= set(outs)
     before = {out: _digest(repo / out) for out in outs}
@@ -114,8 +102,7 @@ def test_push_delete_pull_restores_every_output(repo, s3_server):
     pushed = _dvc(repo, "push")
     assert "pushed" in pushed, pushed
     assert "in sync" in _dvc(repo, "status", "--cloud"), "cache and remote differ after push"
-    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY_ID,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+    client = s3_client(s3_server)
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=f"{PREFIX}/") for o in page.get("Contents", [])]  # fmt: skip
     # DVC 3 content-addresses files as <prefix>/files/md5/<2 hex>/<rest>

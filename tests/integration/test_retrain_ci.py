@@ -22,29 +22,19 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers import BIN, REPO_ROOT
-from tests.helpers.servers import MlflowServer, free_port
+from tests.helpers.servers import S3_SECRET, MlflowServer, free_port, s3_client, s3_env
+from tests.helpers.servers import s3_server as s3_server_at
 from tests.helpers.workspace import copy_pipeline, pipeline_env, run, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BUCKET = "genderclf-retrain"
-S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
 
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                 aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)  # fmt: skip
-    yield endpoint
-    server.stop()
+    with s3_server_at(BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +55,7 @@ class Ci:
     def env(self, repo: Path, run_id: str, **extra: str) -> dict[str, str]:
         return pipeline_env(
             repo, drop=("MLFLOW_", "AWS_", "GITHUB_", "DVC_REMOTE"),
-            AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET,
-            AWS_DEFAULT_REGION="us-east-1",
+            **s3_env(),
             AWS_CONFIG_FILE=str(self.root / "no-aws-config"),
             AWS_SHARED_CREDENTIALS_FILE=str(self.root / "no-aws-credentials"),
             DVC_REMOTE_URL=f"s3://{BUCKET}/dvcstore", DVC_REMOTE_ENDPOINT_URL=self.s3,
@@ -126,10 +115,7 @@ def ci(tmp_path_factory, pipeline_params, s3_server, mlflow_server) -> Ci:
 
 
 def _remote_keys(endpoint: str) -> set[str]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+    client = s3_client(endpoint)
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="dvcstore/")
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 

@@ -24,6 +24,8 @@ import pytest
 import yaml
 from tests.helpers import BIN
 from tests.helpers.images import write_image
+from tests.helpers.servers import s3_client, s3_env
+from tests.helpers.servers import s3_server as s3_server_at
 from tests.helpers.workspace import copy_pipeline, git_init, pipeline_env, run, write_params
 
 from genderclf import config as C
@@ -32,7 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DATA_STAGES = ("download", "validate", "split", "augment")
 BUCKET = "genderclf-source"
-S3_KEY_ID, S3_SECRET = "testing-key-id", "testing-secret"
 
 
 def _ran(output: str) -> set[str]:
@@ -59,18 +60,8 @@ def _images(tmp: Path, n: int) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                 aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)  # fmt: skip
-    yield endpoint
-    server.stop()
+    with s3_server_at(BUCKET) as endpoint:
+        yield endpoint
 
 
 def _dir_source(tmp: Path) -> tuple[dict[str, object], Callable[[str, bytes], None]]:
@@ -87,10 +78,7 @@ def _dir_source(tmp: Path) -> tuple[dict[str, object], Callable[[str, bytes], No
 def _s3_source(
     endpoint: str, prefix: str
 ) -> tuple[dict[str, object], Callable[[str, bytes], None]]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+    client = s3_client(endpoint)
 
     def put(rel: str, data: bytes) -> None:
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data)
@@ -118,8 +106,7 @@ def test_repro_notices_new_and_changed_images_only(source, tmp_path, tiny_params
     for k, v in {**overrides, "split.strategy": "stratified", "augment.copies": 0}.items():
         set_dotted(params, k, v)
     write_params(repo, params)
-    env = pipeline_env(repo, drop=("MLFLOW_", "AWS_"), AWS_ACCESS_KEY_ID=S3_KEY_ID,
-                       AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
+    env = pipeline_env(repo, drop=("MLFLOW_", "AWS_"), **s3_env(),
                        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
                        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"))  # fmt: skip
     git_init(repo, env=env)
