@@ -177,14 +177,22 @@ def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tm
             assert g["probability"] is None and g["p_male"] is None and g["x"] is None
 
 
-def test_registered_model_carries_the_evaluated_threshold(champion, mlflow_store):
+def test_registered_model_carries_the_evaluated_threshold(champion, mlflow_store, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    import tempfile
+
     import mlflow
 
     from genderclf.tracking.serving import load_classifier
 
     evaluated = json.loads(Path("metrics/eval.json").read_text())["threshold"]
-    clf = load_classifier("models:/gender-classifier@champion")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "tempdir", str(scratch))
+        clf = load_classifier("models:/gender-classifier@champion")
     assert clf.config.threshold == pytest.approx(evaluated)
+    assert list(scratch.iterdir()) == []  # the downloaded copy is gone once loaded
     # The pyfunc loads in-process too, and takes raw bytes.
     model = mlflow.pyfunc.load_model("models:/gender-classifier@champion")
     import pandas as pd

@@ -186,12 +186,13 @@ def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None
     from genderclf.tracking.setup import configure, redact
 
     configure(0)
-    tmp = tempfile.mkdtemp(prefix="genderclf-model-")
-    try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-    except (MlflowException, OSError) as err:
-        hint = (" (no champion yet: run the pipeline first, e.g. `make demo`)"
-                if "champion" in uri else "")  # fmt: skip
-        raise PredictError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
-                           f"{hint}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
-    return with_threshold(load_local(folder, fallback, uri), threshold)
+    # The download is read into memory and removed: a loaded model keeps no file open.
+    with tempfile.TemporaryDirectory(prefix="genderclf-model-") as tmp:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except (MlflowException, OSError) as err:
+            hint = (" (no champion yet: run the pipeline first, e.g. `make demo`)"
+                    if "champion" in uri else "")  # fmt: skip
+            raise PredictError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
+                               f"{hint}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
+        return with_threshold(load_local(folder, fallback, uri), threshold)
