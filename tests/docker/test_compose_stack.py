@@ -38,6 +38,7 @@ from tests.docker.prefect_runs import (
     wait_for_flow_run,
     wait_for_worker,
 )
+from tests.helpers.servers import Postgres
 
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME
 
@@ -262,17 +263,9 @@ def flow_run(stack) -> dict[str, Any]:
 
 
 def _postgres(stack: Stack, database: str, sql: str) -> list[tuple]:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=int(stack.env["POSTGRES_PORT"]),
-                            user=stack.env["POSTGRES_USER"],
-                            password=stack.env["POSTGRES_PASSWORD"], dbname=database)  # fmt: skip
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
+    env = stack.env
+    server = Postgres(int(env["POSTGRES_PORT"]), env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
+    return server.query(database, sql)
 
 
 def test_a_flow_run_registers_a_champion_in_postgres_with_artifacts_in_the_bucket(

@@ -58,6 +58,31 @@ def s3_server(*buckets: str) -> Iterator[str]:
         server.stop()
 
 
+@dataclass
+class Postgres:
+    """A PostgreSQL server on 127.0.0.1:`port` (started by the test that needs it)."""
+
+    port: int
+    user: str
+    password: str
+
+    def uri(self, database: str) -> str:
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the lockfile has psycopg2
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def query(self, database: str, sql: str) -> list[tuple]:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
+                                password=self.password, dbname=database)  # fmt: skip
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

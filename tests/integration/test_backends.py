@@ -32,13 +32,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from tests.helpers import BIN, REPO_ROOT
-from tests.helpers.servers import MLFLOW_SERVER_ENV, free_port, s3_client, s3_env
+from tests.helpers.servers import MLFLOW_SERVER_ENV, Postgres, free_port, s3_client, s3_env
 from tests.helpers.servers import s3_server as s3_server_at
 
 from genderclf import config as C
@@ -66,29 +65,6 @@ def _pg_bin() -> Path | None:
     candidates = glob.glob("/usr/lib/postgresql/*/bin/initdb")
     candidates.sort(key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
     return Path(candidates[-1]).parent if candidates else None
-
-
-@dataclass
-class Postgres:
-    port: int
-    user: str
-    password: str
-
-    def uri(self, database: str) -> str:
-        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the lockfile has psycopg2
-        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
-
-    def query(self, database: str, sql: str) -> list[tuple]:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
-                                password=self.password, dbname=database)  # fmt: skip
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-                return cur.fetchall()
-        finally:
-            conn.close()
 
 
 @pytest.fixture(scope="module")
