@@ -234,7 +234,7 @@ def check(location: str, clf: Classifier, reference: Profile, settings: Settings
         (tmp / "summary.md").write_text(markdown(result), encoding="utf-8")
         drift_figure(reference, batch, result, null, settings.drift.histogram_bins,
                      tmp / "drift.png")  # fmt: skip
-    log.info("drift: %s", result["summary"])
+    log.debug("drift: %s", result["summary"])  # the CLI and the monitor flow print it
     return DriftReport(result, [out_dir / f for f in ("drift.json", "summary.md", "drift.png")])
 
 
