@@ -62,15 +62,16 @@ def _retrained_version_is_registered(project: Path) -> None:
 
     from mlflow import MlflowClient
 
-    from genderclf.tracking.setup import MODEL_NAME
+    from genderclf import config as C
+    from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME
 
-    report = json.loads((project / "reports" / "register.json").read_text())
+    report = json.loads((project / C.PATHS.register_report).read_text())
     assert str(report["version"]) == "2" and report["decision"] in ("promoted", "rejected"), report
     client = MlflowClient()
     version = client.get_model_version(MODEL_NAME, "2")
-    run = json.loads((project / "models" / "run.json").read_text())
+    run = json.loads((project / C.PATHS.run).read_text())
     assert version.run_id == run["run_id"]  # trained by the triggered run, not the champion's
-    alias = "champion" if report["decision"] == "promoted" else "challenger"
+    alias = CHAMPION if report["decision"] == "promoted" else CHALLENGER
     assert alias in version.aliases, (alias, version.aliases)
     assert (project / "dvc.lock").is_file()  # `dvc repro` ran in the workspace
 
@@ -88,7 +89,7 @@ def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sampl
     incoming.mkdir()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in pipeline_env(project, drop=("PREFECT_",)).items()}
+    env = pipeline_env(project, drop=("PREFECT_",))
     env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
                 "GENDERCLF_WATCH": str(incoming), "PREFECT_WORKER_QUERY_SECONDS": "2",
