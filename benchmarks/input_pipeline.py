@@ -101,10 +101,16 @@ def keras_idg(raw: Path, df, n: int) -> float:
 
     gen = ImageDataGenerator(horizontal_flip=True, rotation_range=10, zoom_range=0.1)
     it = gen.flow_from_dataframe(
-        df.assign(label=df["label"].astype(str)), directory=str(raw), x_col="path",
-        y_col="label", target_size=(SIZE, SIZE), class_mode="binary", batch_size=BATCH,
-        shuffle=True, seed=0,
-    )  # fmt: skip
+        df.assign(label=df["label"].astype(str)),
+        directory=str(raw),
+        x_col="path",
+        y_col="label",
+        target_size=(SIZE, SIZE),
+        class_mode="binary",
+        batch_size=BATCH,
+        shuffle=True,
+        seed=0,
+    )
 
     def batches():
         while True:
@@ -171,9 +177,13 @@ def fused_tfdata(raw: Path, df, n: int, aug: dict) -> float:
         zero = tf.zeros_like(a0)
         m = tf.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1)
         x = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=m, output_shape=[SIZE, SIZE], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="REFLECT",
-        )  # fmt: skip
+            images=images,
+            transforms=m,
+            output_shape=[SIZE, SIZE],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
         con = tf.reshape(1 + (2 * u[5] - 1) * aug["contrast"], (-1, 1, 1, 1))
         bri = tf.reshape(1 + (2 * u[6] - 1) * aug["brightness"], (-1, 1, 1, 1))
         mean = tf.reduce_mean(x, axis=(1, 2), keepdims=True)
@@ -188,11 +198,13 @@ def keras_layers_tfdata(raw: Path, df, n: int, aug: dict) -> float:
     import keras
     import tensorflow as tf
 
-    layers = keras.Sequential([
-        keras.layers.RandomFlip("horizontal"),
-        keras.layers.RandomRotation(aug["rotation_deg"] / 360, fill_mode="reflect"),
-        keras.layers.RandomZoom(aug["zoom"], fill_mode="reflect"),
-    ])  # fmt: skip
+    layers = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomRotation(aug["rotation_deg"] / 360, fill_mode="reflect"),
+            keras.layers.RandomZoom(aug["zoom"], fill_mode="reflect"),
+        ]
+    )
     auto = tf.data.AUTOTUNE
     ds = _decoded(raw, df).batch(BATCH)
     ds = ds.map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=auto)
@@ -206,11 +218,19 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=3000, help="sample dataset size")
     ap.add_argument("--copies", type=int, default=1, help="augment.copies for (b)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--keras-layers-images", type=int, default=1024,
-                    help="images timed for the slow Keras-layers variant")  # fmt: skip
+    ap.add_argument(
+        "--keras-layers-images",
+        type=int,
+        default=1024,
+        help="images timed for the slow Keras-layers variant",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    ap.add_argument("--feed", type=float, default=5000.0,
-                    help="images/s a GPU worker must be fed (for the cores estimate)")  # fmt: skip
+    ap.add_argument(
+        "--feed",
+        type=float,
+        default=5000.0,
+        help="images/s a GPU worker must be fed (for the cores estimate)",
+    )
     ap.add_argument("--variants", nargs="+", help="only these variants (prefix, e.g. b c)")
     args = ap.parse_args()
 
@@ -229,8 +249,11 @@ def main() -> None:
         n = len(df)
         n_records = n * (1 + args.copies)
         cores = len(os.sched_getaffinity(0))
-        print(f"train split: {n} source images, {n_records} records with copies={args.copies}; "
-              f"{cores} cores; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+        print(
+            f"train split: {n} source images, {n_records} records with copies={args.copies}; "
+            f"{cores} cores; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
         variants = {
             "a keras_idg": lambda: keras_idg(raw, df, n),
@@ -252,12 +275,18 @@ def main() -> None:
         for r in range(args.rounds):
             secs, meta = time_augment_stage(work)  # first round also writes (b)'s input
             stage_s.append(secs)
-            print(f"round {r + 1}: augment stage {n / secs:.0f} source img/s "
-                  f"({secs:.1f}s, load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}: augment stage {n / secs:.0f} source img/s "
+                f"({secs:.1f}s, load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
             for name, fn in variants.items():
                 rates[name].append(fn())
-                print(f"round {r + 1}: {name:<26} {rates[name][-1]:7.0f} img/s "
-                      f"(load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+                print(
+                    f"round {r + 1}: {name:<26} {rates[name][-1]:7.0f} img/s "
+                    f"(load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
         assert meta["splits"]["train"]["records"] == n_records
 
         best = {k: max(v) for k, v in rates.items()}
@@ -271,8 +300,10 @@ def main() -> None:
             print(f"{k:<28}{v:>13.0f}{runs:>24}{v / a:>7.1f}x{v / c:>8.0%}")
         label = "b' augment_stage (once)"
         print(f"{label:<28}{n / prep:>13.0f}{'source img/s':>24}")
-        print(f"{'b amortised over ' + str(epochs) + ' epochs':<28}{amortised:>13.0f}"
-              f"{'records/s':>24}{amortised / a:>7.1f}x{amortised / c:>8.0%}")  # fmt: skip
+        print(
+            f"{'b amortised over ' + str(epochs) + ' epochs':<28}{amortised:>13.0f}"
+            f"{'records/s':>24}{amortised / a:>7.1f}x{amortised / c:>8.0%}"
+        )
         print(
             f"\ntargets ((b) = project_epoch): (b) >= 5x (a): "
             f"{'met' if b >= 5 * a else 'NOT met'} ({b / a:.1f}x); "
@@ -281,13 +312,25 @@ def main() -> None:
         one = best.get("b1 project_epoch_1_thread")
         if one:
             need = math.ceil(args.feed / one)
-            print(f"\nreader per CPU core (one tf.data thread, 224 px JPEG records): {one:.0f} img/s; "
-                  f"all {cores} cores: {b:.0f} img/s ({b / cores:.0f} per core). To feed "
-                  f"{args.feed:.0f} img/s: {need} cores for the reader at the one-thread rate, "
-                  f"plus 1-2 for the training process")  # fmt: skip
+            print(
+                "\nreader per CPU core (one tf.data thread, 224 px JPEG records): "
+                f"{one:.0f} img/s; "
+                f"all {cores} cores: {b:.0f} img/s ({b / cores:.0f} per core). To feed "
+                f"{args.feed:.0f} img/s: {need} cores for the reader at the one-thread rate, "
+                f"plus 1-2 for the training process"
+            )
         print(f"load average at end: {os.getloadavg()}")
-        print(json.dumps({"best_img_s": best, "augment_stage_s": stage_s, "n": n,
-                          "records": n_records, "amortised": amortised}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "best_img_s": best,
+                    "augment_stage_s": stage_s,
+                    "n": n,
+                    "records": n_records,
+                    "amortised": amortised,
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Overhead of an up-to-date pipeline: no-op `dvc repro` and the Prefect flow, median of runs.
 
-A temporary `git clone` of this repository (its committed HEAD) gets tiny params (the test suite's sizes:
-120 sample images at 32 px, simple_cnn, one epoch per phase) and one full `dvc repro`,
-which makes every stage up to date. Then, with nothing changed:
+A temporary `git clone` of this repository (its committed HEAD) gets tiny params (the
+test suite's sizes: 120 sample images at 32 px, simple_cnn, one epoch per phase) and one
+full `dvc repro`, which makes every stage up to date. Then, with nothing changed:
 
   * `dvc repro` (all stages), `--repeats` times;
   * `python flows/pipeline.py` (the gender-pipeline flow, `--flow-repeats` times), each
@@ -11,8 +11,9 @@ which makes every stage up to date. Then, with nothing changed:
 
 Each run's wall time is measured from outside (process start to exit), so interpreter and
 import time count; its CPU time (user + system, children included) is shown beside it,
-since on a shared machine wall time stretches with the load. The median is reported against the targets (3 s and 20 s). The first
-flow run also creates Prefect's database and is shown separately.
+since on a shared machine wall time stretches with the load. The median is reported against
+the targets (3 s and 20 s). The first flow run also creates Prefect's database and is
+shown separately.
 
     uv run python benchmarks/overhead.py
     uv run python benchmarks/overhead.py --repeats 7 --flow-repeats 5 --keep
@@ -93,8 +94,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="no-op `dvc repro` runs")
     ap.add_argument("--flow-repeats", type=int, default=3, help="no-op flow runs after the first")
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone")
-    ap.add_argument("--reuse", metavar="DIR",
-                    help="a folder kept by --keep (DIR/repo): skip the clone and first run")  # fmt: skip
+    ap.add_argument(
+        "--reuse",
+        metavar="DIR",
+        help="a folder kept by --keep (DIR/repo): skip the clone and first run",
+    )
     args = ap.parse_args()
 
     if args.reuse:
@@ -118,39 +122,56 @@ def main() -> None:
                 node[leaf] = value
             (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         first, _ = timed([dvc, "repro"], repo, env)
-        print(f"first `dvc repro` (tiny params; every stage runs unless reused): {first:.1f}s "
-              f"(load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+        print(
+            f"first `dvc repro` (tiny params; every stage runs unless reused): {first:.1f}s "
+            f"(load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
 
         repro, repro_cpu = [], []
         for _ in range(args.repeats):
             wall, cpu = timed([dvc, "repro"], repo, env, expect="up to date")
             repro.append(wall)
             repro_cpu.append(cpu)
-            print(f"no-op dvc repro: {wall:.2f}s wall, {cpu:.2f}s CPU "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+            print(
+                f"no-op dvc repro: {wall:.2f}s wall, {cpu:.2f}s CPU "
+                f"(load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
         flow_cmd = [sys.executable, "flows/pipeline.py"]
         flow_first, _ = timed(flow_cmd, repo, env, expect='"skipped"')
-        print(f"first no-op flow (creates Prefect's database): {flow_first:.1f}s "
-              f"(load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+        print(
+            f"first no-op flow (creates Prefect's database): {flow_first:.1f}s "
+            f"(load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
         flow, flow_cpu = [], []
         for _ in range(args.flow_repeats):
             wall, cpu = timed(flow_cmd, repo, env, expect='"skipped"')
             flow.append(wall)
             flow_cpu.append(cpu)
-            print(f"no-op flow: {wall:.1f}s wall, {cpu:.1f}s CPU "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+            print(
+                f"no-op flow: {wall:.1f}s wall, {cpu:.1f}s CPU (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
 
         m_repro, m_flow = statistics.median(repro), statistics.median(flow)
         print(f"\n{'what':<40}{'median wall':>12}{'median CPU':>12}{'wall runs':>36}{'target':>9}")
-        print(f"{'dvc repro, up to date':<40}{m_repro:>11.2f}s{statistics.median(repro_cpu):>11.2f}s"
-              f"{', '.join(f'{x:.2f}' for x in repro):>36}{'< 3 s':>9}"
-              f"  {'met' if m_repro < 3 else 'NOT met'}")  # fmt: skip
-        print(f"{'python flows/pipeline.py, up to date':<40}{m_flow:>11.1f}s"
-              f"{statistics.median(flow_cpu):>11.1f}s"
-              f"{', '.join(f'{x:.1f}' for x in flow):>36}{'< 20 s':>9}"
-              f"  {'met' if m_flow < 20 else 'NOT met'}")  # fmt: skip
-        print("(CPU = user + system seconds of the run and its children; on a loaded machine "
-              "wall time stretches, CPU time much less)")  # fmt: skip
+        print(
+            f"{'dvc repro, up to date':<40}{m_repro:>11.2f}s{statistics.median(repro_cpu):>11.2f}s"
+            f"{', '.join(f'{x:.2f}' for x in repro):>36}{'< 3 s':>9}"
+            f"  {'met' if m_repro < 3 else 'NOT met'}"
+        )
+        print(
+            f"{'python flows/pipeline.py, up to date':<40}{m_flow:>11.1f}s"
+            f"{statistics.median(flow_cpu):>11.1f}s"
+            f"{', '.join(f'{x:.1f}' for x in flow):>36}{'< 20 s':>9}"
+            f"  {'met' if m_flow < 20 else 'NOT met'}"
+        )
+        print(
+            "(CPU = user + system seconds of the run and its children; on a loaded machine "
+            "wall time stretches, CPU time much less)"
+        )
         print(f"load average at end: {os.getloadavg()}")
     finally:
         if args.keep or args.reuse:

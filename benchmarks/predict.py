@@ -127,8 +127,11 @@ def square_crop(im: Image.Image, box, scale: float, out_max: int = 300) -> tuple
     side = max(8, round(h * scale))
     left, top = round(x + w / 2 - side / 2), round(y + h / 2 - side / 2)
     arr = np.asarray(im)
-    pad = ((max(0, -top), max(0, top + side - arr.shape[0])),
-           (max(0, -left), max(0, left + side - arr.shape[1])), (0, 0))  # fmt: skip
+    pad = (
+        (max(0, -top), max(0, top + side - arr.shape[0])),
+        (max(0, -left), max(0, left + side - arr.shape[1])),
+        (0, 0),
+    )
     arr = np.pad(arr, pad, mode="edge")
     top, left = top + pad[0][0], left + pad[1][0]
     crop = Image.fromarray(arr[top : top + side, left : left + side])
@@ -156,8 +159,10 @@ def background_regions(photos, per_photo: int = 1, side_min: int = 160) -> list[
     """Squares of the photos that touch no face or don't-care box (grown by half its size)."""
     out = []
     for _, im, entry in photos:
-        grown = [(x - w / 2, y - h / 2, 2 * w, 2 * h)
-                 for x, y, w, h in entry["boxes"] + entry.get("dont_care", [])]  # fmt: skip
+        grown = [
+            (x - w / 2, y - h / 2, 2 * w, 2 * h)
+            for x, y, w, h in entry["boxes"] + entry.get("dont_care", [])
+        ]
         side = max(side_min, min(im.size) // 3)
         best = None
         for top in range(0, im.height - side + 1, max(1, side // 4)):
@@ -166,8 +171,11 @@ def background_regions(photos, per_photo: int = 1, side_min: int = 160) -> list[
                 if any(_iou(sq, g) > 0 or _centre_in(g, sq) for g in grown):
                     continue
                 # prefer the busiest region: most texture, most chances to fool a detector
-                busy = float(np.asarray(im.crop((left, top, left + side, top + side)).convert("L"),
-                                        np.float32).std())  # fmt: skip
+                busy = float(
+                    np.asarray(
+                        im.crop((left, top, left + side, top + side)).convert("L"), np.float32
+                    ).std()
+                )
                 if best is None or busy > best[0]:
                     best = (busy, sq)
         if best is not None:
@@ -203,8 +211,11 @@ def synthetic_free(n: int = 8, seed: int = 0) -> list[Image.Image]:
     im = Image.new("RGB", (w, h), (250, 250, 245))
     d = ImageDraw.Draw(im)
     for row in range(24):
-        d.text((10, 10 + row * 19), "The quick brown fox jumps over the lazy dog 0123456789 " * 2,
-               fill=(20, 20, 20))  # fmt: skip
+        d.text(
+            (10, 10 + row * 19),
+            "The quick brown fox jumps over the lazy dog 0123456789 " * 2,
+            fill=(20, 20, 20),
+        )
     images.append(im)
     images.append(Image.new("RGB", (w, h), (128, 128, 128)))
     return images[:n]
@@ -234,8 +245,13 @@ def recall_table(detectors: dict, photos, args) -> None:
             continue  # counted once, under its original
         sets["photos"].append((im, entry["boxes"], entry.get("dont_care", [])))
         small, s, x0, y0 = letterbox(im)
-        sets["photos 640x480"].append((small, [_moved(b, s, x0, y0) for b in entry["boxes"]],
-                                       [_moved(b, s, x0, y0) for b in entry.get("dont_care", [])]))  # fmt: skip
+        sets["photos 640x480"].append(
+            (
+                small,
+                [_moved(b, s, x0, y0) for b in entry["boxes"]],
+                [_moved(b, s, x0, y0) for b in entry.get("dont_care", [])],
+            )
+        )
         for box in entry["boxes"]:
             crop, face = square_crop(im, box, 1.15)
             sets["tight crops"].append((crop, [face], []))
@@ -346,11 +362,17 @@ def report(name: str, r: dict[str, float]) -> None:
     steps = ("read+decode", "detect", "crop+resize", "model")
     shares = "  ".join(f"{s} {100 * r.get(s, 0.0) / r['wall']:4.1f}%" for s in steps)
     n = r["images"]
-    det = (f"; detection {1000 * r['detect'] / n:.1f} ms/img wall, "
-           f"{1000 * r['detect cpu'] / n:.1f} ms CPU" if "detect" in r else "")  # fmt: skip
-    print(f"{name:<36} {n / r['wall']:6.1f} img/s {r['faces'] / r['wall']:6.1f} faces/s "
-          f"({r['faces']:>4} faces) | {shares} | {1000 * r['cpu'] / n:.1f} ms CPU/img "
-          f"(all threads){det}")  # fmt: skip
+    det = (
+        f"; detection {1000 * r['detect'] / n:.1f} ms/img wall, "
+        f"{1000 * r['detect cpu'] / n:.1f} ms CPU"
+        if "detect" in r
+        else ""
+    )
+    print(
+        f"{name:<36} {n / r['wall']:6.1f} img/s {r['faces'] / r['wall']:6.1f} faces/s "
+        f"({r['faces']:>4} faces) | {shares} | {1000 * r['cpu'] / n:.1f} ms CPU/img "
+        f"(all threads){det}"
+    )
 
 
 def speed_table(detectors: dict, photos, settings, args) -> None:
@@ -364,9 +386,11 @@ def speed_table(detectors: dict, photos, settings, args) -> None:
             files.append(Path(tmp) / f"{i:05d}.jpg")
             letterbox(originals[i % len(originals)])[0].save(files[-1], quality=92)
         size = settings.base.image_size
-        print(f"\nSpeed: {len(files)} JPEGs, 640x480 (the {len(originals)} photos fitted, "
-              f"repeated), batch {settings.predict.batch_size}, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.1f} at the start")  # fmt: skip
+        print(
+            f"\nSpeed: {len(files)} JPEGs, 640x480 (the {len(originals)} photos fitted, "
+            f"repeated), batch {settings.predict.batch_size}, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f} at the start"
+        )
         demo = Classifier(
             build_model(settings.train, size), ServingConfig(size, "center_crop", 0.5)
         )
@@ -382,9 +406,11 @@ def speed_table(detectors: dict, photos, settings, args) -> None:
             first = next(iter(detectors))
             report(f"vgg16 224px, {first}", run(files, vgg, detectors[first], settings.predict))
         for name, r in results.items():
-            print(f"{name}: face detection is {100 * r['detect'] / r['wall']:.1f}% of the wall "
-                  f"time; with detection predict takes {r['wall'] / no_det['wall']:.2f}x the "
-                  f"--no-detect time")  # fmt: skip
+            print(
+                f"{name}: face detection is {100 * r['detect'] / r['wall']:.1f}% of the wall "
+                f"time; with detection predict takes {r['wall'] / no_det['wall']:.2f}x the "
+                f"--no-detect time"
+            )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

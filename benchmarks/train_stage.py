@@ -54,8 +54,11 @@ def compare(args, raw: dict, paths, records: int) -> None:
             # every epoch after the first (which compiles), the stage's own rates
             epoch_rates = [h["images_per_second"] for h in report.history[1:]]
             rates[value].extend(x for x in epoch_rates if x)
-            print(f"round {r + 1} {key}={value}: images/s per epoch "
-                  f"{[h['images_per_second'] for h in report.history]}", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1} {key}={value}: images/s per epoch "
+                f"{[h['images_per_second'] for h in report.history]}",
+                flush=True,
+            )
     base, *others = rates
     med = {v: sorted(x)[len(x) // 2] for v, x in rates.items() if x}
     print(
@@ -76,8 +79,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2, help="phase-1 epochs; the last is timed")
     ap.add_argument("--target", type=float, default=3000.0, help="images/s to meet")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="more params overrides, e.g. train.jit_compile=off")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more params overrides, e.g. train.jit_compile=off",
+    )
     ap.add_argument(
         "--compare",
         metavar="KEY=A,B",
@@ -97,12 +105,18 @@ def main() -> None:
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     overrides = {
-        "base.image_size": args.image_size, "data.source": "sample",
-        "data.sample.num_images": args.num_images, "split.strategy": "stratified",
-        "augment.copies": 0, "train.backbone": args.backbone, "train.weights": None,
-        "train.batch_size": args.batch_size, "train.epochs_head": args.epochs,
-        "train.epochs_finetune": 0, "train.early_stopping_patience": args.epochs + 1,
-    }  # fmt: skip
+        "base.image_size": args.image_size,
+        "data.source": "sample",
+        "data.sample.num_images": args.num_images,
+        "split.strategy": "stratified",
+        "augment.copies": 0,
+        "train.backbone": args.backbone,
+        "train.weights": None,
+        "train.batch_size": args.batch_size,
+        "train.epochs_head": args.epochs,
+        "train.epochs_finetune": 0,
+        "train.early_stopping_patience": args.epochs + 1,
+    }
     for kv in args.set:
         key, _, value = kv.partition("=")
         overrides[key] = yaml.safe_load(value)
@@ -118,8 +132,11 @@ def main() -> None:
         write_splits(parts, paths.splits)
         meta = augment.run(settings, paths, progress=False).meta
         records = meta["splits"]["train"]["records"]
-        print(f"data: {args.num_images} sample images -> {records} train records at "
-              f"{args.image_size} px in {time.perf_counter() - t:.0f}s", flush=True)  # fmt: skip
+        print(
+            f"data: {args.num_images} sample images -> {records} train records at "
+            f"{args.image_size} px in {time.perf_counter() - t:.0f}s",
+            flush=True,
+        )
 
         import keras
 
@@ -131,17 +148,30 @@ def main() -> None:
         wall = time.perf_counter() - t
         rates = [r.get("images_per_second") for r in report.history]
         timed = rates[-1]
-        print(f"\nbackend {keras.config.backend()}, {args.backbone} {args.image_size} px, batch "
-              f"{args.batch_size}: images/s per epoch (stage's own) {rates}; stage wall "
-              f"{wall:.0f}s for {len(rates)} epochs of {records} images")  # fmt: skip
+        print(
+            f"\nbackend {keras.config.backend()}, {args.backbone} {args.image_size} px, batch "
+            f"{args.batch_size}: images/s per epoch (stage's own) {rates}; stage wall "
+            f"{wall:.0f}s for {len(rates)} epochs of {records} images"
+        )
         if timed:
             verdict = "met" if timed >= args.target else "NOT met"
-            print(f"target stage end to end >= {args.target:.0f} images/s at {args.image_size} "
-                  f"px: {verdict} ({timed:.0f}, the last epoch)")  # fmt: skip
+            print(
+                f"target stage end to end >= {args.target:.0f} images/s at {args.image_size} "
+                f"px: {verdict} ({timed:.0f}, the last epoch)"
+            )
         if args.json:
-            args.json.write_text(json.dumps({"backend": keras.config.backend(), "rates": rates,
-                                             "records": records, "wall_s": wall,
-                                             "metrics": report.metrics}, default=str))  # fmt: skip
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "backend": keras.config.backend(),
+                        "rates": rates,
+                        "records": records,
+                        "wall_s": wall,
+                        "metrics": report.metrics,
+                    },
+                    default=str,
+                )
+            )
     finally:
         if args.keep:
             print(f"kept {work}")

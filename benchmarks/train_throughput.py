@@ -145,15 +145,20 @@ def measure(policy: str, args) -> dict[str, dict[str, float]]:
     for variant in ("bare", "pipeline"):
         keras.utils.set_random_seed(0)
         model, _ = project_model(args, augment=variant == "pipeline")
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy",
-                      jit_compile=jit)  # fmt: skip
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=jit
+        )
         t = time.perf_counter()
         for _ in range(args.warmup):
             model.train_on_batch(x, y)  # the first call compiles
         models[variant] = model
         # Keras silently falls back to no XLA when a layer does not support it.
-        out[variant] = {"warmup_s": time.perf_counter() - t, "jit": bool(model.jit_compile),
-                        "fwd_flops": forward_flops_per_image(model), "chunks": []}  # fmt: skip
+        out[variant] = {
+            "warmup_s": time.perf_counter() - t,
+            "jit": bool(model.jit_compile),
+            "fwd_flops": forward_flops_per_image(model),
+            "chunks": [],
+        }
     for r in range(args.rounds):
         order = list(models.items()) if r % 2 == 0 else list(models.items())[::-1]  # ABBA
         for variant, model in order:
@@ -179,14 +184,24 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="chunks of --steps steps, bare and pipeline in turn; best kept")  # fmt: skip
-    ap.add_argument("--jit", choices=("on", "off", "auto"), default="on",
-                    help="jit_compile for model.compile (on: XLA)")  # fmt: skip
     ap.add_argument(
-        "--policies", nargs="+", default=["mixed_float16"],
+        "--rounds",
+        type=int,
+        default=3,
+        help="chunks of --steps steps, bare and pipeline in turn; best kept",
+    )
+    ap.add_argument(
+        "--jit",
+        choices=("on", "off", "auto"),
+        default="on",
+        help="jit_compile for model.compile (on: XLA)",
+    )
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        default=["mixed_float16"],
         help="Keras dtype policies (the train stage uses mixed_float16 on a GPU)",
-    )  # fmt: skip
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -217,34 +232,52 @@ def main() -> None:
             achieved = m["images_per_s"] * 3 * m["fwd_flops"] / 1e12
             frac = f"{achieved / peak:.1%} of peak" if peak else "peak n/a"
             chunks = ", ".join(f"{c:.1f}" for c in m["chunks"])
-            print(f"{key:<24} {m['images_per_s']:9.1f} images/s (best of {chunks}) "
-                  f"{achieved:8.2f} TFLOP/s ({frac}); warm-up {m['warmup_s']:.1f}s, "
-                  f"loss {m['loss']:.3f}, jit {m['jit']}", flush=True)  # fmt: skip
+            print(
+                f"{key:<24} {m['images_per_s']:9.1f} images/s (best of {chunks}) "
+                f"{achieved:8.2f} TFLOP/s ({frac}); warm-up {m['warmup_s']:.1f}s, "
+                f"loss {m['loss']:.3f}, jit {m['jit']}",
+                flush=True,
+            )
     first = next(iter(results.values()))
-    print(f"\nFLOPs per image: forward {first['fwd_flops'] / 1e9:.3f} GFLOP, training step "
-          f"~3x = {3 * first['fwd_flops'] / 1e9:.3f} GFLOP")  # fmt: skip
-    print(f"{'policy':<16}{'bare img/s':>12}{'pipeline img/s':>16}{'pipeline/bare':>15}"
-          f"{'bare MFU':>10}")  # fmt: skip
+    print(
+        f"\nFLOPs per image: forward {first['fwd_flops'] / 1e9:.3f} GFLOP, training step "
+        f"~3x = {3 * first['fwd_flops'] / 1e9:.3f} GFLOP"
+    )
+    print(
+        f"{'policy':<16}{'bare img/s':>12}{'pipeline img/s':>16}{'pipeline/bare':>15}"
+        f"{'bare MFU':>10}"
+    )
     summary = {}
     for policy in args.policies:
         bare, pipe = results[f"bare {policy}"], results[f"pipeline {policy}"]
         ratio = pipe["images_per_s"] / bare["images_per_s"]
         mfu = bare["images_per_s"] * 3 * bare["fwd_flops"] / 1e12 / peak if peak else None
         shown = f"{mfu:.1%}" if mfu is not None else "n/a"
-        print(f"{policy:<16}{bare['images_per_s']:>12.1f}{pipe['images_per_s']:>16.1f}"
-              f"{ratio:>14.1%}{shown:>10}")  # fmt: skip
+        print(
+            f"{policy:<16}{bare['images_per_s']:>12.1f}{pipe['images_per_s']:>16.1f}"
+            f"{ratio:>14.1%}{shown:>10}"
+        )
         median = pipe["median_images_per_s"] / bare["median_images_per_s"]
         print(f"pipeline/bare of the median chunks ({policy}): {median:.1%}")
-        print(f"target pipeline >= 90% of bare ({policy}): "
-              f"{'met' if ratio >= 0.9 else 'NOT met'} ({ratio:.1%}); XLA kept: "
-              f"bare {bare['jit']}, pipeline {pipe['jit']}")  # fmt: skip
+        print(
+            f"target pipeline >= 90% of bare ({policy}): "
+            f"{'met' if ratio >= 0.9 else 'NOT met'} ({ratio:.1%}); XLA kept: "
+            f"bare {bare['jit']}, pipeline {pipe['jit']}"
+        )
         if mfu is not None:
-            print(f"target bare >= 50% of the dense 16-bit peak ({policy}): "
-                  f"{'met' if mfu >= 0.5 else 'NOT met'} ({mfu:.1%})")  # fmt: skip
+            print(
+                f"target bare >= 50% of the dense 16-bit peak ({policy}): "
+                f"{'met' if mfu >= 0.5 else 'NOT met'} ({mfu:.1%})"
+            )
         summary[policy] = {"bare": bare, "pipeline": pipe, "ratio": ratio, "mfu": mfu}
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "args": vars(args) | {"json": None},
-                                         "results": summary}, indent=1, default=str))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {"device": name, "args": vars(args) | {"json": None}, "results": summary},
+                indent=1,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

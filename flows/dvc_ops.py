@@ -35,8 +35,11 @@ def stage_order(root: Path) -> list[tuple[str, list[str]]]:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
         names = {s: getattr(s, "name", str(s)) for s in graph.nodes}
-        return [(names[s], sorted(names[u] for u in graph.successors(s))) for s in order
-                if hasattr(s, "cmd") and s.cmd]  # fmt: skip
+        return [
+            (names[s], sorted(names[u] for u in graph.successors(s)))
+            for s in order
+            if hasattr(s, "cmd") and s.cmd
+        ]
 
 
 def stale_stages(root: Path) -> set[str]:
@@ -72,9 +75,13 @@ def run(root: Path, *args: str, on_line: Callable[[str], None] | None = None) ->
         DvcFailed: dvc exited non-zero.
     """
     proc = subprocess.Popen(
-        [dvc_exe(), *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env=os.environ.copy(),
-    )  # fmt: skip
+        [dvc_exe(), *args],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:

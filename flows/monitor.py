@@ -1,6 +1,8 @@
 """Prefect flows that notice new images and check them for drift: `watch` and `monitor`.
 
-    watch (every few minutes)  --genderclf.data.arrived-->  monitor  --genderclf.drift.detected-->  gender-pipeline
+    watch (every few minutes)
+      --genderclf.data.arrived-->  monitor
+      --genderclf.drift.detected-->  gender-pipeline
 
 * `watch` lists a folder or S3 prefix (`genderclf.monitor.batch`), compares the listing
   with the one it stored last time (`.dvc/tmp/watch/`, one file per location), and emits
@@ -104,18 +106,29 @@ def watch(location: str, repo: str | None = None) -> dict[str, Any]:
     state = _state_file(root, location)
     before = json.loads(state.read_text())["files"] if state.is_file() else None
     new = sorted(n for n, stamp in now.items() if before is not None and before.get(n) != stamp)
-    out: dict[str, Any] = {"location": location, "images": len(now), "new": len(new),
-                           "batch": None, "event_id": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "location": location,
+        "images": len(now),
+        "new": len(new),
+        "batch": None,
+        "event_id": None,
+    }
     if before is None:
-        logger.info("watch: first listing of %s (%d images) recorded as the baseline", location,
-                    len(now))  # fmt: skip
+        logger.info(
+            "watch: first listing of %s (%d images) recorded as the baseline", location, len(now)
+        )
     elif new:
         batch = batch_location(where, new)
-        event = emit_event(event=DATA_ARRIVED,
-                           resource={"prefect.resource.id": resource_id(batch),
-                                     "prefect.resource.name": batch},
-                           payload={"location": batch, "watched": location, "new_files": len(new),
-                                    "examples": new[:10]})  # fmt: skip
+        event = emit_event(
+            event=DATA_ARRIVED,
+            resource={"prefect.resource.id": resource_id(batch), "prefect.resource.name": batch},
+            payload={
+                "location": batch,
+                "watched": location,
+                "new_files": len(new),
+                "examples": new[:10],
+            },
+        )
         out.update(batch=batch, event_id=str(event.id) if event else None)
         logger.info("watch: %d new images under %s: emitted %s", len(new), batch, DATA_ARRIVED)
     write_json(state, {"location": location, "files": now})
@@ -130,30 +143,39 @@ def run_drift(location: str, root: str) -> dict[str, Any]:
         RuntimeError: the check did not run (exit other than 0 or 3), with its message.
     """
     logger = get_run_logger()
-    proc = subprocess.run([sys.executable, "-m", "genderclf.cli", "drift", location],
-                          cwd=root, capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "genderclf.cli", "drift", location],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
         logger.info(line)
     if proc.returncode not in (0, DRIFT_EXIT_CODE):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"genderclf drift {location} failed (exit {proc.returncode}): "
-                           + " / ".join(tail))  # fmt: skip
+        raise RuntimeError(
+            f"genderclf drift {location} failed (exit {proc.returncode}): " + " / ".join(tail)
+        )
     return json.loads((Path(root) / C.PATHS.drift / "drift.json").read_text())
 
 
 def event_payload(result: dict[str, Any]) -> dict[str, Any]:
     """The key numbers of a drift check, for `genderclf.drift.detected`."""
     v = result["views"]
-    return {"location": result["batch"]["location"],
-            "champion_version": result["champion"].get("version"),
-            "images": result["batch"]["images"], "unreadable": len(result["batch"]["failed"]),
-            "views": [k for k in ("image", "embeddings", "predictions") if v[k]["drifted"]],
-            "features": [f["name"] for f in v["image"]["features"] if f["drifted"]],
-            "mmd_p_value": v["embeddings"]["p_value"],
-            "male_fraction": v["predictions"]["batch_male_fraction"],
-            "male_fraction_delta": v["predictions"]["male_fraction_delta"],
-            "mean_confidence": v["predictions"]["batch_mean_confidence"],
-            "summary": result["summary"]}  # fmt: skip
+    return {
+        "location": result["batch"]["location"],
+        "champion_version": result["champion"].get("version"),
+        "images": result["batch"]["images"],
+        "unreadable": len(result["batch"]["failed"]),
+        "views": [k for k in ("image", "embeddings", "predictions") if v[k]["drifted"]],
+        "features": [f["name"] for f in v["image"]["features"] if f["drifted"]],
+        "mmd_p_value": v["embeddings"]["p_value"],
+        "male_fraction": v["predictions"]["batch_male_fraction"],
+        "male_fraction_delta": v["predictions"]["male_fraction_delta"],
+        "mean_confidence": v["predictions"]["batch_mean_confidence"],
+        "summary": result["summary"],
+    }
 
 
 @flow(name="monitor", log_prints=True)
@@ -166,17 +188,27 @@ def monitor(location: str, repo: str | None = None) -> dict[str, Any]:
     """
     root = _root(repo)
     result = run_drift(location, str(root))
-    create_markdown_artifact((root / C.PATHS.drift / "summary.md").read_text(),
-                             key="drift-check", description=f"drift check of {location}")  # fmt: skip
+    create_markdown_artifact(
+        (root / C.PATHS.drift / "summary.md").read_text(),
+        key="drift-check",
+        description=f"drift check of {location}",
+    )
     event = None
     if result["drifted"]:
-        event = emit_event(event=DRIFT_DETECTED,
-                           resource={"prefect.resource.id": resource_id(location),
-                                     "prefect.resource.name": location},
-                           payload=event_payload(result))  # fmt: skip
+        event = emit_event(
+            event=DRIFT_DETECTED,
+            resource={
+                "prefect.resource.id": resource_id(location),
+                "prefect.resource.name": location,
+            },
+            payload=event_payload(result),
+        )
     print(result["summary"])
-    return {"drifted": result["drifted"], "summary": result["summary"],
-            "event_id": str(event.id) if event else None}  # fmt: skip
+    return {
+        "drifted": result["drifted"],
+        "summary": result["summary"],
+        "event_id": str(event.id) if event else None,
+    }
 
 
 if __name__ == "__main__":

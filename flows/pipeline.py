@@ -79,8 +79,11 @@ def plan(order: list[tuple[str, list[str]]], stale: set[str]) -> dict[str, bool]
 @task(name="skip")
 def skip_stage(stage: str) -> Any:
     """A stage DVC reports up to date: recorded as `Skipped` without starting DVC."""
-    return Completed(name="Skipped", message=f"{stage}: up to date (dvc status)",
-                     data={"stage": stage, "ran": False})  # fmt: skip
+    return Completed(
+        name="Skipped",
+        message=f"{stage}: up to date (dvc status)",
+        data={"stage": stage, "ran": False},
+    )
 
 
 @contextlib.contextmanager
@@ -128,8 +131,10 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> C.Settings:
 
     from genderclf.io import atomic_file
 
-    settings = C.parse_settings(C.with_overrides(C.read_params(params_file), overrides),
-                                f"{params_file} with overrides {overrides}")  # fmt: skip
+    settings = C.parse_settings(
+        C.with_overrides(C.read_params(params_file), overrides),
+        f"{params_file} with overrides {overrides}",
+    )
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(params_file.read_text())
@@ -166,8 +171,13 @@ def log_stage_line(logger: Any, line: str) -> bool:
     if PUSH_HINT in line:
         return True
     m = _LEVEL.search(line[:60])
-    level = (logging.WARNING if _PY_WARNING.search(line) else
-             getattr(logging, m.group(1)) if m else logging.INFO)  # fmt: skip
+    level = (
+        logging.WARNING
+        if _PY_WARNING.search(line)
+        else getattr(logging, m.group(1))
+        if m
+        else logging.INFO
+    )
     logger.log(level, line)
     return False
 
@@ -183,16 +193,20 @@ def run_stage(stage: str, root: str) -> Any:
     )
     data = {"stage": stage, "ran": ran, "push_hint": any(hints)}
     if not ran:
-        return Completed(name="Skipped", message=f"{stage}: up to date (DVC skipped it, or its "
-                         "command found nothing new)", data=data)  # fmt: skip
+        return Completed(
+            name="Skipped",
+            message=f"{stage}: up to date (DVC skipped it, or its command found nothing new)",
+            data=data,
+        )
     publish_artifacts(stage, Path(root))
     return data
 
 
 def _run_stage(stage: str, root: Path) -> tuple[dict[str, Any], str]:
     """The stage's task (with its retries): (its result, "ran" | "skipped")."""
-    task_fn = run_stage.with_options(retries=RETRIES.get(stage, 0),
-                                     retry_delay_seconds=RETRY_DELAY_S)  # fmt: skip
+    task_fn = run_stage.with_options(
+        retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
+    )
     state = task_fn(stage, str(root), return_state=True)
     result = state.result()  # raises the stage's error
     return result, "skipped" if state.name == "Skipped" else "ran"
@@ -208,8 +222,11 @@ def publish_artifacts(stage: str, root: Path) -> None:
     registered version."""
     paths = C.PATHS.under(root)
     if stage == "validate" and (val := _read_json(paths.validation_metrics)):
-        create_markdown_artifact(key="validation-summary", markdown=validation_markdown(val, paths),
-                                 description="Data validation: counts and rejected files")  # fmt: skip
+        create_markdown_artifact(
+            key="validation-summary",
+            markdown=validation_markdown(val, paths),
+            description="Data validation: counts and rejected files",
+        )
     if stage == "evaluate" and (ev := _read_json(paths.eval_metrics)):
         keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "threshold", "n")
         create_table_artifact(
@@ -218,14 +235,23 @@ def publish_artifacts(stage: str, root: Path) -> None:
             description="Test-split metrics (threshold chosen on the validation split)",
         )
     if stage == "register" and (reg := _read_json(paths.register_report)):
-        create_markdown_artifact(key="promotion-decision", markdown=promotion_markdown(reg),
-                                 description="Model registry decision")  # fmt: skip
+        create_markdown_artifact(
+            key="promotion-decision",
+            markdown=promotion_markdown(reg),
+            description="Model registry decision",
+        )
         if paths.model_card.is_file():
-            create_markdown_artifact(key="model-card", markdown=paths.model_card.read_text(),
-                                     description=f"Model card of version {reg['version']}")  # fmt: skip
-        create_link_artifact(key="registered-version", link=registry_url(reg["version"]),
-                             link_text=f"{reg['model_name']} version {reg['version']}",
-                             description="The version this flow run registered (MLflow)")  # fmt: skip
+            create_markdown_artifact(
+                key="model-card",
+                markdown=paths.model_card.read_text(),
+                description=f"Model card of version {reg['version']}",
+            )
+        create_link_artifact(
+            key="registered-version",
+            link=registry_url(reg["version"]),
+            link_text=f"{reg['model_name']} version {reg['version']}",
+            description="The version this flow run registered (MLflow)",
+        )
 
 
 def _short(v: Any) -> Any:
@@ -242,7 +268,7 @@ def validation_markdown(val: dict[str, Any], paths: C.Paths) -> str:
         f"passed: {val['expectations_passed']}\n\n"
         + ("| reason | files |\n|---|---|\n" + reasons + "\n\n" if reasons else "")
         + ("First rejected files:\n\n```\n" + "\n".join(sample) + "\n```\n" if sample else "")
-    )  # fmt: skip
+    )
 
 
 def promotion_markdown(reg: dict[str, Any]) -> str:
@@ -252,7 +278,10 @@ def promotion_markdown(reg: dict[str, Any]) -> str:
     elif before["accuracy"] is None:
         was = f"version {before['version']}"
     else:
-        was = f"version {before['version']} (test accuracy {before['accuracy']:.4f} on the same split)"
+        was = (
+            f"version {before['version']} "
+            f"(test accuracy {before['accuracy']:.4f} on the same split)"
+        )
     after = reg["champion_after"]
     return (
         f"## Promotion: version {reg['version']} **{reg['decision']}**\n\n"
@@ -260,9 +289,11 @@ def promotion_markdown(reg: dict[str, Any]) -> str:
         f"* champion before: {was}\n"
         f"* champion after: {f'version {after}' if after else 'none'}\n\n"
         "| check | verdict | detail |\n|---|---|---|\n"
-        + "".join(f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |\n"
-                  for c in reg.get("checks", []))
-    )  # fmt: skip
+        + "".join(
+            f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |\n"
+            for c in reg.get("checks", [])
+        )
+    )
 
 
 def mlflow_ui() -> str:
@@ -296,8 +327,12 @@ def prefect_flow_run_url(flow_run_id: str) -> str | None:
 def open_mlflow_run(flow_run_id: str, flow_run_name: str) -> tuple[str, str]:
     """The MLflow run this flow run's stages log into, and its link artifact."""
     run_id, url = start_flow_run(flow_run_id, flow_run_name, prefect_flow_run_url(flow_run_id))
-    create_link_artifact(key="mlflow-run", link=url, link_text=f"MLflow run {run_id}",
-                         description="Every stage of this flow run logs into this MLflow run")  # fmt: skip
+    create_link_artifact(
+        key="mlflow-run",
+        link=url,
+        link_text=f"MLflow run {run_id}",
+        description="Every stage of this flow run logs into this MLflow run",
+    )
     get_run_logger().info("MLflow run: %s", url)
     return run_id, url
 
@@ -331,8 +366,9 @@ def gender_pipeline(
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     # Fail before any stage runs: a bad override or params file is a SettingsError here.
     if overrides:
-        C.parse_settings(C.with_overrides(C.read_params(params_file), overrides),
-                         f"{params_file} with overrides")  # fmt: skip
+        C.parse_settings(
+            C.with_overrides(C.read_params(params_file), overrides), f"{params_file} with overrides"
+        )
     with workspace_lock(root, lock_timeout):
         if overrides:
             apply_overrides(params_file, overrides)
@@ -397,13 +433,18 @@ def await_approval(root: Path, reg: dict[str, Any], timeout: float) -> dict[str,
     logger = get_run_logger()
     version = reg["version"]
     card = C.PATHS.under(root).model_card
-    logger.info("version %s passed the gate and waits for approval: resume this flow run in "
-                "the Prefect UI (approve, reason, reviewer)", version)  # fmt: skip
+    logger.info(
+        "version %s passed the gate and waits for approval: resume this flow run in "
+        "the Prefect UI (approve, reason, reviewer)",
+        version,
+    )
     answer = pause_flow_run(
         wait_for_input=Approval.with_initial_data(
-            description=f"## Approve version {version}?\n\n" + (card.read_text() if card.is_file() else "")),
+            description=f"## Approve version {version}?\n\n"
+            + (card.read_text() if card.is_file() else "")
+        ),
         timeout=int(timeout),
-    )  # fmt: skip
+    )
     return decide_approval(root, version, answer.approve, answer.reason, answer.reviewer)
 
 
@@ -419,23 +460,36 @@ def decide_approval(root: Path, version: str, approve: bool, reason: str, review
     registry = MlflowRegistry(settings.registry.retries)
     who = reviewer or "unknown reviewer"
     registry.record_approval(version, approve, reason, who)
-    out = {"version": version, "approved": approve, "reviewer": who, "reason": reason,
-           "moved": False}  # fmt: skip
+    out = {
+        "version": version,
+        "approved": approve,
+        "reviewer": who,
+        "reason": reason,
+        "moved": False,
+    }
     if approve:
         with registry.failures_explained(paths):
             result = stage.promote(settings, paths, registry, version, reason, by=who)
         out["moved"] = result["moved"]
     create_markdown_artifact(
-        key="approval", description=f"Approval of version {version}",
+        key="approval",
+        description=f"Approval of version {version}",
         markdown=f"## Version {version}: {'approved' if approve else 'rejected'} by {who}\n\n"
-                 f"{reason}\n\nchampion moved: {out['moved']}\n")  # fmt: skip
+        f"{reason}\n\nchampion moved: {out['moved']}\n",
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the gender-pipeline flow (Prefect).")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param, e.g. -S train.lr_head=0.002 (repeatable)")  # fmt: skip
+    ap.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. -S train.lr_head=0.002 (repeatable)",
+    )
     ap.add_argument("--train-on", default="local", help="`local` or a deployment, e.g. train/gpu")
     args = ap.parse_args(argv)
     try:

@@ -58,8 +58,11 @@ def train_flow(
     logger.info(out[-3000:])
     dvc.run(root, "push", TRAIN_STAGE)
     entry = dvc.read_lock(root)["stages"][TRAIN_STAGE]
-    files = {p: base64.b64encode((root / p).read_bytes()).decode()
-             for p in dvc.uncached_outs(root, TRAIN_STAGE) if (root / p).is_file()}  # fmt: skip
+    files = {
+        p: base64.b64encode((root / p).read_bytes()).decode()
+        for p in dvc.uncached_outs(root, TRAIN_STAGE)
+        if (root / p).is_file()
+    }
     return {"lock": entry, "files": files}
 
 
@@ -72,8 +75,11 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
     upstream = {k: v for k, v in lock.items() if k in ("download", "validate", "split", "augment")}
     dvc.run(root, "push", "augment")
     logger.info("prepared data pushed; running deployment %s", deployment)
-    params = {"params_yaml": (root / "params.yaml").read_text(), "upstream_lock": upstream,
-              "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID")}  # fmt: skip
+    params = {
+        "params_yaml": (root / "params.yaml").read_text(),
+        "upstream_lock": upstream,
+        "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"),
+    }
     fr = run_deployment(deployment, parameters=params, timeout=timeout_s)
     if not fr.state or not fr.state.is_completed():
         raise RuntimeError(
@@ -92,5 +98,6 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
 
 
 if __name__ == "__main__":
-    # Serve this flow from a worker's clone: `python flows/train.py` (docs/orchestration.md, "GPU worker").
+    # Serve this flow from a worker's clone: `python flows/train.py`
+    # (docs/orchestration.md, "GPU worker").
     train_flow.serve(name="gpu-local")

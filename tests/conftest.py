@@ -114,8 +114,11 @@ def _prepare(tmp_path_factory, settings: Settings, sample_data, name: str) -> Pa
 
     raw, splits = sample_data
     out = tmp_path_factory.mktemp(name) / "prepared"
-    augment.run(settings, Paths(raw=raw, splits=splits, prepared=out,
-                                augment_preview=out.parent / "preview.png"), progress=False)  # fmt: skip
+    augment.run(
+        settings,
+        Paths(raw=raw, splits=splits, prepared=out, augment_preview=out.parent / "preview.png"),
+        progress=False,
+    )
     return out
 
 

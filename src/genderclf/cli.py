@@ -44,9 +44,11 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Fetch even if the sourc
 
 def _setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S", stream=sys.stderr,
-    )  # fmt: skip
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for noisy in ("great_expectations", "absl", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -66,8 +68,10 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             hint = ""
             if isinstance(err, SettingsError) and fn.__name__ in STAGES:
                 # `dvc repro` removes a stage's outputs before it runs the command.
-                hint = (f"\nAfter fixing it: `dvc repro {fn.__name__}`; to get back the "
-                        f"outputs as they were, `dvc checkout {fn.__name__}`.")  # fmt: skip
+                hint = (
+                    f"\nAfter fixing it: `dvc repro {fn.__name__}`; to get back the "
+                    f"outputs as they were, `dvc checkout {fn.__name__}`."
+                )
             typer.secho(f"error ({fn.__name__}): {err}{hint}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
@@ -113,8 +117,9 @@ def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
         return register.run(settings, paths, registry)
 
 
-def run_drift(settings: Settings, location: str, paths: Paths = PATHS,
-              reference: Path | None = None) -> Any:  # fmt: skip
+def run_drift(
+    settings: Settings, location: str, paths: Paths = PATHS, reference: Path | None = None
+) -> Any:
     """Check a batch against the champion and its reference; log the check to MLflow.
 
     The champion is resolved once and loaded by version, so the model and the reference
@@ -161,8 +166,10 @@ def download(
     rec = report.record
     refused = f"; {len(rec['refused'])} links refused" if rec["refused"] else ""
     what = "files from" if report.fetched else "files kept, unchanged:"
-    typer.echo(f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
-               f"({rec['checksum'][:19]}...){refused}")  # fmt: skip
+    typer.echo(
+        f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
+        f"({rec['checksum'][:19]}...){refused}"
+    )
 
 
 @app.command()
@@ -178,9 +185,11 @@ def validate(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
 
     s = stage.run(load_settings(params), PATHS, progress=not quiet).summary
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["reject_reasons"].items())) or "none"
-    typer.echo(f"validate: {s['usable']} usable, {s['rejected']} rejected ({reasons}); male "
-               f"fraction {s['male_fraction']}; expectations passed. Reports: "
-               f"{PATHS.validation}/")  # fmt: skip
+    typer.echo(
+        f"validate: {s['usable']} usable, {s['rejected']} rejected ({reasons}); male "
+        f"fraction {s['male_fraction']}; expectations passed. Reports: "
+        f"{PATHS.validation}/"
+    )
 
 
 @app.command()
@@ -207,10 +216,12 @@ def augment(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
     from genderclf.stages import augment as stage
 
     r = stage.run(load_settings(params), PATHS, progress=not quiet)
-    counts = ", ".join(f"{s} {m['records']} records/{len(m['shards'])} shards"
-                       for s, m in r.meta["splits"].items())  # fmt: skip
-    typer.echo(f"augment: {counts} at {r.meta['image_size']}px -> {r.prepared}/; "
-               f"preview {r.preview}")  # fmt: skip
+    counts = ", ".join(
+        f"{s} {m['records']} records/{len(m['shards'])} shards" for s, m in r.meta["splits"].items()
+    )
+    typer.echo(
+        f"augment: {counts} at {r.meta['image_size']}px -> {r.prepared}/; preview {r.preview}"
+    )
 
 
 @app.command()
@@ -224,8 +235,9 @@ def train(params: ParamsOpt = PATHS.params) -> None:
     metrics/train.json and plots/history.csv, and logs the run to MLflow.
     """
     m = run_train(load_settings(params)).metrics
-    typer.echo(f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} "
-               f"-> {PATHS.model}")  # fmt: skip
+    typer.echo(
+        f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} -> {PATHS.model}"
+    )
 
 
 @app.command()
@@ -238,10 +250,12 @@ def evaluate(params: ParamsOpt = PATHS.params) -> None:
     """
     m = run_evaluate(load_settings(params)).metrics
     auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
-    typer.echo(f"evaluate: accuracy {m['accuracy']:.4f} precision {m['precision']:.4f} "
-               f"recall {m['recall']:.4f} f1 {m['f1']:.4f} roc_auc {auc} "
-               f"(threshold {m['threshold']:.3f} from val) -> {PATHS.eval_metrics}, "
-               f"{PATHS.plots}/")  # fmt: skip
+    typer.echo(
+        f"evaluate: accuracy {m['accuracy']:.4f} precision {m['precision']:.4f} "
+        f"recall {m['recall']:.4f} f1 {m['f1']:.4f} roc_auc {auc} "
+        f"(threshold {m['threshold']:.3f} from val) -> {PATHS.eval_metrics}, "
+        f"{PATHS.plots}/"
+    )
 
 
 @app.command()
@@ -315,7 +329,7 @@ def predict(
     used (not an image, truncated, too big) gets an `error` row; the others are still
     classified and the command exits 1 with a summary. json, jsonl and csv rows are
     written as they come (memory stays flat on big folders); a table is printed at the end.
-    """  # fmt: skip
+    """
     quiet_tensorflow()
     from genderclf import inference as I
     from genderclf.console import Progress, render_table
@@ -324,25 +338,37 @@ def predict(
     if fmt not in I.FORMATS:
         raise typer.BadParameter(f"use {', '.join(I.FORMATS)}", param_hint="--format")
     if output is not None and fmt == "table":
-        raise typer.BadParameter("--output needs --format json, jsonl or csv",
-                                 param_hint="--output")  # fmt: skip
+        raise typer.BadParameter(
+            "--output needs --format json, jsonl or csv", param_hint="--output"
+        )
     settings = load_settings(params) if params.is_file() or params != PATHS.params else None
     files, other = I.find_images(paths)
     if not files:
-        raise I.PredictError(f"no images in {', '.join(map(str, paths))} "
-                             f"(extensions: {', '.join(sorted(I.IMAGE_EXTENSIONS))})")  # fmt: skip
-    fallback = (I.ServingConfig(0, settings.augment.resize, I.DEFAULT_THRESHOLD,
-                                settings.predict.model_dump()) if settings else None)  # fmt: skip
+        raise I.PredictError(
+            f"no images in {', '.join(map(str, paths))} "
+            f"(extensions: {', '.join(sorted(I.IMAGE_EXTENSIONS))})"
+        )
+    fallback = (
+        I.ServingConfig(
+            0, settings.augment.resize, I.DEFAULT_THRESHOLD, settings.predict.model_dump()
+        )
+        if settings
+        else None
+    )
     clf = load_classifier(model_uri, threshold, fallback)
     cfg = settings.predict if settings else clf.config.predict_settings()
     if cfg is None:
-        raise I.PredictError(f"{model_uri} carries no `predict` settings: run from the project "
-                             "(with its params.yaml) or pass --params")  # fmt: skip
+        raise I.PredictError(
+            f"{model_uri} carries no `predict` settings: run from the project "
+            "(with its params.yaml) or pass --params"
+        )
     detector = None if no_detect else I.make_detector(cfg)
     summary = I.Summary(left_out=len(other))
     table: list[tuple[str, ...]] = []
-    with (Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar,
-          contextlib.nullcontext() if fmt == "table" else I.row_writer(fmt, output) as out):  # fmt: skip
+    with (
+        Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar,
+        contextlib.nullcontext() if fmt == "table" else I.row_writer(fmt, output) as out,
+    ):
         for row in I.predict_images(files, clf, detector, cfg, bar.wrap):
             summary.add(row)
             if out is None:
@@ -350,13 +376,21 @@ def predict(
             else:
                 out.write(row)
     if fmt == "table":
-        typer.echo(render_table(("file", "face", "box x,y,w,h", "label", "probability", "status"),
-                                table, right=["probability"]))  # fmt: skip
+        typer.echo(
+            render_table(
+                ("file", "face", "box x,y,w,h", "label", "probability", "status"),
+                table,
+                right=["probability"],
+            )
+        )
     s = summary
     note = f"; {s.left_out} non-image files in the folders left out" if s.left_out else ""
-    typer.echo(f"predict: {s.files} files, {s.faces} {'images' if no_detect else 'faces'} "
-               f"classified, {s.no_face} without a face, {len(s.failed)} failed{note}"
-               + (f" -> {output}" if output else ""), err=True)  # fmt: skip
+    typer.echo(
+        f"predict: {s.files} files, {s.faces} {'images' if no_detect else 'faces'} "
+        f"classified, {s.no_face} without a face, {len(s.failed)} failed{note}"
+        + (f" -> {output}" if output else ""),
+        err=True,
+    )
     if s.failed:
         for f, why in s.failed[:20]:
             typer.secho(f"  {f}: {why}", fg=typer.colors.RED, err=True)
@@ -431,9 +465,14 @@ def promote(
         typer.echo(f"  {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['summary']}")
     if not out["moved"]:
         failed = [c["name"] for c in out["checks"] if not c["passed"]]
-        raise GenderclfError(f"version {version} not promoted: " + (
-            f"the gate failed ({', '.join(failed)}); --force to promote anyway"
-            if failed else "it is already the champion"))  # fmt: skip
+        raise GenderclfError(
+            f"version {version} not promoted: "
+            + (
+                f"the gate failed ({', '.join(failed)}); --force to promote anyway"
+                if failed
+                else "it is already the champion"
+            )
+        )
     m = out["move"]
     typer.echo(f"promote: champion {m['from']} -> {m['to']} ({m['reason'][:120]})")
 

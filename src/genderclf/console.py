@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-                 right: Sequence[str] = ()) -> str:  # fmt: skip
+def render_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[str] = ()
+) -> str:
     """Rows under a header line, columns aligned, each cell at its full width.
 
     Args:
@@ -36,8 +37,9 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     for r in rows:
         table.add_row(*("" if c is None else str(c) for c in r))
     out = io.StringIO()
-    Console(file=out, width=100_000, color_system=None, force_terminal=False,
-            highlight=False).print(table)  # fmt: skip
+    Console(
+        file=out, width=100_000, color_system=None, force_terminal=False, highlight=False
+    ).print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 

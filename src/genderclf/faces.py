@@ -143,8 +143,11 @@ def _weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[np.
         iw = np.clip(np.minimum(b[2], boxes[:, 2]) - np.maximum(b[0], boxes[:, 0]), 0, None)
         ih = np.clip(np.minimum(b[3], boxes[:, 3]) - np.maximum(b[1], boxes[:, 1]), 0, None)
         inter = iw * ih
-        union = ((b[2] - b[0]) * (b[3] - b[1])
-                 + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)  # fmt: skip
+        union = (
+            (b[2] - b[0]) * (b[3] - b[1])
+            + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            - inter
+        )
         group = inter / np.maximum(union, 1e-9) > iou
         weights = scores[group][:, None]
         out.append((boxes[group] * weights).sum(0) / weights.sum())
@@ -214,10 +217,14 @@ class BlazeFaceDetector:
     """
 
     def __init__(self, settings: BlazeFaceSettings, min_face: int):
-        confidence = {"full_range": settings.full_range_confidence,
-                      "short_range": settings.short_range_confidence}  # fmt: skip
-        self.models = [_BlazeModel(name, confidence[name], settings.nms_iou, settings.threads)
-                       for name in settings.models]  # fmt: skip
+        confidence = {
+            "full_range": settings.full_range_confidence,
+            "short_range": settings.short_range_confidence,
+        }
+        self.models = [
+            _BlazeModel(name, confidence[name], settings.nms_iou, settings.threads)
+            for name in settings.models
+        ]
         self.min_face = min_face
         self._lock = threading.Lock()
 
@@ -238,8 +245,9 @@ class BlazeFaceDetector:
 class HaarDetector:
     """Frontal faces with one of OpenCV's bundled Haar cascades (found in `cv2.data`)."""
 
-    def __init__(self, cascade: str, scale_factor: float, min_neighbors: int, min_face: int,
-                 max_side: int):  # fmt: skip
+    def __init__(
+        self, cascade: str, scale_factor: float, min_neighbors: int, min_face: int, max_side: int
+    ):
         import cv2
 
         path = Path(cascade)
@@ -248,8 +256,10 @@ class HaarDetector:
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
             bundled = sorted(p.name for p in Path(cv2.data.haarcascades).glob("*.xml"))
-            raise DetectorError(f"predict.cascade: {cascade!r} is not a cascade file; "
-                                f"bundled ones: {', '.join(bundled)}")  # fmt: skip
+            raise DetectorError(
+                f"predict.cascade: {cascade!r} is not a cascade file; "
+                f"bundled ones: {', '.join(bundled)}"
+            )
         self.scale_factor, self.min_neighbors = scale_factor, min_neighbors
         self.min_face, self.max_side = min_face, max_side
 
@@ -267,8 +277,11 @@ class HaarDetector:
             gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         gray = cv2.equalizeHist(gray)
         side = max(8, round(self.min_face * scale))
-        found = self._cascade.detectMultiScale(gray, scaleFactor=self.scale_factor,
-                                               minNeighbors=self.min_neighbors,
-                                               minSize=(side, side))  # fmt: skip
+        found = self._cascade.detectMultiScale(
+            gray,
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(side, side),
+        )
         boxes = [Box(*(round(v / scale) for v in b)) for b in (found if len(found) else [])]
         return sorted(boxes, key=lambda b: (b.x, b.y))

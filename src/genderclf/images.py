@@ -17,9 +17,17 @@ from genderclf.config import GenderclfError
 
 # The image files a dataset or a photo folder may hold, with the format PIL must find.
 IMAGE_FORMATS = {
-    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
-    ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM",
-}  # fmt: skip
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+}
 IMAGE_EXTENSIONS = frozenset(IMAGE_FORMATS)
 # Refuse bigger images (decompression bombs) rather than exhaust memory. `genderclf predict`
 # takes its own limit from `predict.max_pixels`.
@@ -83,18 +91,23 @@ def decode(
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError("too_large", f"image is {w}x{h} = {w * h:,} pixels, over "
-                                 f"{limit}={max_pixels:,}; downscale it or raise the limit")  # fmt: skip
+                raise ImageError(
+                    "too_large",
+                    f"image is {w}x{h} = {w * h:,} pixels, over "
+                    f"{limit}={max_pixels:,}; downscale it or raise the limit",
+                )
             im.load()
             return im
     except ImageError:
         raise
     except UnidentifiedImageError:
         if _looks_like_text(data):
-            raise ImageError("text_file", "not an image: text content behind an image "
-                             "extension") from None  # fmt: skip
-        raise ImageError("not_an_image", "not an image PIL can read (unknown or unsupported "
-                         "format)") from None  # fmt: skip
+            raise ImageError(
+                "text_file", "not an image: text content behind an image extension"
+            ) from None
+        raise ImageError(
+            "not_an_image", "not an image PIL can read (unknown or unsupported format)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too_large", f"refused as a decompression bomb: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -102,8 +115,9 @@ def decode(
         # raise SyntaxError; odd modes ValueError.
         msg = str(err)
         truncated = "truncated" in msg.lower() or isinstance(err, SyntaxError) or "premature" in msg
-        raise ImageError("truncated" if truncated else "corrupt",
-                         f"corrupt or truncated image: {msg}") from None  # fmt: skip
+        raise ImageError(
+            "truncated" if truncated else "corrupt", f"corrupt or truncated image: {msg}"
+        ) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -64,8 +64,13 @@ class ServingConfig:
     def read(cls, path: str | Path) -> ServingConfig:
         raw = json.loads(Path(path).read_text())
         a, b = raw.get("calibration") or (1.0, 0.0)
-        return cls(int(raw["image_size"]), str(raw["resize"]), float(raw["threshold"]),
-                   raw.get("predict"), (float(a), float(b)))  # fmt: skip
+        return cls(
+            int(raw["image_size"]),
+            str(raw["resize"]),
+            float(raw["threshold"]),
+            raw.get("predict"),
+            (float(a), float(b)),
+        )
 
     def calibrate(self, p: np.ndarray) -> np.ndarray:
         """The model's raw P(male) as the calibrated probability evaluation reported."""
@@ -89,11 +94,14 @@ class ServingConfig:
         try:
             return PredictSettings.model_validate(self.predict)
         except ValidationError as err:
-            keys = ", ".join(sorted({f"predict.{'.'.join(map(str, e['loc']))}"
-                                     for e in err.errors()}))  # fmt: skip
-            raise PredictError(f"the `predict` settings stored with this model do not fit this "
-                               f"genderclf ({keys}): run from the project with its params.yaml, "
-                               "pass --params, or re-register the model") from None  # fmt: skip
+            keys = ", ".join(
+                sorted({f"predict.{'.'.join(map(str, e['loc']))}" for e in err.errors()})
+            )
+            raise PredictError(
+                f"the `predict` settings stored with this model do not fit this "
+                f"genderclf ({keys}): run from the project with its params.yaml, "
+                "pass --params, or re-register the model"
+            ) from None
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -197,8 +205,9 @@ def load_keras(path: str | Path):
         raise PredictError(str(err)) from None
 
 
-def load_local(path: str | Path, fallback: ServingConfig | None = None,
-               source: str | None = None) -> Classifier:  # fmt: skip
+def load_local(
+    path: str | Path, fallback: ServingConfig | None = None, source: str | None = None
+) -> Classifier:
     """A classifier from a `.keras` file or a model folder (an MLflow model, downloaded).
 
     The serving config is the model's `serving.json` (beside the file, or anywhere in the
@@ -223,11 +232,14 @@ def load_local(path: str | Path, fallback: ServingConfig | None = None,
     if configs:
         cfg = ServingConfig.read(configs[0])
     elif fallback is not None:
-        cfg = ServingConfig(int(model.input_shape[1]), fallback.resize, fallback.threshold,
-                            fallback.predict)  # fmt: skip
+        cfg = ServingConfig(
+            int(model.input_shape[1]), fallback.resize, fallback.threshold, fallback.predict
+        )
     else:
-        raise PredictError(f"{source} has no {SERVING_CONFIG} (threshold, resize mode): use a "
-                           "registered model, or run from the project with its params.yaml")  # fmt: skip
+        raise PredictError(
+            f"{source} has no {SERVING_CONFIG} (threshold, resize mode): use a "
+            "registered model, or run from the project with its params.yaml"
+        )
     return Classifier(model, cfg, source)
 
 
@@ -316,8 +328,15 @@ def predict_images(
                 crops = [(None, clf.fit(im))]
             else:
                 boxes = detector.detect(np.asarray(im))
-                crops = [(b, face_crop(im, b, clf.config.image_size, settings.crop_scale,
-                                       settings.crop_shift_y)) for b in boxes]  # fmt: skip
+                crops = [
+                    (
+                        b,
+                        face_crop(
+                            im, b, clf.config.image_size, settings.crop_scale, settings.crop_shift_y
+                        ),
+                    )
+                    for b in boxes
+                ]
         except ImageError as err:
             ready.append(_row(name, status="error", error=str(err)))
             continue

@@ -193,10 +193,15 @@ def copy_tree(
         here = Path(dirpath)
         for d in sorted(dirnames):
             if (here / d).is_symlink() and not d.startswith("."):
-                refused.append(Refused((here / d).relative_to(src).as_posix(),
-                                       "link_refused: a link to a folder is not followed"))  # fmt: skip
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not (here / d).is_symlink())  # fmt: skip
+                refused.append(
+                    Refused(
+                        (here / d).relative_to(src).as_posix(),
+                        "link_refused: a link to a folder is not followed",
+                    )
+                )
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink()
+        )
         for name in sorted(filenames):
             if not name.startswith("."):
                 (links if (here / name).is_symlink() else files).append(here / name)
@@ -205,8 +210,12 @@ def copy_tree(
         target = p.resolve()
         rel = p.relative_to(src)
         if not target.is_relative_to(root) or not target.is_file():
-            refused.append(Refused(rel.as_posix(), "link_refused: the link points outside the "
-                                   "dataset folder (not followed)"))  # fmt: skip
+            refused.append(
+                Refused(
+                    rel.as_posix(),
+                    "link_refused: the link points outside the dataset folder (not followed)",
+                )
+            )
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, dest / rel)  # a link inside the tree becomes a plain file
@@ -319,8 +328,14 @@ def retry(
 
     def note(state) -> None:
         err = state.outcome.exception()
-        log.warning("%s failed (%s); retry %d/%d in %.1fs", what, type(err).__name__,
-                    state.attempt_number, attempts, state.next_action.sleep)  # fmt: skip
+        log.warning(
+            "%s failed (%s); retry %d/%d in %.1fs",
+            what,
+            type(err).__name__,
+            state.attempt_number,
+            attempts,
+            state.next_action.sleep,
+        )
 
     try:
         for attempt in Retrying(
@@ -383,8 +398,9 @@ def parallel_map(
             yield fn(context, item)
         return
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_context,
-                             initargs=(context,)) as pool:  # fmt: skip
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_set_context, initargs=(context,)
+    ) as pool:
         try:
             yield from pool.map(partial(_apply, fn), items, chunksize=chunksize)
         except BaseException:

@@ -192,9 +192,13 @@ def test_too_many_rejects_fails_without_manifest(tmp_path, make_settings, raw_di
 
 
 def test_male_fraction_out_of_bounds_fails(tmp_path, make_settings, raw_dir):
-    settings = make_settings({"validate.max_reject_fraction": 0.5,
-                              "validate.male_fraction_min": 0.8,
-                              "validate.male_fraction_max": 1.0})  # fmt: skip
+    settings = make_settings(
+        {
+            "validate.max_reject_fraction": 0.5,
+            "validate.male_fraction_min": 0.8,
+            "validate.male_fraction_max": 1.0,
+        }
+    )
     with pytest.raises(ValidationFailed, match="expect_column_mean_to_be_between") as info:
         _run(settings, raw_dir, tmp_path)
     assert "max_reject_fraction" not in str(info.value)

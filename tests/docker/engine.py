@@ -45,8 +45,12 @@ def docker_cli() -> str:
         return os.environ["GENDERCLF_DOCKER"]
     candidates = [c for c in ("/usr/bin/docker", shutil.which("docker")) if c and Path(c).exists()]
     for cli in dict.fromkeys(candidates):
-        version = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"],
-                                 capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
+        version = subprocess.run(
+            [cli, "version", "--format", "{{.Client.Version}}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         major = version.split(".")[0]
         if major.isdigit() and int(major) < 23:
             return cli
@@ -90,14 +94,20 @@ class Engine:
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_BUILDKIT": "1"}
 
-    def __call__(self, *args: str, timeout: float = SLOW, check: bool = True,
-                 redact: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        proc = subprocess.run([self.cli, *args], capture_output=True, text=True,
-                              timeout=timeout, env=self.env())  # fmt: skip
+    def __call__(
+        self, *args: str, timeout: float = SLOW, check: bool = True, redact: Iterable[str] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.cli, *args], capture_output=True, text=True, timeout=timeout, env=self.env()
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(hide(
-                f"docker {' '.join(args[:3])} ... exited {proc.returncode}\n--- stdout\n"
-                f"{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}", redact))  # fmt: skip
+            raise AssertionError(
+                hide(
+                    f"docker {' '.join(args[:3])} ... exited {proc.returncode}\n--- stdout\n"
+                    f"{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}",
+                    redact,
+                )
+            )
         return proc
 
     def answers(self) -> bool:
@@ -115,8 +125,13 @@ class Engine:
     def image_size(self, tag: str) -> int:
         return int(self("image", "inspect", "--format", "{{.Size}}", tag, timeout=60).stdout)
 
-    def build(self, tag: str, dockerfile: str, build_args: dict[str, str] | None = None,
-              context: Path = REPO_ROOT) -> float:  # fmt: skip
+    def build(
+        self,
+        tag: str,
+        dockerfile: str,
+        build_args: dict[str, str] | None = None,
+        context: Path = REPO_ROOT,
+    ) -> float:
         """`docker build` with BuildKit on the host's network; returns the seconds it took."""
         args = ["build", "--network", "host", "--progress", "plain", "-f", dockerfile, "-t", tag]
         for k, v in (build_args or {}).items():
@@ -127,8 +142,9 @@ class Engine:
         self.builds[tag] = {"seconds": took, "bytes": self.image_size(tag)}
         return took
 
-    def run(self, image: str, *args: str, options: Iterable[str] = (),
-            timeout: float = SLOW) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def run(
+        self, image: str, *args: str, options: Iterable[str] = (), timeout: float = SLOW
+    ) -> subprocess.CompletedProcess[str]:
         """`docker run --rm --network host [options] image args` (always host networking)."""
         return self("run", "--rm", "--network", "host", *options, image, *args, timeout=timeout)
 
@@ -155,11 +171,14 @@ def start_dockerd(log: Path, timeout: float = 120) -> subprocess.Popen[bytes]:
     """Start dockerd (root only) with this machine's flags; wait until it answers."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
-        raise RuntimeError("dockerd is not installed: `apt-get install docker.io docker-compose "
-                           "debootstrap` (.ci/run does)")  # fmt: skip
+        raise RuntimeError(
+            "dockerd is not installed: `apt-get install docker.io docker-compose "
+            "debootstrap` (.ci/run does)"
+        )
     with open(log, "wb") as out:
-        proc = subprocess.Popen([dockerd, *DOCKERD_FLAGS], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [dockerd, *DOCKERD_FLAGS], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     probe = Engine(docker_cli())
     deadline = time.monotonic() + timeout
     while not probe.answers():
@@ -197,11 +216,18 @@ def ensure_local_base(engine: Engine) -> float | None:
         if labels.get(BASE_LABEL) == script_sha256(BASE_SCRIPT):
             return None
     if os.geteuid() != 0:
-        raise RuntimeError(f"{LOCAL_BASE} is missing or stale and only root can build it: "
-                           f"sudo {BASE_SCRIPT.relative_to(REPO_ROOT)}")  # fmt: skip
+        raise RuntimeError(
+            f"{LOCAL_BASE} is missing or stale and only root can build it: "
+            f"sudo {BASE_SCRIPT.relative_to(REPO_ROOT)}"
+        )
     start = time.monotonic()
-    proc = subprocess.run(["sh", str(BASE_SCRIPT), LOCAL_BASE], capture_output=True, text=True,
-                          timeout=1800, env={**engine.env(), "PATH": _path_with(engine.cli)})  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(BASE_SCRIPT), LOCAL_BASE],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**engine.env(), "PATH": _path_with(engine.cli)},
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"{BASE_SCRIPT.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -215,18 +241,21 @@ def _path_with(cli: str) -> str:
     return f"{Path(cli).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 15) -> Any:  # fmt: skip
+def http_json(
+    url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 15
+) -> Any:
     """GET (or POST `body` as JSON) a loopback URL; the decoded JSON answer."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
-                                                          **(headers or {})})  # fmt: skip
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
 
 
-def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None,
-              alive: Any = None) -> None:  # fmt: skip
+def wait_http(
+    url: str, timeout: float, headers: dict[str, str] | None = None, alive: Any = None
+) -> None:
     """Wait until `url` answers 200; `alive()` returning a message aborts the wait."""
     deadline = time.monotonic() + timeout
     while True:

@@ -49,8 +49,17 @@ def locked_packages(markers: dict[str, str], *extras: str) -> dict[str, str]:
     environment) with `extras` and no dev group."""
     from packaging.markers import Marker
 
-    args = [*_uv(), "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
-            "--no-header", "--no-annotate", *(f"--extra={e}" for e in extras)]  # fmt: skip
+    args = [
+        *_uv(),
+        "export",
+        "--frozen",
+        "--no-dev",
+        "--no-hashes",
+        "--no-emit-project",
+        "--no-header",
+        "--no-annotate",
+        *(f"--extra={e}" for e in extras),
+    ]
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = {}
@@ -66,6 +75,8 @@ def locked_packages(markers: dict[str, str], *extras: str) -> dict[str, str]:
 def differences(installed: dict[str, str], expected: dict[str, str]) -> dict[str, list[str]]:
     """What keeps `installed` from being `expected` (for assertion messages)."""
     both = set(installed) & set(expected)
-    return {"missing": sorted(set(expected) - set(installed)),
-            "extra": sorted(set(installed) - set(expected)),
-            "other version": sorted(k for k in both if installed[k] != expected[k])}  # fmt: skip
+    return {
+        "missing": sorted(set(expected) - set(installed)),
+        "extra": sorted(set(installed) - set(expected)),
+        "other version": sorted(k for k in both if installed[k] != expected[k]),
+    }

@@ -25,9 +25,14 @@ def pipeline_params(real: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def git(repo: Path, *args: str) -> str:
-    proc = subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
-                           *args], cwd=repo, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull})  # fmt: skip
+    proc = subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull},
+    )
     assert proc.returncode == 0, f"git {args}: {proc.stderr}"
     return proc.stdout
 

@@ -13,8 +13,13 @@ from tests.docker.engine import http_json
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def wait_for_worker(api: str, pool: str, timeout: float, headers: dict[str, str] | None = None,
-                    alive: Callable[[], str | None] | None = None) -> dict[str, Any]:  # fmt: skip
+def wait_for_worker(
+    api: str,
+    pool: str,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    alive: Callable[[], str | None] | None = None,
+) -> dict[str, Any]:
     """The first ONLINE worker of `pool` (its heartbeat reached the server)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -43,9 +48,13 @@ def run_deployment(api: str, name: str, headers: dict[str, str] | None = None) -
     return run["id"]
 
 
-def wait_for_flow_run(api: str, run_id: str, timeout: float,
-                      headers: dict[str, str] | None = None,
-                      alive: Callable[[], str | None] | None = None) -> dict[str, Any]:  # fmt: skip
+def wait_for_flow_run(
+    api: str,
+    run_id: str,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    alive: Callable[[], str | None] | None = None,
+) -> dict[str, Any]:
     """The flow run once it is in a terminal state (COMPLETED, FAILED, CRASHED, CANCELLED)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -61,15 +70,19 @@ def wait_for_flow_run(api: str, run_id: str, timeout: float,
 
 def task_runs(api: str, run_id: str, headers: dict[str, str] | None = None) -> dict[str, str]:
     """{task run name: state type} of a flow run."""
-    runs = http_json(f"{api}/task_runs/filter",
-                     {"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200}, headers)  # fmt: skip
+    runs = http_json(
+        f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200}, headers
+    )
     return {r["name"]: r["state_type"] for r in runs}
 
 
-def flow_run_logs(api: str, run_id: str, headers: dict[str, str] | None = None,
-                  limit: int = 40) -> str:  # fmt: skip
+def flow_run_logs(
+    api: str, run_id: str, headers: dict[str, str] | None = None, limit: int = 40
+) -> str:
     """The last `limit` log lines of a flow run (for failure messages)."""
-    logs = http_json(f"{api}/logs/filter",
-                     {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC",
-                      "limit": limit}, headers)  # fmt: skip
+    logs = http_json(
+        f"{api}/logs/filter",
+        {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": limit},
+        headers,
+    )
     return "\n".join(entry["message"] for entry in reversed(logs))

@@ -44,8 +44,10 @@ from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAM
 
 pytestmark = pytest.mark.docker
 
-COMPOSE_FILES = (REPO_ROOT / "docker" / "compose.yaml",
-                 REPO_ROOT / "docker" / "test" / "compose.loopback.yaml")  # fmt: skip
+COMPOSE_FILES = (
+    REPO_ROOT / "docker" / "compose.yaml",
+    REPO_ROOT / "docker" / "test" / "compose.loopback.yaml",
+)
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|TOKEN")
 LONG_RUNNING = ("postgres", "minio", "mlflow", "prefect-server")
 STARTED = ("postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker-cpu")
@@ -61,10 +63,15 @@ def write_env_file(path: Path, source: Path) -> dict[str, str]:
             env[key] = secrets.token_hex(16) if "change-me" in value else value
     env["PREFECT_AUTH_STRING"] = f"admin:{secrets.token_hex(16)}"
     pg, s3, mlflow, prefect = free_ports(4)
-    env.update(COMPOSE_PROJECT_NAME=f"genderclftest{uuid.uuid4().hex[:8]}",
-               POSTGRES_PORT=str(pg), S3_PORT=str(s3), MLFLOW_PORT=str(mlflow),
-               PREFECT_PORT=str(prefect), GENDERCLF_SOURCE=str(source),
-               GENDERCLF_GIT_URL="/source")  # fmt: skip
+    env.update(
+        COMPOSE_PROJECT_NAME=f"genderclftest{uuid.uuid4().hex[:8]}",
+        POSTGRES_PORT=str(pg),
+        S3_PORT=str(s3),
+        MLFLOW_PORT=str(mlflow),
+        PREFECT_PORT=str(prefect),
+        GENDERCLF_SOURCE=str(source),
+        GENDERCLF_GIT_URL="/source",
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.writelines(f"{k}={v}\n" for k, v in env.items())
@@ -85,10 +92,20 @@ class Stack:
     def secrets(self) -> list[str]:
         return [v for k, v in self.env.items() if SECRET_KEY.search(k)]
 
-    def compose(self, *args: str, timeout: float = SLOW,
-                check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        return compose(self.compose_cli, self.env, "--env-file", str(self.env_file),
-                       "-f", str(self.config_file), *args, timeout=timeout, check=check)  # fmt: skip
+    def compose(
+        self, *args: str, timeout: float = SLOW, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return compose(
+            self.compose_cli,
+            self.env,
+            "--env-file",
+            str(self.env_file),
+            "-f",
+            str(self.config_file),
+            *args,
+            timeout=timeout,
+            check=check,
+        )
 
     def url(self, service: str) -> str:
         port = {"mlflow": "MLFLOW_PORT", "prefect": "PREFECT_PORT", "s3": "S3_PORT"}[service]
@@ -108,19 +125,26 @@ class Stack:
         return hide(out.stdout + out.stderr, self.secrets)[-12000:]
 
 
-def compose(cli: str, env: dict[str, str], *args: str, timeout: float = SLOW,
-            check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def compose(
+    cli: str, env: dict[str, str], *args: str, timeout: float = SLOW, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     # The .env file is the only source of the stack's settings: drop same-named variables
     # of this process. Creating a container copies 3.6 GB on vfs: raise Compose's timeout.
     process_env = {k: v for k, v in os.environ.items() if k not in env}
     process_env.update(COMPOSE_HTTP_TIMEOUT=str(SLOW), DOCKER_BUILDKIT="1")
-    proc = subprocess.run([cli, *args], capture_output=True, text=True, timeout=timeout,
-                          env=process_env)  # fmt: skip
+    proc = subprocess.run(
+        [cli, *args], capture_output=True, text=True, timeout=timeout, env=process_env
+    )
     if check and proc.returncode != 0:
         secret_values = [v for k, v in env.items() if SECRET_KEY.search(k)]
-        raise AssertionError(hide(f"docker-compose {' '.join(args[-3:])} exited "
-                                  f"{proc.returncode}\n{proc.stdout[-4000:]}\n"
-                                  f"{proc.stderr[-4000:]}", secret_values))  # fmt: skip
+        raise AssertionError(
+            hide(
+                f"docker-compose {' '.join(args[-3:])} exited "
+                f"{proc.returncode}\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-4000:]}",
+                secret_values,
+            )
+        )
     return proc
 
 
@@ -149,8 +173,14 @@ def _events(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         e = json.loads(line)
         attrs = e["Actor"]["Attributes"]
-        out.append({"service": attrs.get("com.docker.compose.service"), "status": e["status"],
-                    "exit": attrs.get("exitCode"), "t": e["timeNano"]})  # fmt: skip
+        out.append(
+            {
+                "service": attrs.get("com.docker.compose.service"),
+                "status": e["status"],
+                "exit": attrs.get("exitCode"),
+                "t": e["timeNano"],
+            }
+        )
     return out
 
 
@@ -169,10 +199,25 @@ def stack(engine, cpu_image, stand_in_images, pipeline_source, tmp_path_factory)
     project = env["COMPOSE_PROJECT_NAME"]
     with open(events_log, "w") as out:  # start, exit and health of the project's containers
         watcher = subprocess.Popen(
-            [engine.cli, "events", "--format", "{{json .}}", "--filter", "type=container",
-             "--filter", f"label=com.docker.compose.project={project}", "--filter", "event=start",
-             "--filter", "event=die", "--filter", "event=health_status"],
-            stdout=out, stderr=subprocess.DEVNULL)  # fmt: skip
+            [
+                engine.cli,
+                "events",
+                "--format",
+                "{{json .}}",
+                "--filter",
+                "type=container",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+                "--filter",
+                "event=start",
+                "--filter",
+                "event=die",
+                "--filter",
+                "event=health_status",
+            ],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
     stack = Stack(env, cli, env_file, config_file, [])
     try:
         try:
@@ -205,8 +250,13 @@ def test_stack_comes_up_healthy_in_order_on_loopback_only(engine, stack):
     assert engine.networks() <= {"host", "none"}, engine.networks()
 
     def first(service: str, status: str, exit_code: str | None = None) -> int | None:
-        times = [e["t"] for e in stack.events if e["service"] == service
-                 and e["status"] == status and (exit_code is None or e["exit"] == exit_code)]  # fmt: skip
+        times = [
+            e["t"]
+            for e in stack.events
+            if e["service"] == service
+            and e["status"] == status
+            and (exit_code is None or e["exit"] == exit_code)
+        ]
         return min(times) if times else None
 
     for service in STARTED:
@@ -214,11 +264,14 @@ def test_stack_comes_up_healthy_in_order_on_loopback_only(engine, stack):
         assert started, f"{service} never started"
         for dep, spec in (services[service].get("depends_on") or {}).items():
             condition = spec["condition"]
-            ready = {"service_healthy": first(dep, "health_status: healthy"),
-                     "service_completed_successfully": first(dep, "die", "0"),
-                     "service_started": first(dep, "start")}[condition]  # fmt: skip
+            ready = {
+                "service_healthy": first(dep, "health_status: healthy"),
+                "service_completed_successfully": first(dep, "die", "0"),
+                "service_started": first(dep, "start"),
+            }[condition]
             assert ready is not None and ready <= started, (
-                f"{service} started before {dep} was {condition}")  # fmt: skip
+                f"{service} started before {dep} was {condition}"
+            )
     for service in LONG_RUNNING:
         state = engine.inspect(stack.container(service))["State"]
         assert state["Running"] and state["Health"]["Status"] == "healthy", service
@@ -231,8 +284,9 @@ def test_stack_comes_up_healthy_in_order_on_loopback_only(engine, stack):
         urllib.request.urlopen(f"{stack.url('prefect')}/api/flows/filter", data=b"{}", timeout=10)
     assert denied.value.code == 401
     with pytest.raises(urllib.error.HTTPError) as denied:
-        urllib.request.urlopen(f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search"
-                               "?max_results=1", timeout=10)  # fmt: skip
+        urllib.request.urlopen(
+            f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10
+        )
     assert denied.value.code == 401
 
 
@@ -244,19 +298,31 @@ def flow_run(stack) -> dict[str, Any]:
     worker = stack.container("worker-cpu")
 
     def gone() -> str | None:
-        proc = stack.compose("ps", "-q", "--filter", "status=running", "worker-cpu",
-                             timeout=120, check=False)  # fmt: skip
+        proc = stack.compose(
+            "ps", "-q", "--filter", "status=running", "worker-cpu", timeout=120, check=False
+        )
         return None if worker in proc.stdout else f"worker-cpu stopped:\n{stack.logs()}"
 
     wait_for_worker(api, "cpu", 600, headers, alive=gone)
-    deployed = stack.compose("exec", "-T", "worker-cpu", "prefect", "--no-prompt", "deploy",
-                             "--name", "on-demand", timeout=300)  # fmt: skip
+    deployed = stack.compose(
+        "exec",
+        "-T",
+        "worker-cpu",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--name",
+        "on-demand",
+        timeout=300,
+    )
     assert "gender-pipeline/on-demand" in deployed.stdout
     run_id = run_deployment(api, "gender-pipeline/on-demand", headers)
     run = wait_for_flow_run(api, run_id, 1500, headers, alive=gone)
     assert run["state_type"] == "COMPLETED", hide(
         f"{run['state_type']}: {run['state']['message']}\n"
-        f"{flow_run_logs(api, run_id, headers)}\n{stack.logs()}", stack.secrets)  # fmt: skip
+        f"{flow_run_logs(api, run_id, headers)}\n{stack.logs()}",
+        stack.secrets,
+    )
     tasks = task_runs(api, run_id, headers)
     assert {s: tasks.get(s) for s in STAGES} == dict.fromkeys(STAGES, "COMPLETED"), tasks
     return run
@@ -285,8 +351,9 @@ def test_a_flow_run_registers_a_champion_in_postgres_with_artifacts_in_the_bucke
     assert (stack.env["MLFLOW_ADMIN_USERNAME"],) in _postgres(
         stack, "mlflow_auth", "SELECT username FROM users"
     )
-    assert _postgres(stack, "prefect", f"SELECT state_type FROM flow_run "
-                                       f"WHERE id = '{flow_run['id']}'") == [("COMPLETED",)]  # fmt: skip
+    assert _postgres(
+        stack, "prefect", f"SELECT state_type FROM flow_run WHERE id = '{flow_run['id']}'"
+    ) == [("COMPLETED",)]
 
     # load the champion back through the MLflow server, with the .env file's credentials
     import mlflow
@@ -307,9 +374,13 @@ def test_a_flow_run_registers_a_champion_in_postgres_with_artifacts_in_the_bucke
         champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
         run = mlflow.get_run(run_id)
         # MLflow 3: the run's models are LoggedModels (models:/m-...), stored apart from it
-        model_ids = [m.model_id for m in mlflow.search_logged_models(
-            experiment_ids=[experiment.experiment_id], output_format="list")
-            if m.source_run_id == run_id]  # fmt: skip
+        model_ids = [
+            m.model_id
+            for m in mlflow.search_logged_models(
+                experiment_ids=[experiment.experiment_id], output_format="list"
+            )
+            if m.source_run_id == run_id
+        ]
         assert model_ids, "the flow's run logged no model"
     finally:
         mlflow.set_tracking_uri(None)
@@ -324,17 +395,30 @@ def test_a_flow_run_registers_a_champion_in_postgres_with_artifacts_in_the_bucke
     # the artifacts are in the bucket, under this experiment and run (checked with boto3)
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name=stack.env["S3_REGION"],
-                      aws_access_key_id=stack.env["S3_ACCESS_KEY_ID"],
-                      aws_secret_access_key=stack.env["S3_SECRET_ACCESS_KEY"])  # fmt: skip
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.url("s3"),
+        region_name=stack.env["S3_REGION"],
+        aws_access_key_id=stack.env["S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack.env["S3_SECRET_ACCESS_KEY"],
+    )
     prefix = f"mlartifacts/{experiment.experiment_id}/{run_id}/artifacts/"
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket=stack.env["MLFLOW_BUCKET"], Prefix=prefix) for o in page.get("Contents", [])]  # fmt: skip
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=stack.env["MLFLOW_BUCKET"], Prefix=prefix
+        )
+        for o in page.get("Contents", [])
+    ]
     names = {k.removeprefix(prefix) for k in keys}
     assert {"metrics/eval.json", "plots/history.csv"} <= names, sorted(names)
     for model_id in model_ids:
         model_prefix = f"mlartifacts/{experiment.experiment_id}/models/{model_id}/artifacts/"
-        model_keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=stack.env["MLFLOW_BUCKET"], Prefix=model_prefix)
-            for o in page.get("Contents", [])]  # fmt: skip
+        model_keys = [
+            o["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=stack.env["MLFLOW_BUCKET"], Prefix=model_prefix
+            )
+            for o in page.get("Contents", [])
+        ]
         assert f"{model_prefix}MLmodel" in model_keys, sorted(model_keys)

@@ -49,12 +49,17 @@ def test_gpu_image_imports_a_cuda_tensorflow_with_its_cuda_wheels(engine, gpu_im
     probe = json.loads(engine.run(gpu_image, "python", "-c", PROBE).stdout)
     assert probe["uid"] == IMAGE_UID
     assert probe["cuda_build"] is True and probe["cuda"] and probe["cudnn"], probe
-    assert [name.split(".so")[0] for name in probe["loaded"]] == ["libcudart", "libcudnn",
-                                                                  "libcublas"]  # fmt: skip
+    assert [name.split(".so")[0] for name in probe["loaded"]] == [
+        "libcudart",
+        "libcudnn",
+        "libcublas",
+    ]
     installed = {normalize(k): v for k, v in probe["dists"].items()}
     installed.pop("genderclf")
     expected = locked_packages(probe["markers"], "server", "gpu")
     assert installed == expected, differences(installed, expected)
     assert any(k.startswith("nvidia-cudnn") for k in installed)
-    print(f"\nGPU image: TensorFlow {probe['tf']}, CUDA {probe['cuda']}, cuDNN {probe['cudnn']}, "
-          f"{probe['gpus']} GPU(s) visible here")  # fmt: skip
+    print(
+        f"\nGPU image: TensorFlow {probe['tf']}, CUDA {probe['cuda']}, cuDNN {probe['cudnn']}, "
+        f"{probe['gpus']} GPU(s) visible here"
+    )

@@ -30,8 +30,9 @@ from genderclf.tracking.setup import CHAMPION, MODEL_NAME
 pytestmark = pytest.mark.docker
 
 
-def test_worker_joins_a_server_and_runs_the_pipeline_deployment(engine, cpu_image,
-                                                                pipeline_source, tmp_path):  # fmt: skip
+def test_worker_joins_a_server_and_runs_the_pipeline_deployment(
+    engine, cpu_image, pipeline_source, tmp_path
+):
     name = f"genderclf-test-{uuid.uuid4().hex[:8]}"
     server, worker = f"{name}-prefect", f"{name}-worker"
     port = free_port()
@@ -47,25 +48,63 @@ def test_worker_joins_a_server_and_runs_the_pipeline_deployment(engine, cpu_imag
         return None
 
     try:
-        engine("run", "--detach", "--name", server, "--network", "host",
-               "--env", "PREFECT_SERVER_API_HOST=127.0.0.1", cpu_image,
-               "prefect-server", "--port", str(port))  # fmt: skip
+        engine(
+            "run",
+            "--detach",
+            "--name",
+            server,
+            "--network",
+            "host",
+            "--env",
+            "PREFECT_SERVER_API_HOST=127.0.0.1",
+            cpu_image,
+            "prefect-server",
+            "--port",
+            str(port),
+        )
         wait_http(f"{api}/health", 300, alive=lambda: exited(server))
-        engine("run", "--detach", "--name", worker, "--network", "host",
-               "--env", f"PREFECT_API_URL={api}", "--env", "GENDERCLF_GIT_URL=/source",
-               "--volume", f"{pipeline_source}:/source:ro",
-               "--volume", f"{workspace}:/workspace", cpu_image,
-               "worker", "--pool", "cpu", "--type", "process")  # fmt: skip
+        engine(
+            "run",
+            "--detach",
+            "--name",
+            worker,
+            "--network",
+            "host",
+            "--env",
+            f"PREFECT_API_URL={api}",
+            "--env",
+            "GENDERCLF_GIT_URL=/source",
+            "--volume",
+            f"{pipeline_source}:/source:ro",
+            "--volume",
+            f"{workspace}:/workspace",
+            cpu_image,
+            "worker",
+            "--pool",
+            "cpu",
+            "--type",
+            "process",
+        )
         joined = wait_for_worker(api, "cpu", 300, alive=lambda: exited(worker))
         assert joined["name"].startswith("ProcessWorker")
 
-        deployed = engine("exec", "--workdir", "/workspace", worker,
-                          "prefect", "--no-prompt", "deploy", "--name", "on-demand")  # fmt: skip
+        deployed = engine(
+            "exec",
+            "--workdir",
+            "/workspace",
+            worker,
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--name",
+            "on-demand",
+        )
         assert "gender-pipeline/on-demand" in deployed.stdout, deployed.stdout[-2000:]
         run_id = run_deployment(api, "gender-pipeline/on-demand")
         run = wait_for_flow_run(api, run_id, 1500, alive=lambda: exited(worker))
         assert run["state_type"] == "COMPLETED", (
-            f"{run['state_type']}: {run['state']['message']}\n{flow_run_logs(api, run_id)}")  # fmt: skip
+            f"{run['state_type']}: {run['state']['message']}\n{flow_run_logs(api, run_id)}"
+        )
         assert run["work_pool_name"] == "cpu"
         tasks = task_runs(api, run_id)
         assert {s: tasks.get(s) for s in STAGES} == dict.fromkeys(STAGES, "COMPLETED"), tasks

@@ -38,10 +38,21 @@ def demo(tmp_path_factory) -> dict:
     repo = copy_pipeline(root / "repo", ("src", "flows"))
     write_params(repo, pipeline_params())
     git_init(repo)
-    env = pipeline_env(repo, drop=("MLFLOW_", "PREFECT_"), PREFECT_HOME=str(root / "prefect"),
-                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")  # fmt: skip
-    proc = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=repo, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)  # fmt: skip
+    env = pipeline_env(
+        repo,
+        drop=("MLFLOW_", "PREFECT_"),
+        PREFECT_HOME=str(root / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+    )
+    proc = subprocess.run(
+        [sys.executable, "flows/pipeline.py"],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:]
     result = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.rindex("}") + 1])
     return {"root": root, "repo": repo, "env": env, "output": proc.stdout, "result": result}
@@ -82,8 +93,14 @@ def test_an_up_to_date_rerun_makes_no_mlflow_run(demo):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("gender-classification")
     before = len(client.search_runs([exp.experiment_id]))
-    proc = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=demo["repo"], env=demo["env"],
-                          text=True, capture_output=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "flows/pipeline.py"],
+        cwd=demo["repo"],
+        env=demo["env"],
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mlflow_run_id" not in proc.stdout and '"train": "skipped"' in proc.stdout
     assert len(client.search_runs([exp.experiment_id])) == before
@@ -101,24 +118,62 @@ def servers(demo):
     api = f"http://127.0.0.1:{prefect_port}/api"
     logs = demo["root"] / "logs"
     logs.mkdir()
-    env = {**demo["env"], "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **MLFLOW_SERVER_ENV}  # fmt: skip
+    env = {
+        **demo["env"],
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **MLFLOW_SERVER_ENV,
+    }
     procs = []
     for name, cmd in (
-        ("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                     "--port", str(prefect_port)]),
-        ("mlflow", [str(BIN / "mlflow"), "ui", "--backend-store-uri",
-                    f"sqlite:///{demo['repo'] / 'mlflow.db'}", "--host", "127.0.0.1",
-                    "--port", str(mlflow_port), "--workers", "1"]),
-    ):  # fmt: skip
+        (
+            "prefect",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+        ),
+        (
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{demo['repo'] / 'mlflow.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+        ),
+    ):
         with open(logs / f"{name}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=demo["repo"], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=demo["repo"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
         wait_http(f"{api}/health", 180, procs[0], logs / "prefect.log")
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180, procs[1], logs / "mlflow.log")
-        yield {"prefect": f"http://127.0.0.1:{prefect_port}", "api": api,
-               "mlflow": f"http://127.0.0.1:{mlflow_port}"}  # fmt: skip
+        yield {
+            "prefect": f"http://127.0.0.1:{prefect_port}",
+            "api": api,
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        }
     finally:
         for p in procs:
             os.killpg(p.pid, 15)
@@ -159,14 +214,17 @@ def test_the_mlflow_run_page_shows_model_metrics_plots(demo, servers, browser):
     assert "train (" in overview and "Training" in overview  # the datasets
     assert "Created by" in overview and "pipeline.py" in overview  # the source
     assert "prefect.flow_run_id" in overview
-    charts = _page(browser, f"{run}/model-metrics", shots / "mlflow-metrics.png",
-                   settle="slice")  # fmt: skip
+    charts = _page(browser, f"{run}/model-metrics", shots / "mlflow-metrics.png", settle="slice")
     for section in ("train", "val", "test", "slice"):
         assert re.search(rf"^{section}\n\(\d+\)", charts, re.M), section
     artifacts = _page(browser, f"{run}/artifacts", shots / "mlflow-artifacts.png", settle="plots")
     assert "plots" in artifacts and "registry" in artifacts and "metrics" in artifacts
-    version = _page(browser, f"{servers['mlflow']}/#/models/gender-classifier/versions/1",
-                    shots / "mlflow-version.png", settle="Promoted to champion")  # fmt: skip
+    version = _page(
+        browser,
+        f"{servers['mlflow']}/#/models/gender-classifier/versions/1",
+        shots / "mlflow-version.png",
+        settle="Promoted to champion",
+    )
     assert "champion" in version and "challenger" in version
 
 
@@ -174,7 +232,8 @@ def test_the_prefect_flow_run_page_shows_tasks_and_artifacts(demo, servers, brow
     from mlflow import MlflowClient
 
     mlflow_run = MlflowClient(tracking_uri=f"sqlite:///{demo['repo'] / 'mlflow.db'}").get_run(
-        demo["result"]["mlflow_run_id"])  # fmt: skip
+        demo["result"]["mlflow_run_id"]
+    )
     flow_run = http_json(
         f"{servers['api']}/flow_runs/{mlflow_run.data.tags['prefect.flow_run_id']}"
     )
@@ -183,16 +242,28 @@ def test_the_prefect_flow_run_page_shows_tasks_and_artifacts(demo, servers, brow
     page = _page(browser, url, demo["root"] / "prefect-run.png", settle="Task Runs")
     for task in ("mlflow-run", "download", "train", "register"):
         assert task in page, task
-    arts = _page(browser, url, demo["root"] / "prefect-artifacts.png", click="Artifacts",
-                 settle="promotion-decision")  # fmt: skip
-    for key in ("mlflow-run", "validation-summary", "evaluation-metrics", "promotion-decision",
-                "registered-version"):  # fmt: skip
+    arts = _page(
+        browser,
+        url,
+        demo["root"] / "prefect-artifacts.png",
+        click="Artifacts",
+        settle="promotion-decision",
+    )
+    for key in (
+        "mlflow-run",
+        "validation-summary",
+        "evaluation-metrics",
+        "promotion-decision",
+        "registered-version",
+    ):
         assert key in arts, key
     # every artifact hangs off the task run that made it, none off the flow run
-    found = http_json(f"{servers['api']}/artifacts/filter",
-                      {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]},
-                                     "key": {"exists_": True}}})  # fmt: skip
+    found = http_json(
+        f"{servers['api']}/artifacts/filter",
+        {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}, "key": {"exists_": True}}},
+    )
     assert found and all(a["task_run_id"] for a in found), found
     link = next(a for a in found if a["key"] == "mlflow-run")
-    assert link["data"] == (f"[MLflow run {demo['result']['mlflow_run_id']}]"
-                            f"({demo['result']['mlflow_run_url']})")  # fmt: skip
+    assert link["data"] == (
+        f"[MLflow run {demo['result']['mlflow_run_id']}]({demo['result']['mlflow_run_url']})"
+    )

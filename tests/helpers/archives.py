@@ -8,8 +8,9 @@ import zipfile
 from pathlib import Path
 
 
-def make_zip(path: Path, members: list[tuple[str, bytes]],
-             symlink: tuple[str, str] | None = None) -> Path:  # fmt: skip
+def make_zip(
+    path: Path, members: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None
+) -> Path:
     """A zip of (name, bytes) members, plus an optional symlink member (name, target)."""
     with zipfile.ZipFile(path, "w") as z:
         for name, data in members:

@@ -30,15 +30,23 @@ S3_KEY_ID, S3_SECRET, S3_REGION = "testing-key-id", "testing-secret", "us-east-1
 
 def s3_env() -> dict[str, str]:
     """The AWS variables boto3 and DVC read, for the test S3 server."""
-    return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-            "AWS_DEFAULT_REGION": S3_REGION}  # fmt: skip
+    return {
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": S3_REGION,
+    }
 
 
 def s3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
-                        aws_secret_access_key=S3_SECRET, region_name=S3_REGION)  # fmt: skip
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY_ID,
+        aws_secret_access_key=S3_SECRET,
+        region_name=S3_REGION,
+    )
 
 
 @contextlib.contextmanager
@@ -73,8 +81,13 @@ class Postgres:
     def query(self, database: str, sql: str) -> list[tuple]:
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
-                                password=self.password, dbname=database)  # fmt: skip
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=database,
+        )
         try:
             with conn.cursor() as cur:
                 cur.execute(sql)
@@ -105,13 +118,25 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "ab")  # noqa: SIM115  (closed with the process)
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **MLFLOW_SERVER_ENV},
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -214,8 +239,9 @@ class Gate:
             dst.shutdown(socket.SHUT_WR)
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
-              log: Path | None = None) -> None:  # fmt: skip
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Wait until `url` answers (any HTTP status below 500); fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

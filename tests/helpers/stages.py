@@ -16,13 +16,18 @@ def download(settings: Settings, raw: Path, progress: bool = False) -> dict[str,
     return stage.run(settings, Paths(raw=Path(raw)), progress=progress).record
 
 
-def augment(settings: Settings, raw: Path, splits: Path, out: Path,
-            progress: bool = False) -> dict[str, Any]:  # fmt: skip
+def augment(
+    settings: Settings, raw: Path, splits: Path, out: Path, progress: bool = False
+) -> dict[str, Any]:
     """The augment stage from `raw` + `splits` into `out`; returns meta.json's content."""
     from genderclf.stages import augment as stage
 
-    paths = Paths(raw=Path(raw), splits=Path(splits), prepared=Path(out),
-                  augment_preview=Path(out).parent / "augment_preview.png")  # fmt: skip
+    paths = Paths(
+        raw=Path(raw),
+        splits=Path(splits),
+        prepared=Path(out),
+        augment_preview=Path(out).parent / "augment_preview.png",
+    )
     return stage.run(settings, paths, progress=progress).meta
 
 
@@ -35,25 +40,44 @@ def validate(settings: Settings, raw: Path, out: Path, progress: bool = False) -
     return stage.run(settings, paths, progress=progress).summary
 
 
-def register(settings: Settings, run_file: Path, eval_file: Path, prepared: Path,
-             report: Path, splits: Path | None = None,
-             plots: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def register(
+    settings: Settings,
+    run_file: Path,
+    eval_file: Path,
+    prepared: Path,
+    report: Path,
+    splits: Path | None = None,
+    plots: Path | None = None,
+) -> dict[str, Any]:
     """`genderclf register` on these files (the configured MLflow registry). The evaluate
     stage's per-image answers (predictions.csv) are in `plots` (default: next to
     `eval_file`); the model card goes next to `report`."""
     from genderclf.cli import run_register
 
-    return run_register(settings, Paths(
-        run=Path(run_file), eval_metrics=Path(eval_file), plots=Path(plots or Path(eval_file).parent),
-        prepared=Path(prepared), register_report=Path(report),
-        model_card=Path(report).with_name("model_card.md"),
-        **({"splits": Path(splits)} if splits else {}),
-    ))  # fmt: skip
+    return run_register(
+        settings,
+        Paths(
+            run=Path(run_file),
+            eval_metrics=Path(eval_file),
+            plots=Path(plots or Path(eval_file).parent),
+            prepared=Path(prepared),
+            register_report=Path(report),
+            model_card=Path(report).with_name("model_card.md"),
+            **({"splits": Path(splits)} if splits else {}),
+        ),
+    )
 
 
-def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | None = None,
-                     threshold: float = 0.5, pred: Any = None,
-                     plots: Path | None = None, prob: Any = None) -> float:  # fmt: skip
+def write_evaluation(
+    folder: Path,
+    names: list[str],
+    y: Any,
+    accuracy: float | None = None,
+    threshold: float = 0.5,
+    pred: Any = None,
+    plots: Path | None = None,
+    prob: Any = None,
+) -> float:
     """eval.json and predictions.csv as the evaluate stage writes them: for a candidate
     that answers `accuracy` of these test images right (the first ones), or gave the
     answers `pred` (with the probabilities `prob`, else 0.9 / 0.1). Returns the accuracy."""
@@ -77,10 +101,18 @@ def write_evaluation(folder: Path, names: list[str], y: Any, accuracy: float | N
         {"path": names, "actual": names_[y], "predicted": names_[pred], "prob_male": prob}
     ).to_csv(plots / "predictions.csv", index=False)
     ece = expected_calibration_error(y, prob, 10)[0]  # as evaluate records it
-    write_json(folder / "eval.json", {"accuracy": right / len(y), "threshold": threshold,
-                                      "f1": 0.5, "roc_auc": None, "ece": ece, "n": len(y),
-                                      "calibration": {"method": "none", "a": 1.0, "b": 0.0,
-                                                      "cut": 0.5}})  # fmt: skip
+    write_json(
+        folder / "eval.json",
+        {
+            "accuracy": right / len(y),
+            "threshold": threshold,
+            "f1": 0.5,
+            "roc_auc": None,
+            "ece": ece,
+            "n": len(y),
+            "calibration": {"method": "none", "a": 1.0, "b": 0.0, "cut": 0.5},
+        },
+    )
     return right / len(y)
 
 
@@ -116,12 +148,17 @@ def log_model_run(model: Any, image_size: int) -> dict[str, Any]:
     example = np.random.default_rng(0).uniform(0, 255, (1, image_size, image_size, 3))
     with mlflow.start_run() as run:
         info = log_keras_model(model, example)
-    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "keras_model_uri": info.model_uri, "model_id": info.model_id}  # fmt: skip
+    return {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "keras_model_uri": info.model_uri,
+        "model_id": info.model_id,
+    }
 
 
-def register_champion(params: dict[str, Any], raw: Path, splits: Path, prepared: Path,
-                      seed: int = 3) -> Path:  # fmt: skip
+def register_champion(
+    params: dict[str, Any], raw: Path, splits: Path, prepared: Path, seed: int = 3
+) -> Path:
     """A small CNN made champion through the real evaluate and register stages (in the
     configured MLflow store, outputs relative to the cwd), so it carries the reference
     statistics of `genderclf drift`. Writes `params` to ./params.yaml; returns that path."""
@@ -140,8 +177,9 @@ def register_champion(params: dict[str, Any], raw: Path, splits: Path, prepared:
     keras.utils.set_random_seed(seed)
     paths = Paths(raw=Path(raw), splits=Path(splits), prepared=Path(prepared))
     save_model(build_model(settings.train, settings.base.image_size), paths.model)
-    write_json(paths.run, log_model_run(keras.saving.load_model(paths.model),
-                                        settings.base.image_size))  # fmt: skip
+    write_json(
+        paths.run, log_model_run(keras.saving.load_model(paths.model), settings.base.image_size)
+    )
     run_evaluate(settings, paths)
     report = run_register(settings, paths)
     assert report["decision"] == "promoted" and paths.reference.is_file(), report

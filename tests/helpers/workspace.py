@@ -27,8 +27,9 @@ def copy_pipeline(dest: Path, folders: tuple[str, ...] = ("src",)) -> Path:
     (dest / ".dvc").mkdir()
     shutil.copy2(REPO_ROOT / ".dvc" / "config", dest / ".dvc" / "config")
     for folder in folders:
-        shutil.copytree(REPO_ROOT / folder, dest / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+        shutil.copytree(
+            REPO_ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     return dest
 
 
@@ -41,24 +42,38 @@ def pipeline_env(repo: Path, drop: tuple[str, ...] = ("MLFLOW_",), **extra: str)
     on PYTHONPATH (what DVC hashes, not the editable install), no analytics, no user git
     config, and no variable starting with one of `drop` from this machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache"),
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        **extra,
-    })  # fmt: skip
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(repo / "src"),
+            "DVC_NO_ANALYTICS": "1",
+            "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache"),
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            **extra,
+        }
+    )
     return env
 
 
-def run(repo: Path, *args: str, env: dict[str, str] | None = None, check: bool = True,
-        cwd: Path | None = None, timeout: float = 540) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run(
+    repo: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    cwd: Path | None = None,
+    timeout: float = 540,
+) -> subprocess.CompletedProcess[str]:
     """Run a command in `repo` (with `pipeline_env` unless `env` is given); on failure the
     assertion shows the tails of its output."""
-    proc = subprocess.run(args, cwd=cwd or repo, env=env or pipeline_env(repo),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        args,
+        cwd=cwd or repo,
+        env=env or pipeline_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, args))} exited {proc.returncode}\n--- stdout\n"
@@ -74,8 +89,18 @@ def dvc(repo: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 def git_commit(repo: Path, message: str, **kw: Any) -> str:
     """`git add -A` and commit (a throw-away identity); returns the commit id."""
     run(repo, "git", "add", "-A", **kw)
-    run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com",
-        "commit", "-qm", message, **kw)  # fmt: skip
+    run(
+        repo,
+        "git",
+        "-c",
+        "user.name=test",
+        "-c",
+        "user.email=test@example.com",
+        "commit",
+        "-qm",
+        message,
+        **kw,
+    )
     return run(repo, "git", "rev-parse", "HEAD", **kw).stdout.strip()
 
 

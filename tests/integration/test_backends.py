@@ -53,8 +53,9 @@ ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-test-password-1"
 # MLflow's basic-auth app needs Flask-WTF (the `mlflow[auth]` extra). Without it the server
 # runs with MLFLOW_AUTH=off and only the authentication test is skipped.
 AUTH = importlib.util.find_spec("flask_wtf") is not None
-NO_AUTH_REASON = ("Flask-WTF is not installed (mlflow[auth]): the server runs without "
-                  "authentication here")  # fmt: skip
+NO_AUTH_REASON = (
+    "Flask-WTF is not installed (mlflow[auth]): the server runs without authentication here"
+)
 
 
 def _pg_bin() -> Path | None:
@@ -72,8 +73,10 @@ def postgres() -> Iterator[Postgres]:
     """A real PostgreSQL server on 127.0.0.1:<free port>, with databases mlflow and mlflow_auth."""
     pg_bin = _pg_bin()
     if pg_bin is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
-                    "`apt-get install postgresql` (.ci/run does it)")  # fmt: skip
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
+            "`apt-get install postgresql` (.ci/run does it)"
+        )
     # PostgreSQL refuses to run as root: under root the server runs as `nobody`, in a folder
     # of its own outside pytest's root-only tmp tree.
     as_root = os.geteuid() == 0
@@ -86,31 +89,57 @@ def postgres() -> Iterator[Postgres]:
     data, sock, log = base / "data", base / "sock", base / "server.log"
 
     def run(*args: str) -> None:
-        proc = subprocess.run([*prefix, *args], cwd=base, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [*prefix, *args], cwd=base, capture_output=True, text=True, timeout=120
+        )
         if proc.returncode != 0:
             server_log = log.read_text() if log.exists() else ""
-            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n"
-                                 f"{proc.stderr}\n{server_log}")  # fmt: skip
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n"
+                f"{proc.stderr}\n{server_log}"
+            )
 
     pwfile = base / "pw"
     pwfile.write_text(PG_PASSWORD + "\n")
     if as_root:
         os.chown(pwfile, nobody.pw_uid, nobody.pw_gid)
-    run(str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}",
-        "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--no-locale")  # fmt: skip
+    run(
+        str(pg_bin / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        PG_USER,
+        f"--pwfile={pwfile}",
+        "--auth-host=scram-sha-256",
+        "--auth-local=peer",
+        "-E",
+        "UTF8",
+        "--no-locale",
+    )
     pwfile.unlink()
     run("mkdir", "-m", "700", str(sock))
     port = free_port()
     opts = f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c full_page_writes=off"
-    run(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60",
-        "start")  # fmt: skip
+    run(
+        str(pg_bin / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-o",
+        opts,
+        "-w",
+        "-t",
+        "60",
+        "start",
+    )
     try:
         pg = Postgres(port, PG_USER, PG_PASSWORD)
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, password=PG_PASSWORD,
-                                dbname="postgres")  # fmt: skip
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=port, user=PG_USER, password=PG_PASSWORD, dbname="postgres"
+        )
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("CREATE DATABASE mlflow")
@@ -164,22 +193,32 @@ def mlflow_server(tmp_path_factory, postgres, s3) -> Iterator[str]:
     }
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["sh", str(SERVER_SCRIPT)], cwd=work, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            ["sh", str(SERVER_SCRIPT)],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {proc.returncode}:\n"
-                                     f"{log_path.read_text()[-6000:]}")  # fmt: skip
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health",
-                                                                      timeout=5) as resp:  # fmt: skip
+                raise AssertionError(
+                    f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-6000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/health", timeout=5) as resp,
+            ):
                 if resp.status == 200:
                     break
             if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy after 180 s:\n"
-                                     f"{log_path.read_text()[-6000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"mlflow server not healthy after 180 s:\n{log_path.read_text()[-6000:]}"
+                )
             time.sleep(1)
         yield url
     finally:
@@ -203,7 +242,8 @@ def workspace(tmp_path, monkeypatch, model_settings, sample_data, prepared) -> P
     # no floor, no calibration ceiling: one epoch on the tiny sample becomes the first champion
     settings = model_settings({"register.min_accuracy": 0.0, "register.max_ece": 1.0})
     (tmp_path / C.PATHS.params).write_text(
-        yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False))  # fmt: skip
+        yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False)
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -222,11 +262,19 @@ def _client_env(url: str) -> dict[str, str]:
 
 
 def _stage(workspace: Path, env: dict[str, str], stage: str) -> str:
-    proc = subprocess.run([str(BIN / "genderclf"), stage], cwd=workspace, env=env,
-                          capture_output=True, text=True, timeout=540)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "genderclf"), stage],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"genderclf {stage} exited {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")  # fmt: skip
+        raise AssertionError(
+            f"genderclf {stage} exited {proc.returncode}\n--- stdout\n"
+            f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -282,8 +330,12 @@ def test_train_register_and_load_champion_through_the_server(
     assert pg_runs == [("FINISHED",)]
     pg_versions = postgres.query("mlflow", "SELECT name, version, run_id FROM model_versions")
     assert (MODEL_NAME, int(version), run["run_id"]) in pg_versions
-    pg_aliases = dict(postgres.query(
-        "mlflow", f"SELECT alias, version FROM registered_model_aliases WHERE name = '{MODEL_NAME}'"))  # fmt: skip
+    pg_aliases = dict(
+        postgres.query(
+            "mlflow",
+            f"SELECT alias, version FROM registered_model_aliases WHERE name = '{MODEL_NAME}'",
+        )
+    )
     assert pg_aliases[CHAMPION] == int(version) and pg_aliases[CHALLENGER] == int(version)
     if AUTH:
         assert (ADMIN_USER,) in postgres.query("mlflow_auth", "SELECT username FROM users")
@@ -307,10 +359,14 @@ def test_train_register_and_load_champion_through_the_server(
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied
         champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
         _check_predictions(champion, workspace)
-        downloaded = Path(mlflow.artifacts.download_artifacts(
-            f"models:/{MODEL_NAME}@{CHAMPION}", dst_path=str(workspace / "champion")))  # fmt: skip
-        model_files = {p.relative_to(downloaded).as_posix() for p in downloaded.rglob("*")
-                       if p.is_file()}  # fmt: skip
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{MODEL_NAME}@{CHAMPION}", dst_path=str(workspace / "champion")
+            )
+        )
+        model_files = {
+            p.relative_to(downloaded).as_posix() for p in downloaded.rglob("*") if p.is_file()
+        }
         assert "MLmodel" in model_files
     finally:
         mlflow.set_tracking_uri(None)
@@ -318,8 +374,11 @@ def test_train_register_and_load_champion_through_the_server(
 
     # the artifacts are in the bucket, under the experiment and run of this training
     keys = []
-    for page in s3_client(s3).get_paginator("list_objects_v2").paginate(
-            Bucket=BUCKET, Prefix=f"{ARTIFACT_PREFIX}/"):  # fmt: skip
+    for page in (
+        s3_client(s3)
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=BUCKET, Prefix=f"{ARTIFACT_PREFIX}/")
+    ):
         keys += [o["Key"] for o in page.get("Contents", [])]
     run_prefix = f"{ARTIFACT_PREFIX}/{experiment.experiment_id}/{run['run_id']}/artifacts/"
     run_keys = {k.removeprefix(run_prefix) for k in keys if k.startswith(run_prefix)}

@@ -69,15 +69,21 @@ def test_drift_command_same_vs_shifted_batch(champion, sample_data):
     assert "broken.jpg" in summary and "| brightness |" in summary
     png = Image.open(C.PATHS.drift / "drift.png")
     assert png.size[0] > 1000
-    assert sorted(p.name for p in C.PATHS.drift.iterdir()) == ["drift.json", "drift.png",
-                                                               "summary.md"]  # fmt: skip
+    assert sorted(p.name for p in C.PATHS.drift.iterdir()) == [
+        "drift.json",
+        "drift.png",
+        "summary.md",
+    ]
 
     client = MlflowClient()
     mv = client.get_model_version(MODEL_NAME, "1")
     assert mv.tags[REFERENCE_TAG] == f"runs:/{mv.run_id}/reference/reference.npz"
     assert json.loads(mv.tags["drift.last"])["drifted"] is True
-    runs = client.search_runs([client.get_experiment_by_name("gender-classification").experiment_id],
-                              "tags.`genderclf.kind` = 'drift'", order_by=["start_time ASC"])  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("gender-classification").experiment_id],
+        "tags.`genderclf.kind` = 'drift'",
+        order_by=["start_time ASC"],
+    )
     assert [r.data.tags["drift.detected"] for r in runs] == ["false", "true"]
     assert all(r.data.tags["champion.version"] == "1" for r in runs)
     assert runs[1].data.metrics["drift/detected"] == 1.0
@@ -132,8 +138,7 @@ def test_drift_command_too_few_images_is_a_clear_error(champion, sample_data):
 
 
 @pytest.mark.integration
-def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_params,
-                                                           make_image):  # fmt: skip
+def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_params, make_image):
     import yaml
     from mlflow import MlflowClient
 

@@ -33,24 +33,28 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"prefect {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
 def _runs(api: str, deployment: str) -> list[dict]:
     dep = http_json(f"{api}/deployments/name/{deployment}")
-    return http_json(f"{api}/flow_runs/filter", {
-        "flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "sort": "START_TIME_ASC"})  # fmt: skip
+    return http_json(
+        f"{api}/flow_runs/filter",
+        {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "sort": "START_TIME_ASC"},
+    )
 
 
 def _wait_final(api: str, deployment: str, count: int, timeout: float, logs: list[Path]) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = _runs(api, deployment)
-        if len(runs) >= count and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
-                                      for r in runs[:count]):  # fmt: skip
+        if len(runs) >= count and all(
+            r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs[:count]
+        ):
             return runs
         time.sleep(2)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
@@ -76,8 +80,9 @@ def _retrained_version_is_registered(project: Path) -> None:
     assert (project / "dvc.lock").is_file()  # `dvc repro` ran in the workspace
 
 
-def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sample_data,
-                                                prepared, tmp_path):  # fmt: skip
+def test_new_batch_to_drift_check_to_retraining(
+    mlflow_store, real_params, sample_data, prepared, tmp_path
+):
     raw, splits = sample_data
     register_champion(P.shrink(real_params, P.DRIFT_CHAMPION), raw, splits, prepared)
     # The workspace: a checkout of the pipeline (git + DVC, the champion's params.yaml)
@@ -90,30 +95,62 @@ def test_new_batch_to_drift_check_to_retraining(mlflow_store, real_params, sampl
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = pipeline_env(project, drop=("PREFECT_",))
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
-                "GENDERCLF_WATCH": str(incoming), "PREFECT_WORKER_QUERY_SECONDS": "2",
-                "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})  # fmt: skip
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "GENDERCLF_REPO": str(project),
+            "GENDERCLF_WATCH": str(incoming),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+        }
+    )
     logs = [tmp_path / "server.log", tmp_path / "worker.log"]
     procs: list[subprocess.Popen] = []
     try:
         with open(logs[0], "w") as out:
-            procs.append(subprocess.Popen(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                 str(port)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "prefect"),
+                        "server",
+                        "start",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         wait_http(f"{api}/health", 180, procs[0], logs[0])
         _prefect(["work-pool", "create", "cpu", "--type", "process"], project, env)
         # The two triggered deployments only: the scheduled ones would start runs of their own.
         _prefect(["--no-prompt", "deploy", "-n", "on-arrival", "-n", "on-demand"], project, env)
         with open(logs[1], "w") as out:
-            procs.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"], cwd=project, env=env,
-                stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"],
+                    cwd=project,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
         def watch() -> None:
-            proc = subprocess.run([sys.executable, "flows/monitor.py", "--watch", str(incoming)],
-                                  cwd=project, env=env, capture_output=True, text=True,
-                                  timeout=300)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "flows/monitor.py", "--watch", str(incoming)],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
         watch()  # the baseline: an empty folder, no event

@@ -41,10 +41,12 @@ def s3_server() -> Iterator[str]:
 def _env(repo: Path) -> dict[str, str]:
     """No MLflow or AWS settings from the machine; the S3 credentials DVC reads from env."""
     return pipeline_env(
-        repo, drop=("MLFLOW_", "AWS_"), **s3_env(),
+        repo,
+        drop=("MLFLOW_", "AWS_"),
+        **s3_env(),
         AWS_CONFIG_FILE=str(repo.parent / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(repo.parent / "no-aws-credentials"),
-    )  # fmt: skip
+    )
 
 
 def _run(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -73,8 +75,10 @@ def _cached_outs(repo: Path) -> list[str]:
 def _digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (or of `path` itself), by relative name."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {p.relative_to(path.parent).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}  # fmt: skip
+    return {
+        p.relative_to(path.parent).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +107,13 @@ def test_push_delete_pull_restores_every_output(repo, s3_server):
     assert "pushed" in pushed, pushed
     assert "in sync" in _dvc(repo, "status", "--cloud"), "cache and remote differ after push"
     client = s3_client(s3_server)
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=BUCKET, Prefix=f"{PREFIX}/") for o in page.get("Contents", [])]  # fmt: skip
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=f"{PREFIX}/"
+        )
+        for o in page.get("Contents", [])
+    ]
     # DVC 3 content-addresses files as <prefix>/files/md5/<2 hex>/<rest>
     assert keys and all(k.startswith(f"{PREFIX}/files/md5/") for k in keys), keys[:5]
     n_files = sum(len(d) for d in before.values())

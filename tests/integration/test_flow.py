@@ -94,8 +94,12 @@ def test_flow_runs_every_stage_retries_download_and_publishes(harness, flow_env)
     assert (repo.parent / "download-failed-once").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    assert "didn't change" not in subprocess.run(
-        [str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True).stdout  # fmt: skip
+    assert (
+        "didn't change"
+        not in subprocess.run(
+            [str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True
+        ).stdout
+    )
 
     # one MLflow run per flow run, adopted by the stages
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
@@ -187,7 +191,9 @@ def _wait_for_state(flow_name: str, state: str, timeout: float = 900):
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=Type(any_=[state]))),
-                sort=FlowRunSort.START_TIME_DESC, limit=1)  # fmt: skip
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
             if runs:
                 return runs[0]
             time.sleep(2)
@@ -208,11 +214,18 @@ def test_manual_approval_pauses_for_a_person_who_approves_or_rejects(harness, fl
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     with contextlib.suppress(Exception):  # judge the new candidate as the first one
         client.delete_registered_model_alias(MODEL_NAME, CHAMPION)
-    overrides = {"register.approval": "manual", "register.min_accuracy": 0.0,
-                 "register.max_ece": 1.0, "train.lr_head": 0.0013 if approve else 0.0011}  # fmt: skip
+    overrides = {
+        "register.approval": "manual",
+        "register.min_accuracy": 0.0,
+        "register.max_ece": 1.0,
+        "train.lr_head": 0.0013 if approve else 0.0011,
+    }
     result: dict = {}
-    flow = threading.Thread(target=lambda: result.update(
-        gender_pipeline(repo=str(flow_env), overrides=overrides, approval_timeout=900)))  # fmt: skip
+    flow = threading.Thread(
+        target=lambda: result.update(
+            gender_pipeline(repo=str(flow_env), overrides=overrides, approval_timeout=900)
+        )
+    )
     flow.start()
     paused = _wait_for_state("gender-pipeline", "PAUSED")
     answer = {"approve": False, "reason": "the test failed before answering", "reviewer": "test"}
@@ -227,8 +240,13 @@ def test_manual_approval_pauses_for_a_person_who_approves_or_rejects(harness, fl
         resume_flow_run(paused.id, run_input=answer)
         flow.join(300)
     assert not flow.is_alive(), "the flow did not finish after it was resumed"
-    assert result["approval"] == {"version": version, "approved": approve, "reviewer": "ana",
-                                  "reason": reason, "moved": approve}  # fmt: skip
+    assert result["approval"] == {
+        "version": version,
+        "approved": approve,
+        "reviewer": "ana",
+        "reason": reason,
+        "moved": approve,
+    }
     mv = client.get_model_version(MODEL_NAME, version)
     record = json.loads(mv.tags["approval"])
     assert (record["verdict"], record["by"]) == ("approved" if approve else "rejected", "ana")

@@ -108,8 +108,9 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
     tags = run.data.tags
     assert tags["git_commit"] == code
     assert tags["git_dirty"] == "false"
-    prepared_md5 = next(o["md5"] for o in lock["stages"]["augment"]["outs"]
-                        if o["path"] == "data/prepared")  # fmt: skip
+    prepared_md5 = next(
+        o["md5"] for o in lock["stages"]["augment"]["outs"] if o["path"] == "data/prepared"
+    )
     assert tags["dvc_prepared_md5"] == prepared_md5
     source = json.loads((repo / C.PATHS.source_file).read_text())
     assert tags["data_checksum"] == source["checksum"]
@@ -205,13 +206,15 @@ def test_dvc_exp_run_with_a_train_param_reruns_train_evaluate_register(pipeline)
 # --- bad input through the CLI ---------------------------------------------------------------
 
 
-def _train_cli(repo: Path, params: dict[str, Any], cwd: Path,
-               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def _train_cli(
+    repo: Path, params: dict[str, Any], cwd: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     bad = cwd.parent / f"{cwd.name}-params.yaml"
     bad.write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**_env(repo), **(env_extra or {})}
-    proc = _run(repo, str(BIN / "genderclf"), "train", "--params", str(bad), check=False,
-                env=env, cwd=cwd)  # fmt: skip
+    proc = _run(
+        repo, str(BIN / "genderclf"), "train", "--params", str(bad), check=False, env=env, cwd=cwd
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     return proc
@@ -237,8 +240,9 @@ def test_cli_image_size_the_backbone_cannot_take_names_the_param(pipeline, pipel
     assert (repo / C.PATHS.model).read_bytes() == model_before
 
 
-def test_cli_train_without_prepared_data_names_the_stage_to_run(pipeline, pipeline_params,
-                                                                tmp_path):  # fmt: skip
+def test_cli_train_without_prepared_data_names_the_stage_to_run(
+    pipeline, pipeline_params, tmp_path
+):
     repo, _, _ = pipeline
     empty = tmp_path / "elsewhere"
     empty.mkdir()

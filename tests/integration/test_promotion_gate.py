@@ -71,8 +71,14 @@ class Workspace:
     def __init__(self, settings: Settings, prepared: Path, splits: Path):
         self.settings, self.prepared, self.splits, self.n = settings, prepared, splits, 0
 
-    def candidate(self, model, pred: np.ndarray | None = None, names=None, y=None,
-                  prob: np.ndarray | None = None) -> Path:  # fmt: skip
+    def candidate(
+        self,
+        model,
+        pred: np.ndarray | None = None,
+        names=None,
+        y=None,
+        prob: np.ndarray | None = None,
+    ) -> Path:
         """A run holding `model`, and the evaluate stage's record: `pred` (with `prob`), or
         the model's own answers."""
         from genderclf.io import write_json
@@ -86,8 +92,14 @@ class Workspace:
         return folder
 
     def register(self, folder: Path, settings: Settings | None = None) -> dict[str, Any]:
-        return run_register(settings or self.settings, folder / "run.json", folder / "eval.json",
-                            self.prepared, folder / "register.json", self.splits)  # fmt: skip
+        return run_register(
+            settings or self.settings,
+            folder / "run.json",
+            folder / "eval.json",
+            self.prepared,
+            folder / "register.json",
+            self.splits,
+        )
 
     def paths(self) -> Paths:
         return Paths(prepared=self.prepared, splits=self.splits)
@@ -99,9 +111,14 @@ def gate_settings(model_settings) -> Settings:
     # clears and slices small enough for the tiny test split. A few CPU epochs of the small
     # CNN give an ECE of 0.08-0.13 depending on the machine, so the calibration check has
     # its own test with answers whose ECE is known.
-    return model_settings({"register.min_accuracy": 0.05, "evaluate.min_slice_n": 10,
-                           "register.serving_check_images": 8,
-                           "register.max_ece": 1.0})  # fmt: skip
+    return model_settings(
+        {
+            "register.min_accuracy": 0.05,
+            "evaluate.min_slice_n": 10,
+            "register.serving_check_images": 8,
+            "register.max_ece": 1.0,
+        }
+    )
 
 
 @pytest.fixture
@@ -134,8 +151,13 @@ def test_a_significant_improvement_promotes_and_every_check_is_recorded(ws, trai
     # of that class; the slice check has its own test below.
     r = ws.register(ws.candidate(trained), _with(ws.settings, max_slice_drop=1.0))
     assert r["decision"] == "promoted" and _champion() == "2", r["reasons"]
-    assert [c["name"] for c in r["checks"]] == ["floor", "paired", "slices", "calibration",
-                                                "serving"]  # fmt: skip
+    assert [c["name"] for c in r["checks"]] == [
+        "floor",
+        "paired",
+        "slices",
+        "calibration",
+        "serving",
+    ]
     paired = _check(r, "paired")
     assert paired["passed"] and paired["numbers"]["p_value"] < 0.05
     assert paired["numbers"]["only_a"] > paired["numbers"]["only_b"]
@@ -187,10 +209,15 @@ def test_a_slice_that_regresses_blocks_promotion(ws, trained, sample_data):
     names, y, pred, _ = _answers(trained, ws.prepared)
     frame = read_split(sample_data[1], "test").set_index("path").reindex(names)
     # the smallest slice the gate compares, and the champion's right answers in it
-    sizes = {(a, v): int((pd.to_numeric(frame[a]) == v).sum())
-             for a in ws.settings.evaluate.slices for v in (0, 1)}  # fmt: skip
-    (attr, value), n = min(((k, v) for k, v in sizes.items()
-                            if v >= ws.settings.evaluate.min_slice_n), key=lambda kv: kv[1])  # fmt: skip
+    sizes = {
+        (a, v): int((pd.to_numeric(frame[a]) == v).sum())
+        for a in ws.settings.evaluate.slices
+        for v in (0, 1)
+    }
+    (attr, value), n = min(
+        ((k, v) for k, v in sizes.items() if v >= ws.settings.evaluate.min_slice_n),
+        key=lambda kv: kv[1],
+    )
     inside = (pd.to_numeric(frame[attr]) == value).to_numpy()
     lose = np.flatnonzero(inside & (pred == y))[: int(np.ceil(0.06 * n))]
     gain = np.flatnonzero(~inside & (pred != y))
@@ -227,8 +254,9 @@ def test_an_overconfident_candidate_is_not_promoted(ws, trained):
 
 
 @pytest.mark.parametrize("fault", ["answers differently", "does not load"])
-def test_a_served_model_that_fails_the_serving_check_is_not_promoted(ws, trained, monkeypatch,
-                                                                     fault):  # fmt: skip
+def test_a_served_model_that_fails_the_serving_check_is_not_promoted(
+    ws, trained, monkeypatch, fault
+):
     """The registered pyfunc is broken on purpose while it is packaged: it holds another
     model's weights, or a serving.json it cannot read."""
     from genderclf.tracking import serving

@@ -55,9 +55,13 @@ def test_decide(candidate, champion, floor, min_improvement, promote, reason):
 
 # The accuracy policy alone: no significance test, slice or calibration ceiling, serving
 # check (those have their own tests in test_promotion_gate.py).
-ACCURACY_POLICY = {"register.min_improvement": 0.0, "register.alpha": None,
-                   "register.max_slice_drop": 1.0, "register.max_ece": 1.0,
-                   "register.serving_check_images": 0}  # fmt: skip
+ACCURACY_POLICY = {
+    "register.min_improvement": 0.0,
+    "register.alpha": None,
+    "register.max_slice_drop": 1.0,
+    "register.max_ece": 1.0,
+    "register.serving_check_images": 0,
+}
 
 
 @pytest.fixture
@@ -94,8 +98,14 @@ class Candidates:
         return folder / "run.json", folder / "eval.json", real
 
     def register(self, run_file: Path, eval_file: Path, settings: Settings | None = None):
-        report = run_register(settings or self.settings, run_file, eval_file, self.prepared,
-                              C.PATHS.register_report, self.splits)  # fmt: skip
+        report = run_register(
+            settings or self.settings,
+            run_file,
+            eval_file,
+            self.prepared,
+            C.PATHS.register_report,
+            self.splits,
+        )
         assert json.loads(C.PATHS.register_report.read_text()) == report
         return report
 
@@ -121,8 +131,9 @@ def _alias(alias: str) -> str | None:
 
 
 def _versions() -> list[Any]:
-    return sorted(_client().search_model_versions(f"name='{MODEL_NAME}'"),
-                  key=lambda v: int(v.version))  # fmt: skip
+    return sorted(
+        _client().search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: int(v.version)
+    )
 
 
 def _tags(version: str) -> dict[str, str]:
@@ -140,8 +151,14 @@ def test_promotion_policy_end_to_end(candidates):
     assert r["champion_before"] == {"version": None, "accuracy": None}
     assert r["champion_after"] == "1"
     assert "no champion yet" in r["reasons"][0]
-    assert r["policy"] == {"min_accuracy": 0.05, "min_improvement": 0.0, "alpha": None,
-                           "max_slice_drop": 1.0, "max_ece": 1.0, "approval": "auto"}  # fmt: skip
+    assert r["policy"] == {
+        "min_accuracy": 0.05,
+        "min_improvement": 0.0,
+        "alpha": None,
+        "max_slice_drop": 1.0,
+        "max_ece": 1.0,
+        "approval": "auto",
+    }
     assert r["candidate"]["accuracy"] == pytest.approx(0.95, abs=0.01) and r["run_id"] == run_id_a
     assert [(m["alias"], m["from"], m["to"]) for m in r["alias_moves"]] == [(CHAMPION, None, "1")]
     assert _alias(CHAMPION) == "1" and _alias(CHALLENGER) == "1"
@@ -269,8 +286,13 @@ def test_unreachable_registry_fails_after_register_retries(
     )
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"{uri} did not answer after 3 attempts"):
-        run_register(settings, tmp_path / "run.json", tmp_path / "eval.json", prepared,
-                     C.PATHS.register_report)  # fmt: skip
+        run_register(
+            settings,
+            tmp_path / "run.json",
+            tmp_path / "eval.json",
+            prepared,
+            C.PATHS.register_report,
+        )
     assert time.monotonic() - started >= 1 + 2  # backoff between the attempts
     assert not C.PATHS.register_report.exists()
 

@@ -71,26 +71,57 @@ def setup(tmp_path, tiny_params, monkeypatch):
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
-        procs.append(subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=open(logs / "server.log", "w"),  # noqa: SIM115 (lives as long as the process)
-            stderr=subprocess.STDOUT,
-        ))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=open(logs / "server.log", "w"),  # noqa: SIM115 (kept open)
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_http(f"{api}/health", 120)
         _run(
             [str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], tmp_path, env
         )
         worker_env = {**env, "PYTHONPATH": f"{clone}{os.pathsep}{clone / 'src'}"}
-        _run([sys.executable, "-c",
-              "from prefect import flow; flow.from_source(source='.', entrypoint='flows/train.py:train_flow')"
-              ".deploy(name='gpu', work_pool_name='gpu')"], clone, worker_env)  # fmt: skip
-        procs.append(subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "gpu"], cwd=clone, env=worker_env,
-            stdout=open(logs / "worker.log", "w"),  # noqa: SIM115 (lives as long as the process)
-            stderr=subprocess.STDOUT,
-        ))  # fmt: skip
-        for k in ("PATH", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_API_URL", "DVC_NO_ANALYTICS",
-                  "GIT_CONFIG_GLOBAL", "PREFECT_SERVER_ANALYTICS_ENABLED"):  # fmt: skip
+        _run(
+            [
+                sys.executable,
+                "-c",
+                "from prefect import flow; "
+                "flow.from_source(source='.', entrypoint='flows/train.py:train_flow')"
+                ".deploy(name='gpu', work_pool_name='gpu')",
+            ],
+            clone,
+            worker_env,
+        )
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "gpu"],
+                cwd=clone,
+                env=worker_env,
+                stdout=open(logs / "worker.log", "w"),  # noqa: SIM115 (kept open)
+                stderr=subprocess.STDOUT,
+            )
+        )
+        for k in (
+            "PATH",
+            "MLFLOW_TRACKING_URI",
+            "PREFECT_HOME",
+            "PREFECT_API_URL",
+            "DVC_NO_ANALYTICS",
+            "GIT_CONFIG_GLOBAL",
+            "PREFECT_SERVER_ANALYTICS_ENABLED",
+        ):
             monkeypatch.setenv(k, env[k])
         monkeypatch.setenv("PYTHONPATH", str(parent / "src"))
         yield parent, clone, env, logs

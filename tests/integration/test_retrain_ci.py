@@ -54,14 +54,18 @@ class Ci:
 
     def env(self, repo: Path, run_id: str, **extra: str) -> dict[str, str]:
         return pipeline_env(
-            repo, drop=("MLFLOW_", "AWS_", "GITHUB_", "DVC_REMOTE"),
+            repo,
+            drop=("MLFLOW_", "AWS_", "GITHUB_", "DVC_REMOTE"),
             **s3_env(),
             AWS_CONFIG_FILE=str(self.root / "no-aws-config"),
             AWS_SHARED_CREDENTIALS_FILE=str(self.root / "no-aws-credentials"),
-            DVC_REMOTE_URL=f"s3://{BUCKET}/dvcstore", DVC_REMOTE_ENDPOINT_URL=self.s3,
-            MLFLOW_TRACKING_URI=self.mlflow_uri, GITHUB_RUN_ID=run_id,
-            GITHUB_STEP_SUMMARY=str(self.root / f"summary-{run_id}.md"), **extra,
-        )  # fmt: skip
+            DVC_REMOTE_URL=f"s3://{BUCKET}/dvcstore",
+            DVC_REMOTE_ENDPOINT_URL=self.s3,
+            MLFLOW_TRACKING_URI=self.mlflow_uri,
+            GITHUB_RUN_ID=run_id,
+            GITHUB_STEP_SUMMARY=str(self.root / f"summary-{run_id}.md"),
+            **extra,
+        )
 
     def clone(self, name: str) -> Path:
         dest = self.root / name
@@ -77,8 +81,16 @@ class Ci:
 
     def commit_and_push(self, repo: Path, message: str, ref: str = "main") -> None:
         self.git(repo, "add", "-A")
-        self.git(repo, "-c", "user.name=dev", "-c", "user.email=dev@example.com",
-                 "commit", "-qm", message)  # fmt: skip
+        self.git(
+            repo,
+            "-c",
+            "user.name=dev",
+            "-c",
+            "user.email=dev@example.com",
+            "commit",
+            "-qm",
+            message,
+        )
         self.git(repo, "push", "-q", "origin", f"HEAD:{ref}")
 
     def workflow(self, run_id: str) -> tuple[Path, str, str]:
@@ -184,8 +196,9 @@ def test_two_retraining_runs_through_the_workflow_steps(ci):
     assert "| Path" in table and "origin/main" in table and "workspace" in table, table
     main_eval = json.loads(ci.git(repo2, "show", "origin/main:metrics/eval.json"))
     new_eval = json.loads((repo2 / "metrics" / "eval.json").read_text())
-    row = next(line for line in table.splitlines()
-               if "metrics/eval.json" in line and "| accuracy " in line)  # fmt: skip
+    row = next(
+        line for line in table.splitlines() if "metrics/eval.json" in line and "| accuracy " in line
+    )
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[2]) == pytest.approx(main_eval["accuracy"], abs=1e-4), row
     assert float(cells[3]) == pytest.approx(new_eval["accuracy"], abs=1e-4), row

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, (
         f"prefect {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
@@ -36,19 +37,28 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
     project.mkdir()
     shutil.copy2(REPO_ROOT / "prefect.yaml", project / "prefect.yaml")
     for folder in ("flows", "src"):
-        shutil.copytree(REPO_ROOT / folder, project / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        shutil.copytree(
+            REPO_ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENDERCLF_REPO": str(project),
-           "PYTHONPATH": f"{project}{os.pathsep}{project / 'src'}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GENDERCLF_REPO": str(project),
+        "PYTHONPATH": f"{project}{os.pathsep}{project / 'src'}",
+    }
     log = tmp_path / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_http(f"{api}/health", 120, server, log)
         for pool in ("cpu", "gpu"):
@@ -60,9 +70,13 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
         runs: list[dict] = []
         deadline = time.monotonic() + 90
         while not runs and time.monotonic() < deadline:
-            runs = http_json(f"{api}/flow_runs/filter", {
-                "flow_runs": {"deployment_id": {"any_": [weekly["id"]]}}, "limit": 50,
-            })  # fmt: skip
+            runs = http_json(
+                f"{api}/flow_runs/filter",
+                {
+                    "flow_runs": {"deployment_id": {"any_": [weekly["id"]]}},
+                    "limit": 50,
+                },
+            )
             time.sleep(1)
         assert runs, f"no scheduled run after 90 s; server log:\n{log.read_text()[-4000:]}"
         assert {r["state_type"] for r in runs} == {"SCHEDULED"}
@@ -75,8 +89,9 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
                 start.utcoffset().total_seconds(),
             ) == (0, 3, 0, 0)
         other = http_json(f"{api}/deployments/name/gender-pipeline/on-demand")
-        assert not http_json(f"{api}/flow_runs/filter", {
-            "flow_runs": {"deployment_id": {"any_": [other["id"]]}}})  # fmt: skip
+        assert not http_json(
+            f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [other["id"]]}}}
+        )
         time.sleep(3)  # one more scheduler loop
     finally:
         server.terminate()

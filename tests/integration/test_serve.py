@@ -42,8 +42,9 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     from genderclf.model.scoring import predict_split
 
     # an untrained model: no floor, no calibration ceiling; the serving check stays on
-    settings = model_settings({"register.min_accuracy": 0.0, "register.max_ece": 1.0,
-                               "register.serving_check_images": 8})  # fmt: skip
+    settings = model_settings(
+        {"register.min_accuracy": 0.0, "register.max_ece": 1.0, "register.serving_check_images": 8}
+    )
     size = settings.base.image_size
     raw, _ = sample_data
     files = sorted((raw / "img_align_celeba" / "img_align_celeba").glob("*.jpg"))[:10]
@@ -61,10 +62,22 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     write_json(Path("models/run.json"), {**run, "image_size": size, "resize": "center_crop"})
     # the evaluate stage's record: this model's own answers on the test split
     names, y, p_test = predict_split(model, prepared, "test", 64)
-    write_evaluation(Path("metrics"), names, y, threshold=threshold,
-                     pred=(p_test >= threshold).astype(int), prob=p_test)  # fmt: skip
-    report = run_register(settings, Path("models/run.json"), Path("metrics/eval.json"),
-                          prepared, C.PATHS.register_report, sample_data[1])  # fmt: skip
+    write_evaluation(
+        Path("metrics"),
+        names,
+        y,
+        threshold=threshold,
+        pred=(p_test >= threshold).astype(int),
+        prob=p_test,
+    )
+    report = run_register(
+        settings,
+        Path("models/run.json"),
+        Path("metrics/eval.json"),
+        prepared,
+        C.PATHS.register_report,
+        sample_data[1],
+    )
     assert report["decision"] == "promoted" and report["model_uri"].startswith("models:/m-")
     return files
 
@@ -108,8 +121,17 @@ def photos(tiny_settings, tmp_path) -> list[Path]:
 
 def _predict(files: list[Path], env: dict[str, str], out: Path, *flags: str) -> list[dict]:
     """What the command says, in its own process."""
-    cmd = [str(BIN / "genderclf"), "predict", *map(str, files), *flags,
-           "--format", "json", "--output", str(out), "--quiet"]  # fmt: skip
+    cmd = [
+        str(BIN / "genderclf"),
+        "predict",
+        *map(str, files),
+        *flags,
+        "--format",
+        "json",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -131,10 +153,24 @@ def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tm
     log = tmp_path / "serve.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", "models:/gender-classifier@champion",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/gender-classifier@champion",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
         images = [base64.b64encode(f.read_bytes()).decode() for f in files]
@@ -146,9 +182,11 @@ def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tm
         sent = [base64.b64encode(f.read_bytes()).decode() for f in photos]
         detected = http_json(
             f"http://127.0.0.1:{port}/invocations",
-            {"dataframe_split": {"columns": ["image"], "data": [[i] for i in sent]},
-             "params": {"detect": True}},
-        )  # fmt: skip
+            {
+                "dataframe_split": {"columns": ["image"], "data": [[i] for i in sent]},
+                "params": {"detect": True},
+            },
+        )
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -177,8 +215,9 @@ def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tm
             assert g["probability"] is None and g["p_male"] is None and g["x"] is None
 
 
-def test_registered_model_carries_the_evaluated_threshold(champion, mlflow_store, tmp_path,
-                                                          monkeypatch):  # fmt: skip
+def test_registered_model_carries_the_evaluated_threshold(
+    champion, mlflow_store, tmp_path, monkeypatch
+):
     import tempfile
 
     import mlflow
@@ -203,7 +242,18 @@ def test_registered_model_carries_the_evaluated_threshold(champion, mlflow_store
     assert out["label"].iloc[0] in ("male", "female")
     # The same request with detection: one row per face found, each with its box.
     faces = model.predict(frame, params={"detect": True})
-    assert list(faces.columns) == ["image", "face", "x", "y", "w", "h", "label",
-                                   "probability", "p_male", "status", "error"]  # fmt: skip
+    assert list(faces.columns) == [
+        "image",
+        "face",
+        "x",
+        "y",
+        "w",
+        "h",
+        "label",
+        "probability",
+        "p_male",
+        "status",
+        "error",
+    ]
     assert faces["image"].tolist() == [0] * len(faces)
     assert set(faces["status"]) <= {"ok", "no_face"}

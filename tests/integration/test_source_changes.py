@@ -45,8 +45,11 @@ def _skipped(output: str) -> set[str]:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _images(tmp: Path, n: int) -> dict[str, bytes]:
@@ -83,8 +86,11 @@ def _s3_source(
     def put(rel: str, data: bytes) -> None:
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data)
 
-    settings = {"data.source": "s3", "data.s3.uri": f"s3://{BUCKET}/{prefix}",
-                "data.s3.endpoint_url": endpoint}  # fmt: skip
+    settings = {
+        "data.source": "s3",
+        "data.s3.uri": f"s3://{BUCKET}/{prefix}",
+        "data.s3.endpoint_url": endpoint,
+    }
     return settings, put
 
 
@@ -106,9 +112,13 @@ def test_repro_notices_new_and_changed_images_only(source, tmp_path, tiny_params
     for k, v in {**overrides, "split.strategy": "stratified", "augment.copies": 0}.items():
         set_dotted(params, k, v)
     write_params(repo, params)
-    env = pipeline_env(repo, drop=("MLFLOW_", "AWS_"), **s3_env(),
-                       AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
-                       AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"))  # fmt: skip
+    env = pipeline_env(
+        repo,
+        drop=("MLFLOW_", "AWS_"),
+        **s3_env(),
+        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+    )
     git_init(repo, env=env)
 
     def repro() -> str:

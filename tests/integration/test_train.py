@@ -48,8 +48,9 @@ def _history(path: Path) -> list[dict[str, str]]:
 
 def _git(*args: str) -> str:
     env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(["git", *args], check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()  # fmt: skip
+    return subprocess.run(
+        ["git", *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 def _closed_port() -> int:
@@ -91,8 +92,7 @@ def test_smoke_training_learns_the_sample_and_records_it(
     metrics = run_train(settings, prepared_augmented, params, raw / "SOURCE.json")
 
     # the stage contract
-    for out in (C.PATHS.model, C.PATHS.run, C.PATHS.train_metrics, C.PATHS.history,
-                C.PATHS.curves):  # fmt: skip
+    for out in (C.PATHS.model, C.PATHS.run, C.PATHS.train_metrics, C.PATHS.history, C.PATHS.curves):
         assert out.is_file() and out.stat().st_size > 0, out
     assert json.loads((C.PATHS.train_metrics).read_text()) == json.loads(json.dumps(metrics))
     assert metrics["epochs"] == 2 and metrics["resumed"] == "no"
@@ -141,14 +141,19 @@ def test_smoke_training_learns_the_sample_and_records_it(
     assert run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"], abs=1e-6)
     # MLflow 3: the Keras model is a LoggedModel of this run, the test metrics are linked to
     # it, its params hold the training summary, its input example is a real test image
-    (keras_model,) = [m for m in mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list")
-        if m.source_run_id == run.info.run_id and m.name == "keras_model"]  # fmt: skip
+    (keras_model,) = [
+        m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list"
+        )
+        if m.source_run_id == run.info.run_id and m.name == "keras_model"
+    ]
     assert keras_model.model_id == run_info["model_id"]
     assert keras_model.params["epochs"] == "2"
     assert {m.key for m in keras_model.metrics} >= {"test/accuracy", "test/f1"}
     example = mlflow.models.Model.load(run_info["keras_model_uri"]).load_input_example(
-        mlflow.artifacts.download_artifacts(run_info["keras_model_uri"]))  # fmt: skip
+        mlflow.artifacts.download_artifacts(run_info["keras_model_uri"])
+    )
     assert np.asarray(example).shape == (1, 32, 32, 3) and np.asarray(example).std() > 1
     # the train, val and test data as datasets whose digest is DVC's (here: the checksum)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
@@ -205,15 +210,21 @@ def _wait_for_rows(pattern: str, rows: int, proc: subprocess.Popen, timeout: flo
 def test_killed_training_resumes_without_repeating_an_epoch(mlflow_store, model_settings, prepared):
     from mlflow import MlflowClient
 
-    settings = model_settings({"train.epochs_head": 3, "train.epochs_finetune": 1,
-                               "train.early_stopping_patience": 10})  # fmt: skip
+    settings = model_settings(
+        {"train.epochs_head": 3, "train.epochs_finetune": 1, "train.early_stopping_patience": 10}
+    )
     _write_params(settings)
     Path("data").mkdir()
     (Path("data") / "prepared").symlink_to(prepared, target_is_directory=True)
     env = _cli_env({"MLFLOW_TRACKING_URI": mlflow_store})
 
-    proc = subprocess.Popen([str(BIN / "genderclf"), "train"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "genderclf"), "train"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     history = _wait_for_rows(str(BACKUP_ROOT / "*" / "history.csv"), 1, proc, timeout=240)
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup, no atexit: as an OOM kill or a lost node
     proc.communicate()
@@ -223,8 +234,9 @@ def test_killed_training_resumes_without_repeating_an_epoch(mlflow_store, model_
     assert not C.PATHS.model.exists()
     assert (history.parent / "phase1").is_dir()  # Keras' BackupAndRestore checkpoint
 
-    again = subprocess.run([str(BIN / "genderclf"), "train"], env=env, text=True,
-                           capture_output=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [str(BIN / "genderclf"), "train"], env=env, text=True, capture_output=True, timeout=300
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"train: resuming from phase 1 after epoch {done_before}" in again.stdout
     hist = _history(C.PATHS.history)
@@ -425,8 +437,9 @@ def test_deterministic_training_gives_the_same_weights_twice(
     from genderclf.config import Paths
     from genderclf.stages import train
 
-    settings = model_settings({"augment.copies": 1, "train.batch_size": 8,
-                               "train.deterministic": "on"})  # fmt: skip
+    settings = model_settings(
+        {"augment.copies": 1, "train.batch_size": 8, "train.deterministic": "on"}
+    )
     assert settings.train.online_augment  # the augmentation's draws are part of what repeats
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     runs = []
@@ -438,5 +451,6 @@ def test_deterministic_training_gives_the_same_weights_twice(
     assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
     for a, b in zip(w1, w2, strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(first.model.predict(x, verbose=0),
-                                  second.model.predict(x, verbose=0))  # fmt: skip
+    np.testing.assert_array_equal(
+        first.model.predict(x, verbose=0), second.model.predict(x, verbose=0)
+    )

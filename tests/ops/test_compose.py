@@ -25,8 +25,15 @@ ENV_EXAMPLE = REPO_ROOT / ".env.example"
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; `$$` is a literal `$`.
 VAR_REF = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|TOKEN", re.IGNORECASE)
-EXPECTED_SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker-cpu",
-                     "worker-gpu"}  # fmt: skip
+EXPECTED_SERVICES = {
+    "postgres",
+    "minio",
+    "minio-init",
+    "mlflow",
+    "prefect-server",
+    "worker-cpu",
+    "worker-gpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +141,10 @@ def test_start_order_is_acyclic_and_behind_health_checks(services):
     for long_running in ("postgres", "minio", "mlflow", "prefect-server"):
         check = services[long_running]["healthcheck"]["test"]
         assert check and check[0] in ("CMD", "CMD-SHELL"), long_running
-    assert _depends_on(services["mlflow"]) == {"postgres": "service_healthy",
-                                               "minio-init": "service_completed_successfully"}  # fmt: skip
+    assert _depends_on(services["mlflow"]) == {
+        "postgres": "service_healthy",
+        "minio-init": "service_completed_successfully",
+    }
     assert _depends_on(services["prefect-server"]) == {"postgres": "service_healthy"}
     for worker in ("worker-cpu", "worker-gpu"):
         deps = _depends_on(services[worker])
@@ -178,7 +187,8 @@ def test_secrets_come_only_from_the_env_file(services, env_example, text):
                 refs = [m for m in VAR_REF.finditer(value)]
                 assert refs, f"{name}: {key} is not taken from .env: {value!r}"
                 assert all(m.group(2) == ":?" for m in refs), (
-                    f"{name}: {key} must be required (${{VAR:?...}}), not defaulted: {value!r}")  # fmt: skip
+                    f"{name}: {key} must be required (${{VAR:?...}}), not defaulted: {value!r}"
+                )
             # credentials inside URLs: user:password@ must be interpolated
             for m in re.finditer(r"://([^/@\s]+)@", value):
                 creds = m.group(1)
@@ -218,8 +228,9 @@ def test_mlflow_server_uses_postgres_s3_and_authentication(services):
     init = services["minio-init"]["command"][0]
     for bucket_var in ("MLFLOW_BUCKET", "DVC_BUCKET"):
         assert f"local/$${bucket_var}" in init
-    assert _environment(services["minio-init"])["MLFLOW_BUCKET"] in env[
-        "MLFLOW_ARTIFACTS_DESTINATION"]  # fmt: skip
+    assert (
+        _environment(services["minio-init"])["MLFLOW_BUCKET"] in env["MLFLOW_ARTIFACTS_DESTINATION"]
+    )
 
 
 def test_workers_serve_the_pools_of_prefect_yaml(services):
@@ -255,7 +266,8 @@ def test_valid_for_compose_1_29_too(compose, env_example):
     """docker-compose 1.29 rejects a top-level `name:`; both implementations read the
     project name from COMPOSE_PROJECT_NAME in the env file instead."""
     assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets"} | {
-        k for k in compose if k.startswith("x-")}  # fmt: skip
+        k for k in compose if k.startswith("x-")
+    }
     assert "version" not in compose and "name" not in compose
     assert env_example["COMPOSE_PROJECT_NAME"] == "genderclf"
 
@@ -281,8 +293,10 @@ def test_loopback_override_addresses_only_127_0_0_1(loopback, services):
     hosts = re.findall(r"(?:://|@)([A-Za-z0-9_.-]+)(?::|/)", text)
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
     assert not re.search(r"\b(10|172|192\.168|0\.0\.0)\.\d", text)
-    merged_env = {name: {**_environment(svc), **_environment(loopback["services"][name])}
-                  for name, svc in services.items()}  # fmt: skip
+    merged_env = {
+        name: {**_environment(svc), **_environment(loopback["services"][name])}
+        for name, svc in services.items()
+    }
     for name, env in merged_env.items():
         for key, value in env.items():
             for host in re.findall(r"(?:://|@)([A-Za-z0-9_.-]+)(?::|/)", value):
@@ -296,8 +310,10 @@ def test_loopback_override_addresses_only_127_0_0_1(loopback, services):
     ports = dict(re.findall(r"\$\{((?:POSTGRES|S3|MLFLOW|PREFECT)_PORT):-(\d+)\}", text))
     assert set(ports) == {"POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT"}
     assert len(set(ports.values())) == len(ports)
-    for healthcheck in (loopback["services"][n]["healthcheck"]["test"]
-                        for n in ("minio", "mlflow", "prefect-server")):  # fmt: skip
+    for healthcheck in (
+        loopback["services"][n]["healthcheck"]["test"]
+        for n in ("minio", "mlflow", "prefect-server")
+    ):
         assert "http://127.0.0.1:${" in healthcheck[-1]
 
 

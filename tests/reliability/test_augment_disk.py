@@ -60,8 +60,9 @@ def test_read_only_folder_is_a_clear_error(small_fs, sample_data, settings):
     assert _files(out) == before
 
 
-def test_cli_on_a_full_disk_says_so_in_one_line(small_fs, sample_data, settings, tiny_params,
-                                                tmp_path):  # fmt: skip
+def test_cli_on_a_full_disk_says_so_in_one_line(
+    small_fs, sample_data, settings, tiny_params, tmp_path
+):
     raw, splits = sample_data
     work = tmp_path / "work"
     work.mkdir()
@@ -72,8 +73,13 @@ def test_cli_on_a_full_disk_says_so_in_one_line(small_fs, sample_data, settings,
     params = yaml.safe_load(yaml.safe_dump(tiny_params))
     params["augment"]["copies"] = 0
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([str(BIN / "genderclf"), "augment", "--quiet"], cwd=work, text=True,
-                          capture_output=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "genderclf"), "augment", "--quiet"],
+        cwd=work,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "error (augment): cannot write prepared data to data/prepared: No space left" in (

@@ -27,8 +27,13 @@ def _params(work: Path, tiny_params: dict, num_images: int) -> None:
 
 
 def _download(work: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(BIN / "genderclf"), "download", "--quiet"], cwd=work, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [str(BIN / "genderclf"), "download", "--quiet"],
+        cwd=work,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _kill_mid_way(work: Path, at_least: int = 20, timeout: float = 240) -> None:

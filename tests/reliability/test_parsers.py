@@ -24,8 +24,11 @@ from genderclf.config import Settings, SettingsError, load_settings, set_dotted
 from genderclf.data import sample
 from genderclf.data.layouts import Candidates, LayoutError, read_celeba, read_layout
 
-FAST = hsettings(max_examples=120, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+FAST = hsettings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 def _leaves(node: Any, prefix: str = "") -> Iterator[str]:
@@ -44,19 +47,40 @@ def params_keys(real_params) -> list[str]:
 # --- params.yaml ---------------------------------------------------------------------------
 
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-    st.sampled_from(["", "0", "-1", "1e309", "nan", ".inf", "yes", "off", "s3://", "~",
-                     "imagenet", "vgg16", "2024-13-45", "0x10", "1_000"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "1e309",
+            "nan",
+            ".inf",
+            "yes",
+            "off",
+            "s3://",
+            "~",
+            "imagenet",
+            "vgg16",
+            "2024-13-45",
+            "0x10",
+            "1_000",
+        ]
+    ),
     st.lists(st.integers() | st.text(max_size=4), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-)  # fmt: skip
+)
 
 
 @FAST
 @given(data=st.data())
-def test_params_with_one_bad_value_load_or_name_the_key(tmp_path_factory, real_params,
-                                                        params_keys, data):  # fmt: skip
+def test_params_with_one_bad_value_load_or_name_the_key(
+    tmp_path_factory, real_params, params_keys, data
+):
     key = data.draw(st.sampled_from(params_keys), label="key")
     value = data.draw(_values, label="value")
     raw = yaml.safe_load(yaml.safe_dump(real_params))
@@ -74,15 +98,32 @@ def test_params_with_one_bad_value_load_or_name_the_key(tmp_path_factory, real_p
 
 
 _yaml_noise = st.sampled_from(
-    ["{", "[", ": :", "- - -", "\t", "!!python/object:os.system ls", "&a [*a]", "? x",
-     "%YAML 9.9", "\x00", "'", '"', "base: {seed: [}", "*undefined", "!!binary 4", "---\n---"]
-)  # fmt: skip
+    [
+        "{",
+        "[",
+        ": :",
+        "- - -",
+        "\t",
+        "!!python/object:os.system ls",
+        "&a [*a]",
+        "? x",
+        "%YAML 9.9",
+        "\x00",
+        "'",
+        '"',
+        "base: {seed: [}",
+        "*undefined",
+        "!!binary 4",
+        "---\n---",
+    ]
+)
 
 
 @FAST
 @given(prefix=st.text(max_size=30), noise=_yaml_noise, suffix=st.text(max_size=30))
-def test_malformed_params_file_is_a_settings_error(tmp_path_factory, real_params, prefix, noise,
-                                                   suffix):  # fmt: skip
+def test_malformed_params_file_is_a_settings_error(
+    tmp_path_factory, real_params, prefix, noise, suffix
+):
     path = tmp_path_factory.mktemp("params") / "params.yaml"
     text = yaml.safe_dump(real_params)
     cut = len(prefix) % len(text)
@@ -147,8 +188,27 @@ def _check(images: Path, files: dict[str, bytes], culprit: str) -> None:
         shutil.rmtree(root)
 
 
-_cells = st.sampled_from(["1", "-1", "0", "", " 1", "1 ", "x", "nan", "000001.jpg", "000002.jpg",
-                          "000003.jpg", "000004.jpg", "000009.jpg", "../x.jpg", '"', "a,b", "é"])  # fmt: skip
+_cells = st.sampled_from(
+    [
+        "1",
+        "-1",
+        "0",
+        "",
+        " 1",
+        "1 ",
+        "x",
+        "nan",
+        "000001.jpg",
+        "000002.jpg",
+        "000003.jpg",
+        "000004.jpg",
+        "000009.jpg",
+        "../x.jpg",
+        '"',
+        "a,b",
+        "é",
+    ]
+)
 _header = st.one_of(
     st.just(["image_id", *sample.CELEBA_ATTRIBUTES]),
     st.just(["image_id", "Male"]),
@@ -168,21 +228,28 @@ def _csv(header: list[str], rows: list[list[str]]) -> bytes:
 
 
 @FAST
-@given(header=_header, rows=st.lists(st.lists(_cells, max_size=6), max_size=8),
-       raw=st.none() | st.binary(max_size=120) | st.text(max_size=120).map(str.encode))  # fmt: skip
+@given(
+    header=_header,
+    rows=st.lists(st.lists(_cells, max_size=6), max_size=8),
+    raw=st.none() | st.binary(max_size=120) | st.text(max_size=120).map(str.encode),
+)
 def test_attribute_csv_gives_candidates_or_layout_error(images, header, rows, raw):
     data = raw if raw is not None else _csv(header, rows)
     _check(images, {sample.ATTR_FILE: data}, sample.ATTR_FILE)
 
 
 @FAST
-@given(rows=st.lists(st.lists(_cells | st.sampled_from(["2", "3", "-0", "1.0"]), max_size=3),
-                     max_size=8),
-       header=st.sampled_from([["image_id", "partition"], ["image_id"], ["partition"], []]),
-       raw=st.none() | st.binary(max_size=80))  # fmt: skip
+@given(
+    rows=st.lists(
+        st.lists(_cells | st.sampled_from(["2", "3", "-0", "1.0"]), max_size=3), max_size=8
+    ),
+    header=st.sampled_from([["image_id", "partition"], ["image_id"], ["partition"], []]),
+    raw=st.none() | st.binary(max_size=80),
+)
 def test_partition_file_gives_candidates_or_layout_error(images, rows, header, raw):
-    attrs = _csv(["image_id", "Male"], [[f"{i:06d}.jpg", "1" if i % 2 else "-1"]
-                                        for i in range(1, 5)])  # fmt: skip
+    attrs = _csv(
+        ["image_id", "Male"], [[f"{i:06d}.jpg", "1" if i % 2 else "-1"] for i in range(1, 5)]
+    )
     data = raw if raw is not None else _csv(header, rows)
     _check(images, {sample.ATTR_FILE: attrs, sample.PARTITION_FILE: data}, sample.PARTITION_FILE)
 

@@ -51,13 +51,17 @@ CANARIES = {
 
 def _env(repo: Path, tracking_uri: str) -> dict[str, str]:
     return pipeline_env(
-        repo, drop=("MLFLOW_", "PREFECT_", "PYTHONPATH"), **CANARIES,
-        KAGGLE_USERNAME="canary-user", AWS_ACCESS_KEY_ID="AKIACANARY0000000000",
-        MLFLOW_TRACKING_USERNAME="pipeline", MLFLOW_TRACKING_URI=tracking_uri,
+        repo,
+        drop=("MLFLOW_", "PREFECT_", "PYTHONPATH"),
+        **CANARIES,
+        KAGGLE_USERNAME="canary-user",
+        AWS_ACCESS_KEY_ID="AKIACANARY0000000000",
+        MLFLOW_TRACKING_USERNAME="pipeline",
+        MLFLOW_TRACKING_URI=tracking_uri,
         PREFECT_HOME=str(repo.parent / "prefect-home"),
         # Prefect's temporary API server gets 20 s to start by default: too few on a busy box.
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-    )  # fmt: skip
+    )
 
 
 def _run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -88,8 +92,9 @@ def _history_rows(repo: Path) -> int:
 def pipeline(tmp_path_factory, mlflow_server) -> dict[str, Any]:
     repo = tmp_path_factory.mktemp("faults") / "repo"
     copy_pipeline(repo, ("src", "flows"))
-    params = pipeline_params({"train.batch_size": 16, "train.epochs_head": 3,
-                              "train.early_stopping_patience": 10})  # fmt: skip
+    params = pipeline_params(
+        {"train.batch_size": 16, "train.epochs_head": 3, "train.early_stopping_patience": 10}
+    )
     write_params(repo, params)
     env = _env(repo, mlflow_server.uri)
     git_init(repo, env=env)
@@ -100,8 +105,14 @@ def pipeline(tmp_path_factory, mlflow_server) -> dict[str, Any]:
         del os.environ["MLFLOW_TRACKING_URI"]
 
     # 1. `dvc repro`; SIGKILL the train stage once its first epoch is logged
-    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline, pid, train_env = time.monotonic() + 540, None, b""
     while time.monotonic() < deadline and first.poll() is None:
         pid = pid or _train_process(repo)
@@ -119,9 +130,16 @@ def pipeline(tmp_path_factory, mlflow_server) -> dict[str, Any]:
     second = _run(repo, env, str(BIN / "dvc"), "repro", "train")
     # 3. the Prefect flow runs what is left (evaluate, register), DVC skipping the rest
     third = _run(repo, env, sys.executable, "flows/pipeline.py")
-    return {"repo": repo, "env": env, "first": (out1, err1), "second": second, "third": third,
-            "killed_after": killed_after, "train_env": train_env,
-            "server": mlflow_server}  # fmt: skip
+    return {
+        "repo": repo,
+        "env": env,
+        "first": (out1, err1),
+        "second": second,
+        "third": third,
+        "killed_after": killed_after,
+        "train_env": train_env,
+        "server": mlflow_server,
+    }
 
 
 def test_killed_training_resumes_and_the_outputs_match_dvc_lock(pipeline):
@@ -225,5 +243,8 @@ def test_no_secret_reaches_tracking_logs_or_outputs(pipeline):
     # the workspace's outputs (reports/, metrics/, plots/, models/, dvc.lock)
     for name in ("reports", "metrics", "plots", "models", "dvc.lock", ".dvc"):
         path = repo / name
-        assert not (_files_with(path, needles) if path.is_dir() else
-                    [v for v in needles if v in path.read_bytes()]), name  # fmt: skip
+        assert not (
+            _files_with(path, needles)
+            if path.is_dir()
+            else [v for v in needles if v in path.read_bytes()]
+        ), name

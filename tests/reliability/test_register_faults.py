@@ -31,9 +31,16 @@ pytestmark = pytest.mark.integration
 def reg_settings(model_settings) -> Settings:
     # A floor both constant candidates clear, so the champion question is only "which"
     # (the accuracy policy alone: the rest of the gate has its own tests).
-    return model_settings({"register.min_accuracy": 0.05, "register.retries": 1,
-                           "register.alpha": None, "register.max_slice_drop": 1.0,
-                           "register.max_ece": 1.0, "register.serving_check_images": 0})  # fmt: skip
+    return model_settings(
+        {
+            "register.min_accuracy": 0.05,
+            "register.retries": 1,
+            "register.alpha": None,
+            "register.max_slice_drop": 1.0,
+            "register.max_ece": 1.0,
+            "register.serving_check_images": 0,
+        }
+    )
 
 
 def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any, float, Any]:
@@ -49,8 +56,9 @@ def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any,
     return model, float(((p >= 0.5).astype(int) == y).mean()), (names, y, (p >= 0.5).astype(int))
 
 
-def log_candidate(settings: Settings, model: Any, accuracy: float, answers: Any,
-                  folder: Path) -> None:  # fmt: skip
+def log_candidate(
+    settings: Settings, model: Any, accuracy: float, answers: Any, folder: Path
+) -> None:
     """Log the model to a new run; write models/run.json, models/model.keras, eval.json
     and predictions.csv (the evaluate stage's record of these answers)."""
     from tests.helpers.stages import log_model_run, write_evaluation
@@ -61,25 +69,38 @@ def log_candidate(settings: Settings, model: Any, accuracy: float, answers: Any,
     run = log_model_run(model, settings.base.image_size)
     save_model_atomic(model, folder / "models" / "model.keras")
     # run.json as the train stage writes it
-    write_json(folder / "models" / "run.json", {
-        **run, "image_size": settings.base.image_size, "resize": settings.augment.resize,
-    })  # fmt: skip
+    write_json(
+        folder / "models" / "run.json",
+        {
+            **run,
+            "image_size": settings.base.image_size,
+            "resize": settings.augment.resize,
+        },
+    )
     names, y, pred = answers
-    assert write_evaluation(folder / "metrics", names, y, pred=pred,
-                            plots=folder / "plots") == pytest.approx(accuracy)  # fmt: skip
+    assert write_evaluation(
+        folder / "metrics", names, y, pred=pred, plots=folder / "plots"
+    ) == pytest.approx(accuracy)
 
 
 def _register(settings: Settings, folder: Path, prepared: Path, splits: Path) -> dict[str, Any]:
-    return run_register(settings, folder / "models" / "run.json",
-                        folder / "metrics" / "eval.json", prepared,
-                        folder / "reports" / "register.json", splits, folder / "plots")  # fmt: skip
+    return run_register(
+        settings,
+        folder / "models" / "run.json",
+        folder / "metrics" / "eval.json",
+        prepared,
+        folder / "reports" / "register.json",
+        splits,
+        folder / "plots",
+    )
 
 
 def _versions() -> list[Any]:
     from mlflow import MlflowClient
 
-    return sorted(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'"),
-                  key=lambda v: int(v.version))  # fmt: skip
+    return sorted(
+        MlflowClient().search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: int(v.version)
+    )
 
 
 def _champion() -> str:
@@ -89,8 +110,9 @@ def _champion() -> str:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 # --- tracking server down during register ------------------------------------------------------
@@ -113,8 +135,9 @@ def test_server_down_during_register_fails_clearly_and_a_rerun_registers_once(
     #    naming the URI, no traceback; nothing on disk changes.
     gate.down()
     started = time.monotonic()
-    proc = subprocess.run([str(BIN / "genderclf"), "register"], cwd=work, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "genderclf"), "register"], cwd=work, capture_output=True, text=True, timeout=300
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
@@ -151,8 +174,10 @@ def test_server_down_during_register_fails_clearly_and_a_rerun_registers_once(
     assert report["decision"] == "promoted" and report["champion_after"] == "1"
     again = _register(reg_settings, work, prepared, sample_data[1])
     assert (again["version"], again["newly_registered"], again["decision"]) == (
-        "1", False, "champion",
-    )  # fmt: skip
+        "1",
+        False,
+        "champion",
+    )
     versions = _versions()
     assert [str(v.version) for v in versions] == ["1"]
     run_id = json.loads((work / "models" / "run.json").read_text())["run_id"]
@@ -194,8 +219,11 @@ def test_concurrent_registers_end_on_the_better_candidate(
 ):
     folders = {"better": tmp_path / "better", "worse": tmp_path / "worse"}
     one = build_candidate(reg_settings, prepared, 1)
-    other = next(c for c in (build_candidate(reg_settings, prepared, seed) for seed in range(2, 30))
-                 if c[1] != one[1])  # fmt: skip
+    other = next(
+        c
+        for c in (build_candidate(reg_settings, prepared, seed) for seed in range(2, 30))
+        if c[1] != one[1]
+    )
     worse, better = sorted((one, other), key=lambda c: c[1])
     log_candidate(reg_settings, *better, folders["better"])
     log_candidate(reg_settings, *worse, folders["worse"])

@@ -38,12 +38,14 @@ HOSTILE = {
     "tar-symlink-absolute": lambda p: _tar(p / "a.tgz", [*GOOD, _link("data/e", "/etc")]),
     "tar-symlink-up": lambda p: _tar(p / "a.tgz", [*GOOD, _link("data/e", "../../x")]),
     # a link inside that points at a link going out: each is checked on its own
-    "tar-symlink-chain": lambda p: _tar(p / "a.tgz", [*GOOD, _link("data/in", "sub"),
-                                                       _link("data/sub/out", "../../..")]),
-    "tar-hardlink-out": lambda p: _tar(p / "a.tgz", [*GOOD, _link("data/h", "../x",
-                                                                   tarfile.LNKTYPE)]),
+    "tar-symlink-chain": lambda p: _tar(
+        p / "a.tgz", [*GOOD, _link("data/in", "sub"), _link("data/sub/out", "../../..")]
+    ),
+    "tar-hardlink-out": lambda p: _tar(
+        p / "a.tgz", [*GOOD, _link("data/h", "../x", tarfile.LNKTYPE)]
+    ),
     "tar-device": lambda p: _tar(p / "a.tgz", [*GOOD, _link("data/dev", "", tarfile.CHRTYPE)]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
@@ -171,8 +173,13 @@ def test_evaluate_cli_on_a_file_that_is_not_a_model_is_one_line(tmp_path, tiny_p
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.keras").write_bytes(b"PK\x03\x04 truncated zip header")
-    proc = subprocess.run([str(BIN / "genderclf"), "evaluate"], cwd=tmp_path, text=True,
-                          capture_output=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "genderclf"), "evaluate"],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "error (evaluate): models/model.keras is not a loadable Keras model" in proc.stderr

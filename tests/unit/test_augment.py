@@ -36,8 +36,16 @@ def data(tmp_path_factory, make_settings) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("augment")
     raw = root / "raw"
     raw.mkdir()
-    sample.generate(raw, N_IMAGES, seed=1, images_per_identity=2, male_fraction=0.42,
-                    cue_flip_fraction=0.03, workers=1, progress=False)  # fmt: skip
+    sample.generate(
+        raw,
+        N_IMAGES,
+        seed=1,
+        images_per_identity=2,
+        male_fraction=0.42,
+        cue_flip_fraction=0.03,
+        workers=1,
+        progress=False,
+    )
     settings = make_settings(BASE)
     parts = split_manifest(read_layout(raw).rows, settings.split, settings.base.seed)
     write_splits(parts, root / "splits")
@@ -111,8 +119,9 @@ def test_val_and_test_are_resized_only(prepared, data):
     raw, _ = data
     images, _, paths = _read_all(out, "val")
     size, resize = settings.base.image_size, settings.augment.resize
-    expected = [np.asarray(fit_square(load_rgb(str(raw / p)), size, resize), np.float32)
-                for p in paths]  # fmt: skip
+    expected = [
+        np.asarray(fit_square(load_rgb(str(raw / p)), size, resize), np.float32) for p in paths
+    ]
     # Stored as JPEG, so not bit-exact: each record is far closer to its own resized image
     # than to any other image of the split.
     for i, img in enumerate(images):

@@ -187,8 +187,9 @@ def test_flip_alone_mirrors_some_images_and_keeps_the_others():
 
 def test_fused_augment_is_seeded_training_only_and_stays_in_pixel_range():
     def layer(seed):
-        return FusedAugment(rotation=0.05, zoom=0.2, shift=0.1, contrast=0.3, brightness=0.3,
-                            seed=seed)  # fmt: skip
+        return FusedAugment(
+            rotation=0.05, zoom=0.2, shift=0.1, contrast=0.3, brightness=0.3, seed=seed
+        )
 
     x = _pixels(4, SIZE, seed=6)
     a = keras.ops.convert_to_numpy(layer(7)(x, training=True))
@@ -212,8 +213,13 @@ def test_the_pipeline_model_compiles_under_xla_on_the_tensorflow_backend(make_se
     ("Model doesn't support jit_compile=True"); the fused layer keeps XLA on."""
     if keras.config.backend() != "tensorflow":
         pytest.skip("the TensorFlow backend's XLA is the one checked here")
-    train = _train(make_settings, backbone="simple_cnn", online_augment=True, aug_shift=0.05,
-                   aug_brightness=0.1)  # fmt: skip
+    train = _train(
+        make_settings,
+        backbone="simple_cnn",
+        online_augment=True,
+        aug_shift=0.05,
+        aug_brightness=0.1,
+    )
     model = build_model(train, SIZE)
     assert xla_blockers(model) == []
     with warnings.catch_warnings():

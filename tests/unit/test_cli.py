@@ -10,8 +10,9 @@ from genderclf.cli import app
 
 def test_a_stage_refusing_its_params_says_how_to_get_its_outputs_back(tmp_path, tiny_params):
     bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump({**tiny_params, "augment": {**tiny_params["augment"],
-                                                              "copys": 2}}))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump({**tiny_params, "augment": {**tiny_params["augment"], "copys": 2}})
+    )
     result = CliRunner().invoke(app, ["augment", "--params", str(bad)])
     assert result.exit_code == 1
     assert "augment.copys: unknown key" in result.output

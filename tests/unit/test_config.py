@@ -90,8 +90,12 @@ def _bounds(key: str) -> dict[str, float]:
     return out
 
 
-_WORDS = {"ge": "greater than or equal to", "gt": "greater than",
-          "le": "less than or equal to", "lt": "less than"}  # fmt: skip
+_WORDS = {
+    "ge": "greater than or equal to",
+    "gt": "greater than",
+    "le": "less than or equal to",
+    "lt": "less than",
+}
 
 
 @pytest.mark.parametrize(
@@ -166,8 +170,17 @@ def test_empty_file_names_every_missing_section(tmp_path):
     p.write_text("")
     with pytest.raises(SettingsError) as info:
         load_settings(p)
-    for section in ("base", "data", "validate", "split", "augment", "train", "evaluate",
-                    "register", "predict"):  # fmt: skip
+    for section in (
+        "base",
+        "data",
+        "validate",
+        "split",
+        "augment",
+        "train",
+        "evaluate",
+        "register",
+        "predict",
+    ):
         assert f"  - {section}: missing (every key must be set" in str(info.value)
 
 
@@ -209,12 +222,32 @@ def test_paths_match_dvc_yaml():
             for item in stage.get(kind, []):
                 declared.add(item if isinstance(item, str) else next(iter(item)))
     p = PATHS
-    for path in (p.raw, p.manifest, p.validation, p.validation_metrics, p.splits, p.prepared,
-                 p.augment_preview, p.model, p.run, p.train_metrics, p.history, p.curves,
-                 p.eval_metrics, p.register_report, p.reference):  # fmt: skip
+    for path in (
+        p.raw,
+        p.manifest,
+        p.validation,
+        p.validation_metrics,
+        p.splits,
+        p.prepared,
+        p.augment_preview,
+        p.model,
+        p.run,
+        p.train_metrics,
+        p.history,
+        p.curves,
+        p.eval_metrics,
+        p.register_report,
+        p.reference,
+    ):
         assert path.as_posix() in declared, path
-    for name in ("roc.png", "pr.png", "calibration.png", "slices.png", "mistakes.png",
-                 "confusion_matrix.png"):  # fmt: skip
+    for name in (
+        "roc.png",
+        "pr.png",
+        "calibration.png",
+        "slices.png",
+        "mistakes.png",
+        "confusion_matrix.png",
+    ):
         assert (p.plots / name).as_posix() in declared, name
     assert Paths().under("/w").model == Path("/w/models/model.keras")
 
@@ -279,18 +312,46 @@ def test_settings_are_frozen(tiny_settings):
 
 _SECTION_KEYS = sorted(
     {
-        "seed", "image_size", "source", "layout", "sample", "kaggle", "dir", "s3", "path",
-        "uri", "endpoint_url", "num_images", "min_rows", "min_side", "male_fraction_min",
-        "male_fraction_max", "strategy", "val_fraction", "copies", "shard_size", "backbone",
-        "weights", "epochs_head", "epochs_finetune", "slices", "min_accuracy", "workers",
+        "seed",
+        "image_size",
+        "source",
+        "layout",
+        "sample",
+        "kaggle",
+        "dir",
+        "s3",
+        "path",
+        "uri",
+        "endpoint_url",
+        "num_images",
+        "min_rows",
+        "min_side",
+        "male_fraction_min",
+        "male_fraction_max",
+        "strategy",
+        "val_fraction",
+        "copies",
+        "shard_size",
+        "backbone",
+        "weights",
+        "epochs_head",
+        "epochs_finetune",
+        "slices",
+        "min_accuracy",
+        "workers",
     }
-)  # fmt: skip
+)
 _SECTIONS = ["base", "data", "validate", "split", "augment", "train", "evaluate", "register"]
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
-    st.text(max_size=8), st.binary(max_size=4), st.sampled_from(["s3://bkt/x", "dir", "sample"]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+    st.sampled_from(["s3://bkt/x", "dir", "sample"]),
+)
 _values = st.recursive(
     _scalars,
     lambda inner: (

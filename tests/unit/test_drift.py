@@ -73,9 +73,15 @@ def test_two_proportions():
 
 def _profile(rng, n=12, d=8) -> Profile:
     p = rng.uniform(size=n)
-    return Profile([f"img_{i}.jpg" for i in range(n)], rng.uniform(size=(n, len(FEATURES))),
-                   rng.normal(size=(n, d)).astype(np.float32), p, (p >= 0.5).astype(int),
-                   [("bad.jpg", "truncated: corrupt or truncated image")], {"source": "test"})  # fmt: skip
+    return Profile(
+        [f"img_{i}.jpg" for i in range(n)],
+        rng.uniform(size=(n, len(FEATURES))),
+        rng.normal(size=(n, d)).astype(np.float32),
+        p,
+        (p >= 0.5).astype(int),
+        [("bad.jpg", "truncated: corrupt or truncated image")],
+        {"source": "test"},
+    )
 
 
 def test_reference_round_trip(tmp_path):
@@ -105,9 +111,14 @@ def test_reference_errors_name_the_file_and_the_fix(tmp_path):
 def _population(rng, n, male_rate=0.5, brightness=0.5, d=8) -> Profile:
     male = (rng.uniform(size=n) < male_rate).astype(int)
     p = np.where(male == 1, rng.uniform(0.7, 0.99, n), rng.uniform(0.01, 0.3, n))
-    feats = np.column_stack([np.full(n, 178.0), np.full(n, 218.0),
-                             rng.normal(brightness, 0.08, n),
-                             *(rng.uniform(size=n) for _ in FEATURES[3:])])  # fmt: skip
+    feats = np.column_stack(
+        [
+            np.full(n, 178.0),
+            np.full(n, 218.0),
+            rng.normal(brightness, 0.08, n),
+            *(rng.uniform(size=n) for _ in FEATURES[3:]),
+        ]
+    )
     emb = rng.normal(size=(n, d)) + male[:, None]  # embeddings follow the class mix
     return Profile([f"{i}.jpg" for i in range(n)], feats, emb.astype(np.float32), p, male)
 
@@ -134,9 +145,15 @@ def test_compare_each_view_on_known_cases(make_settings, tmp_path):
     assert not dark["views"]["predictions"]["drifted"]
     # the words and the picture
     batch = _population(rng, 200, brightness=0.3)
-    result = {**dark, "batch": {"images": 200, "failed": [{"file": "x.jpg", "reason": "truncated"}],
-                                "location": "s3://b/new"},
-              "reference": {"images": 300}}  # fmt: skip
+    result = {
+        **dark,
+        "batch": {
+            "images": 200,
+            "failed": [{"file": "x.jpg", "reason": "truncated"}],
+            "location": "s3://b/new",
+        },
+        "reference": {"images": 300},
+    }
     result["summary"] = summarize(result, "s3://b/new", "version 4")
     assert result["summary"].startswith("DRIFT in 1 of 3 views: 200 images of s3://b/new")
     assert "brightness median 0.5" in result["summary"] and "1 files could not" in result["summary"]

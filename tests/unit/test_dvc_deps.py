@@ -70,11 +70,17 @@ def _loaded_by_path(name: str, tree: ast.AST) -> set[str]:
     """Sibling modules a module names by file, `Path(__file__).with_name("x.py")`: MLflow
     runs such a file itself ("models from code": tracking/serving.py -> pyfunc_model.py)."""
     package = name.rsplit(".", 1)[0]
-    return {f"{package}.{node.args[0].value[:-3]}" for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "with_name" and len(node.args) == 1
-            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-            and node.args[0].value.endswith(".py")}  # fmt: skip
+    return {
+        f"{package}.{node.args[0].value[:-3]}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "with_name"
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+        and node.args[0].value.endswith(".py")
+    }
 
 
 def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
@@ -102,8 +108,12 @@ def _static(stage: str) -> set[str]:
     `run_<stage>` glue it calls, then everything those reach."""
     tree = ast.parse((PACKAGE / "cli.py").read_text())
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
-    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-             and n.name in (stage, f"run_{stage}", "command", "_setup_logging")]  # fmt: skip
+    funcs = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef)
+        and n.name in (stage, f"run_{stage}", "command", "_setup_logging")
+    ]
     assert any(f.name == stage for f in funcs), f"cli.py has no command {stage!r}"
     # cli.py itself counts, but only the parts of it that this command runs are read
     return _closure(_imports(top + funcs), seen={"genderclf.cli"}) | {"src/genderclf/cli.py"}
@@ -131,23 +141,37 @@ def traced(tmp_path_factory) -> dict[str, set[str]]:
     """{stage: project files its processes imported}, from one tiny run of every stage."""
     root = tmp_path_factory.mktemp("traced")
     repo = copy_pipeline(root / "repo")
-    write_params(repo, pipeline_params({
-        "data.sample.num_images": 60, "base.image_size": 16, "train.batch_size": 16,
-        "train.epochs_finetune": 0, "evaluate.mistakes_grid": 0,
-    }))  # fmt: skip
+    write_params(
+        repo,
+        pipeline_params(
+            {
+                "data.sample.num_images": 60,
+                "base.image_size": 16,
+                "train.batch_size": 16,
+                "train.epochs_finetune": 0,
+                "evaluate.mistakes_grid": 0,
+            }
+        ),
+    )
     out: dict[str, set[str]] = {}
     for stage in STAGES:  # dvc.yaml lists them in pipeline order
         trace = root / "trace" / stage
         trace.mkdir(parents=True)
-        env = pipeline_env(repo, GENDERCLF_IMPORT_TRACE=str(trace),
-                           PYTHONPATH=f"{TRACE_SITE}:{repo / 'src'}",
-                           MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")  # fmt: skip
+        env = pipeline_env(
+            repo,
+            GENDERCLF_IMPORT_TRACE=str(trace),
+            PYTHONPATH=f"{TRACE_SITE}:{repo / 'src'}",
+            MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
+        )
         run(repo, *shlex.split(STAGES[stage]["cmd"]), env=env)
         files = {line.strip() for f in trace.iterdir() for line in f.read_text().splitlines()[1:]}
         # the project's own files; not the copies of them a logged model carries (the
         # register stage's serving check loads the model from mlruns/, code and all)
-        out[stage] = {Path(f).relative_to(repo).as_posix() for f in files
-                      if Path(f).is_relative_to(repo / "src") or Path(f).is_relative_to(repo / "flows")}  # fmt: skip
+        out[stage] = {
+            Path(f).relative_to(repo).as_posix()
+            for f in files
+            if Path(f).is_relative_to(repo / "src") or Path(f).is_relative_to(repo / "flows")
+        }
         assert f"src/genderclf/stages/{stage}.py" in out[stage], (stage, sorted(out[stage]))
     return out
 

@@ -40,11 +40,22 @@ def test_celeba_male_attribute_rejects_other_values(value):
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("male", 1), ("Male", 1), ("MALE", 1), ("man", 1), ("men", 1), (" Men ", 1),
-        ("female", 0), ("Female", 0), ("woman", 0), ("Women", 0),
-        ("person", None), ("males", None), ("", None), ("unknown", None),
+        ("male", 1),
+        ("Male", 1),
+        ("MALE", 1),
+        ("man", 1),
+        ("men", 1),
+        (" Men ", 1),
+        ("female", 0),
+        ("Female", 0),
+        ("woman", 0),
+        ("Women", 0),
+        ("person", None),
+        ("males", None),
+        ("", None),
+        ("unknown", None),
     ],
-)  # fmt: skip
+)
 def test_class_folder_spellings(name, expected):
     assert labels.label_from_folder(name) == expected
 
@@ -65,21 +76,45 @@ def _folders(root, spec, make_image):
     ("spec", "expected"),
     [
         (  # cashutosh/gender-classification-dataset
-            {"Training/male": 3, "Training/female": 2, "Validation/male": 1, "Validation/female": 2},
-            {("Training/male", 1, "train"), ("Training/female", 0, "train"),
-             ("Validation/male", 1, "val"), ("Validation/female", 0, "val")},
+            {
+                "Training/male": 3,
+                "Training/female": 2,
+                "Validation/male": 1,
+                "Validation/female": 2,
+            },
+            {
+                ("Training/male", 1, "train"),
+                ("Training/female", 0, "train"),
+                ("Validation/male", 1, "val"),
+                ("Validation/female", 0, "val"),
+            },
         ),
         (  # ashishjangra27/gender-recognition-200k-images-celeba, under a Dataset/ root
-            {"Dataset/Train/Male": 2, "Dataset/Train/Female": 2, "Dataset/Test/Male": 1,
-             "Dataset/Test/Female": 1, "Dataset/Validation/Male": 1, "Dataset/Validation/Female": 1},
-            {("Dataset/Train/Male", 1, "train"), ("Dataset/Train/Female", 0, "train"),
-             ("Dataset/Test/Male", 1, "test"), ("Dataset/Test/Female", 0, "test"),
-             ("Dataset/Validation/Male", 1, "val"), ("Dataset/Validation/Female", 0, "val")},
+            {
+                "Dataset/Train/Male": 2,
+                "Dataset/Train/Female": 2,
+                "Dataset/Test/Male": 1,
+                "Dataset/Test/Female": 1,
+                "Dataset/Validation/Male": 1,
+                "Dataset/Validation/Female": 1,
+            },
+            {
+                ("Dataset/Train/Male", 1, "train"),
+                ("Dataset/Train/Female", 0, "train"),
+                ("Dataset/Test/Male", 1, "test"),
+                ("Dataset/Test/Female", 0, "test"),
+                ("Dataset/Validation/Male", 1, "val"),
+                ("Dataset/Validation/Female", 0, "val"),
+            },
         ),
         (  # man/woman inside partitions
             {"train/man": 2, "train/woman": 2, "test/man": 1, "test/woman": 1},
-            {("train/man", 1, "train"), ("train/woman", 0, "train"),
-             ("test/man", 1, "test"), ("test/woman", 0, "test")},
+            {
+                ("train/man", 1, "train"),
+                ("train/woman", 0, "train"),
+                ("test/man", 1, "test"),
+                ("test/woman", 0, "test"),
+            },
         ),
         (  # a flat root of class folders, no partitions
             {"male": 2, "female": 3},
@@ -90,7 +125,7 @@ def _folders(root, spec, make_image):
             {("Dataset/man", 1, ""), ("Dataset/woman", 0, "")},
         ),
     ],
-)  # fmt: skip
+)
 def test_class_folder_layouts(tmp_path, make_image, spec, expected):
     _folders(tmp_path, spec, make_image)
     assert detect_layout(tmp_path) == "class_folders"
@@ -99,8 +134,10 @@ def test_class_folder_layouts(tmp_path, make_image, spec, expected):
     assert cands.rejected == []
     rows = cands.rows
     assert len(rows) == sum(spec.values())
-    got = {(p.rsplit("/", 1)[0], lab, part) for p, lab, part in
-           zip(rows["path"], rows["label"], rows["partition"], strict=True)}  # fmt: skip
+    got = {
+        (p.rsplit("/", 1)[0], lab, part)
+        for p, lab, part in zip(rows["path"], rows["label"], rows["partition"], strict=True)
+    }
     assert got == expected
     for folder, n in spec.items():
         assert (rows["path"].str.rsplit("/", n=1).str[0] == folder).sum() == n

@@ -51,8 +51,12 @@ def test_list_and_read_an_s3_prefix(s3_server, bucket, make_image, tmp_path):  #
 
     client = boto3.client("s3", endpoint_url=s3_server)
     jpg = make_image(tmp_path / "a.jpg").read_bytes()
-    for key, body in {"in/b1/a.jpg": jpg, "in/b1/sub/b.jpg": jpg, "in/b1/readme.md": b"#",
-                      "other/c.jpg": jpg}.items():  # fmt: skip
+    for key, body in {
+        "in/b1/a.jpg": jpg,
+        "in/b1/sub/b.jpg": jpg,
+        "in/b1/readme.md": b"#",
+        "other/c.jpg": jpg,
+    }.items():
         client.put_object(Bucket=bucket, Key=key, Body=body)
     location = f"s3://{bucket}/in"
     entries, other = list_images(location, s3_server, 0)

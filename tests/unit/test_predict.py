@@ -87,8 +87,9 @@ def _group(faces: list[Image.Image]) -> Image.Image:
 
 def _found_alone(detector, face: Image.Image) -> bool:
     contexts = [((60, 60), 300, 340), ((250, 120), 640, 480)]
-    return all(len(detector.detect(np.asarray(_canvas([(face, at)], w, h)))) == 1
-               for at, w, h in contexts)  # fmt: skip
+    return all(
+        len(detector.detect(np.asarray(_canvas([(face, at)], w, h)))) == 1 for at, w, h in contexts
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +141,11 @@ def clf(model_file) -> P.Classifier:
 
 @pytest.mark.parametrize("which", ["blazeface", "haar"])
 def test_detects_a_face_where_it_was_placed(which, request, faces, haar_face):
-    det, face = (request.getfixturevalue("detector"), faces[0]) if which == "blazeface" else (
-        request.getfixturevalue("haar"), haar_face)  # fmt: skip
+    det, face = (
+        (request.getfixturevalue("detector"), faces[0])
+        if which == "blazeface"
+        else (request.getfixturevalue("haar"), haar_face)
+    )
     at = (250, 120)
     boxes = det.detect(np.asarray(_canvas([(face, at)], 640, 480)))
     assert len(boxes) == 1
@@ -172,8 +176,9 @@ def test_tight_face_crops_are_found_by_the_short_range_fallback(detector, predic
             assert abs(b.x + b.w / 2 - 60) < 20 and 60 < b.w < 160, b
 
 
-def test_big_photo_boxes_come_back_in_full_size_pixels(detector, faces, haar, haar_face,
-                                                       predict_settings):  # fmt: skip
+def test_big_photo_boxes_come_back_in_full_size_pixels(
+    detector, faces, haar, haar_face, predict_settings
+):
     # BlazeFace always sees a 192-px copy: a 4x bigger photo gives a 4x bigger box.
     photo = _canvas([(faces[0], (250, 120))], 640, 480)
     (small,) = detector.detect(np.asarray(photo))
@@ -219,13 +224,17 @@ def test_missing_blazeface_model_names_the_key(tmp_path, monkeypatch, predict_se
 
 
 @pytest.mark.parametrize("which", ["blazeface", "haar"])
-def test_face_crop_frames_like_the_training_crop_and_pads_at_edges(which, request, faces,
-                                                                   haar_face):  # fmt: skip
+def test_face_crop_frames_like_the_training_crop_and_pads_at_edges(
+    which, request, faces, haar_face
+):
     # Training crops: the 178x178 centre square of the 178x218 image. The crop around the
     # detected box should look like that square whichever detector drew the box (BlazeFace's
     # boxes are turned into Haar's convention): compare with a loose pixel tolerance.
-    det, face = (request.getfixturevalue("detector"), faces[0]) if which == "blazeface" else (
-        request.getfixturevalue("haar"), haar_face)  # fmt: skip
+    det, face = (
+        (request.getfixturevalue("detector"), faces[0])
+        if which == "blazeface"
+        else (request.getfixturevalue("haar"), haar_face)
+    )
     photo = _canvas([(face, (60, 60))], 300, 340)
     (box,) = det.detect(np.asarray(photo))
     crop = np.asarray(P.face_crop(photo, box, 64, 1.7, -0.1), dtype=np.float32)
@@ -307,17 +316,21 @@ def test_find_images_walks_folders_and_lists_what_it_leaves_out(tmp_path):
 # --- prediction ----------------------------------------------------------------------------
 
 
-def test_predict_images_rows_per_face_no_face_and_error(tmp_path, faces, clf, detector,
-                                                        predict_settings):  # fmt: skip
+def test_predict_images_rows_per_face_no_face_and_error(
+    tmp_path, faces, clf, detector, predict_settings
+):
     _group(faces).save(tmp_path / "three.png")
     Image.fromarray(np.full((200, 200, 3), 180, np.uint8)).save(tmp_path / "wall.jpg")
     (tmp_path / "bad.jpg").write_text("nope")
     files = [tmp_path / n for n in ("three.png", "wall.jpg", "bad.jpg")]
     rows = list(P.predict_images(files, clf, detector, _with(predict_settings, batch_size=2)))
     assert [(Path(r["file"]).name, r["face"], r["status"]) for r in rows] == [
-        ("three.png", 0, "ok"), ("three.png", 1, "ok"), ("three.png", 2, "ok"),
-        ("wall.jpg", None, "no_face"), ("bad.jpg", None, "error"),
-    ]  # fmt: skip
+        ("three.png", 0, "ok"),
+        ("three.png", 1, "ok"),
+        ("three.png", 2, "ok"),
+        ("wall.jpg", None, "no_face"),
+        ("bad.jpg", None, "error"),
+    ]
     for r in rows[:3]:
         assert r["label"] in ("male", "female")
         assert 0.5 <= r["probability"] <= 1.0
@@ -358,8 +371,10 @@ def test_settings_stored_by_an_older_version_name_what_is_missing(predict_settin
     cfg = P.ServingConfig(SIZE, "center_crop", 0.5, old)
     with pytest.raises(P.PredictError, match=r"predict\.blazeface, predict\.detector.*params"):
         cfg.predict_settings()
-    assert P.ServingConfig(SIZE, "center_crop", 0.5, predict_settings.model_dump()
-                           ).predict_settings() == predict_settings  # fmt: skip
+    assert (
+        P.ServingConfig(SIZE, "center_crop", 0.5, predict_settings.model_dump()).predict_settings()
+        == predict_settings
+    )
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -373,16 +388,39 @@ def test_cli_continues_past_bad_files_and_exits_1_with_a_summary(tmp_path, faces
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (photos / "README.txt").write_text("holiday photos")
     out = tmp_path / "out" / "pred.json"
-    result = CliRunner().invoke(app, [
-        "predict", str(photos), "--model-uri", str(model_file), "--no-detect",
-        "--format", "json", "--output", str(out), "--params", str(tmp_path / "none.yaml"),
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(photos),
+            "--model-uri",
+            str(model_file),
+            "--no-detect",
+            "--format",
+            "json",
+            "--output",
+            str(out),
+            "--params",
+            str(tmp_path / "none.yaml"),
+        ],
+    )
     # --params pointing nowhere is an error (only the default params.yaml may be absent)
     assert result.exit_code == 1 and "none.yaml" in result.output
-    result = CliRunner().invoke(app, [
-        "predict", str(photos), "--model-uri", str(model_file), "--no-detect",
-        "--format", "json", "--output", str(out), "--quiet",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(photos),
+            "--model-uri",
+            str(model_file),
+            "--no-detect",
+            "--format",
+            "json",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 1, result.output
     rows = json.loads(out.read_text())
     assert len(rows) == 4
@@ -393,12 +431,14 @@ def test_cli_continues_past_bad_files_and_exits_1_with_a_summary(tmp_path, faces
 
 def test_cli_table_and_csv_and_success_exit(tmp_path, faces, model_file):
     faces[0].save(tmp_path / "face.jpg")
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "face.jpg"), "-m",
-                                      str(model_file), "--no-detect"])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "face.jpg"), "-m", str(model_file), "--no-detect"]
+    )
     assert result.exit_code == 0, result.output
     assert "face.jpg" in result.output and ("male" in result.output)
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "face.jpg"), "-m",
-                                      str(model_file), "--format", "csv"])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "face.jpg"), "-m", str(model_file), "--format", "csv"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the summary line goes to stderr
     assert lines[0] == ",".join(P.COLUMNS) and lines[1].split(",")[0].endswith("face.jpg")
@@ -406,13 +446,15 @@ def test_cli_table_and_csv_and_success_exit(tmp_path, faces, model_file):
 
 def test_cli_bad_model_uri_is_one_clear_line(tmp_path, faces):
     faces[0].save(tmp_path / "face.jpg")
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "face.jpg"),
-                                      "-m", str(tmp_path / "nope.keras")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "face.jpg"), "-m", str(tmp_path / "nope.keras")]
+    )
     assert result.exit_code == 1
     assert "nope.keras" in result.output and "Traceback" not in result.output
     (tmp_path / "fake.keras").write_text("not a model")
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "face.jpg"),
-                                      "-m", str(tmp_path / "fake.keras")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "face.jpg"), "-m", str(tmp_path / "fake.keras")]
+    )
     assert result.exit_code == 1 and "not a loadable Keras model" in result.output
 
 
@@ -423,8 +465,20 @@ def test_cli_finds_the_faces_in_a_folder_of_tight_crops(tmp_path, model_file):
     for i in range(8):
         _tight(_face(i)).save(crops / f"{i}.jpg", quality=95)
     out = tmp_path / "rows.jsonl"
-    result = CliRunner().invoke(app, ["predict", str(crops), "-m", str(model_file),
-                                      "--format", "jsonl", "-o", str(out), "--quiet"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(crops),
+            "-m",
+            str(model_file),
+            "--format",
+            "jsonl",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) >= 8 and sum(r["status"] == "ok" for r in rows) >= 7, rows
@@ -434,8 +488,9 @@ def test_cli_finds_the_faces_in_a_folder_of_tight_crops(tmp_path, model_file):
 # --- streaming ------------------------------------------------------------------------------
 
 
-def test_jsonl_rows_are_written_and_flushed_as_they_come(tmp_path, faces, clf, detector,
-                                                         predict_settings):  # fmt: skip
+def test_jsonl_rows_are_written_and_flushed_as_they_come(
+    tmp_path, faces, clf, detector, predict_settings
+):
     """Each row is on disk, one JSON object per line, before the next image is read."""
     files = []
     for i in range(5):
@@ -464,9 +519,23 @@ def test_jsonl_rows_are_written_and_flushed_as_they_come(tmp_path, faces, clf, d
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "jsonl"])
 def test_row_writer_formats_match_the_columns(fmt):
-    rows = [dict(P._row("a.jpg", face=0, x=1, y=2, w=3, h=3, label="male", probability=0.9,
-                        p_male=0.9, status="ok")),
-            dict(P._row("b.jpg", status="error", error="not an image"))]  # fmt: skip
+    rows = [
+        dict(
+            P._row(
+                "a.jpg",
+                face=0,
+                x=1,
+                y=2,
+                w=3,
+                h=3,
+                label="male",
+                probability=0.9,
+                p_male=0.9,
+                status="ok",
+            )
+        ),
+        dict(P._row("b.jpg", status="error", error="not an image")),
+    ]
     buf = io.StringIO()
     w = P.RowWriter(fmt, buf)
     for r in rows:

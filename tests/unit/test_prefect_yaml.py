@@ -22,8 +22,13 @@ def _flow_name(entrypoint: str) -> str:
 def test_deployments_names_pools_and_schedules():
     deps = _deployments()
     full = {f"{_flow_name(d['entrypoint'])}/{name}": d for name, d in deps.items()}
-    assert set(full) == {"gender-pipeline/weekly", "gender-pipeline/on-demand", "train/gpu",
-                         "watch/every-5-min", "monitor/on-arrival"}  # fmt: skip
+    assert set(full) == {
+        "gender-pipeline/weekly",
+        "gender-pipeline/on-demand",
+        "train/gpu",
+        "watch/every-5-min",
+        "monitor/on-arrival",
+    }
     weekly, on_demand, gpu = (
         full["gender-pipeline/weekly"],
         full["gender-pipeline/on-demand"],
@@ -46,8 +51,10 @@ def test_drift_monitoring_is_wired_by_events():
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
     deps = _deployments()
-    trig = {name: [DeploymentEventTrigger.model_validate(t) for t in d.get("triggers", [])]
-            for name, d in deps.items()}  # fmt: skip
+    trig = {
+        name: [DeploymentEventTrigger.model_validate(t) for t in d.get("triggers", [])]
+        for name, d in deps.items()
+    }
     # new images -> the drift check, with the batch's location from the event
     (arrived,) = trig["on-arrival"]
     assert arrived.expect == {DATA_ARRIVED} and arrived.enabled

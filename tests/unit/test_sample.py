@@ -19,8 +19,19 @@ N = 60
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
-    assert sample.generate(root, N, seed=7, images_per_identity=4, male_fraction=0.42,
-                           cue_flip_fraction=0.03, workers=1, progress=False) == N  # fmt: skip
+    assert (
+        sample.generate(
+            root,
+            N,
+            seed=7,
+            images_per_identity=4,
+            male_fraction=0.42,
+            cue_flip_fraction=0.03,
+            workers=1,
+            progress=False,
+        )
+        == N
+    )
     return root
 
 
@@ -104,8 +115,16 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for root, workers in ((a, 1), (b, 2)):
         root.mkdir()
-        sample.generate(root, n, seed=3, images_per_identity=5, male_fraction=0.42,
-                        cue_flip_fraction=0.03, workers=workers, progress=False)  # fmt: skip
+        sample.generate(
+            root,
+            n,
+            seed=3,
+            images_per_identity=5,
+            male_fraction=0.42,
+            cue_flip_fraction=0.03,
+            workers=workers,
+            progress=False,
+        )
     files_a, files_b = _bytes_of(a), _bytes_of(b)
     assert len(files_a) == n + 3
     assert files_a == files_b
@@ -124,8 +143,16 @@ def test_render_is_pure():
 
 @pytest.mark.parametrize("male_fraction", [0.0, 1.0])
 def test_male_fraction_is_followed(tmp_path, male_fraction):
-    sample.generate(tmp_path, 20, seed=1, images_per_identity=10, male_fraction=male_fraction,
-                    cue_flip_fraction=0.03, workers=1, progress=False)  # fmt: skip
+    sample.generate(
+        tmp_path,
+        20,
+        seed=1,
+        images_per_identity=10,
+        male_fraction=male_fraction,
+        cue_flip_fraction=0.03,
+        workers=1,
+        progress=False,
+    )
     header, rows = _read_csv(tmp_path / "list_attr_celeba.csv")
     male = header.index("Male")
     assert {r[male] for r in rows} == {"1" if male_fraction else "-1"}
@@ -138,8 +165,16 @@ def test_every_split_has_both_values_of_the_evaluated_attributes(tmp_path, n, pe
 
     from genderclf.data.layouts import read_layout
 
-    sample.generate(tmp_path, n, seed=42, images_per_identity=per_person, male_fraction=0.42,
-                    cue_flip_fraction=0.03, workers=1, progress=False)  # fmt: skip
+    sample.generate(
+        tmp_path,
+        n,
+        seed=42,
+        images_per_identity=per_person,
+        male_fraction=0.42,
+        cue_flip_fraction=0.03,
+        workers=1,
+        progress=False,
+    )
     rows = read_layout(tmp_path).rows
     for part, df in rows.groupby("partition"):
         for attr in ("Young", "Pale_Skin", "Eyeglasses", "Wearing_Hat"):

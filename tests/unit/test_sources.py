@@ -145,8 +145,11 @@ def test_links_never_lead_out_of_the_source(tmp_path, make_settings, source_fold
     assert copied["Training/male/inside.jpg"] == inside.read_bytes()
     assert not any(p.is_symlink() for p in raw.rglob("*"))
     refused = {r["path"]: r["reason"] for r in rec["refused"]}
-    assert set(refused) == {"Training/male/creds.jpg", "Training/male/folder",
-                            "Training/male/gone.jpg"}  # fmt: skip
+    assert set(refused) == {
+        "Training/male/creds.jpg",
+        "Training/male/folder",
+        "Training/male/gone.jpg",
+    }
     assert all(r.startswith("link_refused:") for r in refused.values())
     # and validation lists each refusal in rejected.csv with its reason (it then fails:
     # three images are too few, but the reports are written first)
@@ -215,8 +218,13 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def aws_env(monkeypatch, tmp_path):
     """Fake credentials, and nothing from the machine's AWS config."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                "AWS_CA_BUNDLE"):  # fmt: skip
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_CA_BUNDLE",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
@@ -250,8 +258,13 @@ def test_s3_source(tmp_path, make_settings, s3_server, bucket, make_celeba):
     objects["datasets/other/not-this.txt"] = b"outside the prefix"
     objects["datasets/celeba-v2/not-this-either.txt"] = b"prefix is a folder, not a string"
     _put(s3_server, bucket, objects)
-    settings = make_settings({"data.source": "s3", "data.s3.uri": f"s3://{bucket}/datasets/celeba",
-                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    settings = make_settings(
+        {
+            "data.source": "s3",
+            "data.s3.uri": f"s3://{bucket}/datasets/celeba",
+            "data.s3.endpoint_url": s3_server,
+        }
+    )
     raw = tmp_path / "raw"
     rec = download(settings, raw)
     assert _check_source_record(raw, "s3") == rec
@@ -277,8 +290,13 @@ def test_s3_endpoint_from_environment(tmp_path, make_settings, s3_server, bucket
 @pytest.mark.integration
 def test_s3_empty_prefix(tmp_path, make_settings, s3_server, bucket):
     _put(s3_server, bucket, {"elsewhere/a.jpg": b"a"})
-    settings = make_settings({"data.source": "s3", "data.s3.uri": f"s3://{bucket}/empty/",
-                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    settings = make_settings(
+        {
+            "data.source": "s3",
+            "data.s3.uri": f"s3://{bucket}/empty/",
+            "data.s3.endpoint_url": s3_server,
+        }
+    )
     with pytest.raises(DownloadError, match="no objects under this prefix"):
         download(settings, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
@@ -287,8 +305,13 @@ def test_s3_empty_prefix(tmp_path, make_settings, s3_server, bucket):
 
 @pytest.mark.integration
 def test_s3_missing_bucket(tmp_path, make_settings, s3_server, aws_env):
-    settings = make_settings({"data.source": "s3", "data.s3.uri": "s3://no-such-bucket-xyz/x",
-                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    settings = make_settings(
+        {
+            "data.source": "s3",
+            "data.s3.uri": "s3://no-such-bucket-xyz/x",
+            "data.s3.endpoint_url": s3_server,
+        }
+    )
     with pytest.raises(
         DownloadError, match=r"S3 download of s3://no-such-bucket-xyz/x failed.*NoSuchBucket"
     ):
@@ -299,8 +322,9 @@ def test_s3_missing_bucket(tmp_path, make_settings, s3_server, aws_env):
 @pytest.mark.integration
 def test_s3_key_escaping_the_prefix_is_refused(tmp_path, make_settings, s3_server, bucket):
     _put(s3_server, bucket, {"p/ok.jpg": b"ok", "p/../../../escape.txt": b"evil"})
-    settings = make_settings({"data.source": "s3", "data.s3.uri": f"s3://{bucket}/p",
-                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    settings = make_settings(
+        {"data.source": "s3", "data.s3.uri": f"s3://{bucket}/p", "data.s3.endpoint_url": s3_server}
+    )
     with pytest.raises(DownloadError, match="would land outside data/raw"):
         download(settings, tmp_path / "data" / "raw")
     assert not list(tmp_path.rglob("escape.txt"))
@@ -309,8 +333,13 @@ def test_s3_key_escaping_the_prefix_is_refused(tmp_path, make_settings, s3_serve
 
 @pytest.mark.integration
 def test_s3_unreachable_endpoint(tmp_path, make_settings, aws_env):
-    settings = make_settings({"data.source": "s3", "data.s3.uri": "s3://bucket/x",
-                              "data.s3.endpoint_url": f"http://127.0.0.1:{_free_port()}"})  # fmt: skip
+    settings = make_settings(
+        {
+            "data.source": "s3",
+            "data.s3.uri": "s3://bucket/x",
+            "data.s3.endpoint_url": f"http://127.0.0.1:{_free_port()}",
+        }
+    )
     with pytest.raises(DownloadError, match="S3 download of s3://bucket/x failed"):
         download(settings, tmp_path / "raw")
 
@@ -348,8 +377,14 @@ class FakeKaggle:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fake.calls.append({"method": "POST", "path": self.path,
-                                   "headers": dict(self.headers), "body": body})  # fmt: skip
+                fake.calls.append(
+                    {
+                        "method": "POST",
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": body,
+                    }
+                )
                 if not self.path.endswith(DOWNLOAD_CALL):
                     return self._json(404, {"code": 404, "message": "No such method"})
                 if fake.fail:
@@ -442,8 +477,9 @@ def kaggle_settings(make_settings):
 
 
 @pytest.mark.integration
-def test_kaggle_download(tmp_path, kaggle_settings, fake_kaggle, celeba_zip, monkeypatch,
-                         capfd, caplog):  # fmt: skip
+def test_kaggle_download(
+    tmp_path, kaggle_settings, fake_kaggle, celeba_zip, monkeypatch, capfd, caplog
+):
     monkeypatch.setenv("KAGGLE_USERNAME", KAGGLE_USER)
     monkeypatch.setenv("KAGGLE_KEY", KAGGLE_KEY)
     caplog.set_level(logging.DEBUG)
@@ -475,8 +511,9 @@ def test_kaggle_download(tmp_path, kaggle_settings, fake_kaggle, celeba_zip, mon
 
 
 @pytest.mark.integration
-def test_kaggle_transient_errors_are_retried(tmp_path, kaggle_settings, fake_kaggle, monkeypatch,
-                                             caplog):  # fmt: skip
+def test_kaggle_transient_errors_are_retried(
+    tmp_path, kaggle_settings, fake_kaggle, monkeypatch, caplog
+):
     monkeypatch.setenv("KAGGLE_USERNAME", KAGGLE_USER)
     monkeypatch.setenv("KAGGLE_KEY", KAGGLE_KEY)
     fake_kaggle.fail = [503, 429]
@@ -504,12 +541,15 @@ def test_kaggle_gives_up_after_the_retries(tmp_path, kaggle_settings, fake_kaggl
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("code", "message"),
-    [(404, r"not found \(HTTP 404\): check data.kaggle.slug"),
-     (403, r"refused access .* \(HTTP 403\)"),
-     (401, r"refused access .* \(HTTP 401\)")],
-)  # fmt: skip
-def test_kaggle_client_errors_are_not_retried(tmp_path, kaggle_settings, fake_kaggle, monkeypatch,
-                                              code, message):  # fmt: skip
+    [
+        (404, r"not found \(HTTP 404\): check data.kaggle.slug"),
+        (403, r"refused access .* \(HTTP 403\)"),
+        (401, r"refused access .* \(HTTP 401\)"),
+    ],
+)
+def test_kaggle_client_errors_are_not_retried(
+    tmp_path, kaggle_settings, fake_kaggle, monkeypatch, code, message
+):
     monkeypatch.setenv("KAGGLE_USERNAME", KAGGLE_USER)
     monkeypatch.setenv("KAGGLE_KEY", KAGGLE_KEY)
     fake_kaggle.fail = [code]
@@ -524,8 +564,9 @@ def test_kaggle_client_errors_are_not_retried(tmp_path, kaggle_settings, fake_ka
 def test_kaggle_unreachable(tmp_path, kaggle_settings, kaggle_env, monkeypatch):
     from kagglesdk import kaggle_env as kenv
 
-    monkeypatch.setitem(kenv._env_to_endpoint, kenv.KaggleEnv.PROD,
-                        f"http://127.0.0.1:{_free_port()}")  # fmt: skip
+    monkeypatch.setitem(
+        kenv._env_to_endpoint, kenv.KaggleEnv.PROD, f"http://127.0.0.1:{_free_port()}"
+    )
     monkeypatch.setenv("KAGGLE_USERNAME", KAGGLE_USER)
     monkeypatch.setenv("KAGGLE_KEY", KAGGLE_KEY)
     with pytest.raises(DownloadError, match="failed after 3 attempts"):
@@ -587,8 +628,10 @@ GOOD = [("data/a.txt", b"a"), ("data/sub/b.txt", b"b")]
 
 
 def test_safe_extract_zip_and_tar(tmp_path):
-    for archive in (_zip(tmp_path / "ok.zip", GOOD),
-                    _tar(tmp_path / "ok.tar.gz", [*GOOD, _link("data/link", "a.txt")])):  # fmt: skip
+    for archive in (
+        _zip(tmp_path / "ok.zip", GOOD),
+        _tar(tmp_path / "ok.tar.gz", [*GOOD, _link("data/link", "a.txt")]),
+    ):
         target = tmp_path / f"out-{archive.name}"
         safe_extract(archive, target)
         assert (target / "data" / "a.txt").read_bytes() == b"a"
@@ -599,18 +642,58 @@ def test_safe_extract_zip_and_tar(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        pytest.param(lambda p: _zip(p / "abs.zip", [*GOOD, ("/tmp/evil.txt", b"x")]), "absolute path", id="zip-absolute"),
-        pytest.param(lambda p: _zip(p / "dots.zip", [*GOOD, ("../evil.txt", b"x")]), "'..' component", id="zip-dotdot"),
-        pytest.param(lambda p: _zip(p / "deep.zip", [*GOOD, ("data/../../evil.txt", b"x")]), "'..' component", id="zip-nested-dotdot"),
-        pytest.param(lambda p: _zip(p / "link.zip", GOOD, symlink=("data/evil", "/etc/passwd")), "symbolic link", id="zip-symlink"),
-        pytest.param(lambda p: _tar(p / "abs.tar", [*GOOD, ("/tmp/evil.txt", b"x")]), "absolute path", id="tar-absolute"),
-        pytest.param(lambda p: _tar(p / "dots.tar", [*GOOD, ("../evil.txt", b"x")]), "'..' component", id="tar-dotdot"),
-        pytest.param(lambda p: _tar(p / "sym.tar", [*GOOD, _link("data/evil", "/etc/passwd")]), "links outside", id="tar-symlink-absolute"),
-        pytest.param(lambda p: _tar(p / "symrel.tar", [*GOOD, _link("data/evil", "../../outside")]), "links outside", id="tar-symlink-relative"),
-        pytest.param(lambda p: _tar(p / "hard.tar", [*GOOD, _link("data/evil", "../x", tarfile.LNKTYPE)]), "links outside", id="tar-hardlink"),
-        pytest.param(lambda p: _tar(p / "fifo.tar", [*GOOD, _link("data/fifo", "", tarfile.FIFOTYPE)]), "special file", id="tar-fifo"),
+        pytest.param(
+            lambda p: _zip(p / "abs.zip", [*GOOD, ("/tmp/evil.txt", b"x")]),
+            "absolute path",
+            id="zip-absolute",
+        ),
+        pytest.param(
+            lambda p: _zip(p / "dots.zip", [*GOOD, ("../evil.txt", b"x")]),
+            "'..' component",
+            id="zip-dotdot",
+        ),
+        pytest.param(
+            lambda p: _zip(p / "deep.zip", [*GOOD, ("data/../../evil.txt", b"x")]),
+            "'..' component",
+            id="zip-nested-dotdot",
+        ),
+        pytest.param(
+            lambda p: _zip(p / "link.zip", GOOD, symlink=("data/evil", "/etc/passwd")),
+            "symbolic link",
+            id="zip-symlink",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "abs.tar", [*GOOD, ("/tmp/evil.txt", b"x")]),
+            "absolute path",
+            id="tar-absolute",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "dots.tar", [*GOOD, ("../evil.txt", b"x")]),
+            "'..' component",
+            id="tar-dotdot",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "sym.tar", [*GOOD, _link("data/evil", "/etc/passwd")]),
+            "links outside",
+            id="tar-symlink-absolute",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "symrel.tar", [*GOOD, _link("data/evil", "../../outside")]),
+            "links outside",
+            id="tar-symlink-relative",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "hard.tar", [*GOOD, _link("data/evil", "../x", tarfile.LNKTYPE)]),
+            "links outside",
+            id="tar-hardlink",
+        ),
+        pytest.param(
+            lambda p: _tar(p / "fifo.tar", [*GOOD, _link("data/fifo", "", tarfile.FIFOTYPE)]),
+            "special file",
+            id="tar-fifo",
+        ),
     ],
-)  # fmt: skip
+)
 def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, make, message):
     archive = make(tmp_path)
     target = tmp_path / "target"
@@ -649,8 +732,11 @@ def _run_download(settings, raw: Path, force: bool = False):
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file's bytes and mtime: "left alone" means neither changed."""
-    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_unchanged_dir_source_leaves_raw_alone(tmp_path, make_settings, source_folder, make_image):
@@ -700,8 +786,9 @@ def test_sample_listing_is_the_params(tmp_path, make_settings):
 @pytest.mark.integration
 def test_s3_listing_notices_new_and_changed_objects(tmp_path, make_settings, s3_server, bucket):
     _put(s3_server, bucket, {"d/male/a.jpg": b"a", "d/female/b.jpg": b"b"})
-    settings = make_settings({"data.source": "s3", "data.s3.uri": f"s3://{bucket}/d",
-                              "data.s3.endpoint_url": s3_server})  # fmt: skip
+    settings = make_settings(
+        {"data.source": "s3", "data.s3.uri": f"s3://{bucket}/d", "data.s3.endpoint_url": s3_server}
+    )
     raw = tmp_path / "raw"
     first = _run_download(settings, raw)
     assert first.fetched and first.record["listing"]["compares"] == "key, size, ETag"

@@ -20,8 +20,9 @@ from genderclf.data.split import (
 PART_CODES = {0: "train", 1: "val", 2: "test"}
 
 
-def _manifest(n: int, *, per_identity: int = 4, partitions: bool = True, male: float = 0.4,
-              seed: int = 0) -> pd.DataFrame:  # fmt: skip
+def _manifest(
+    n: int, *, per_identity: int = 4, partitions: bool = True, male: float = 0.4, seed: int = 0
+) -> pd.DataFrame:
     """A manifest like validate writes: identities hold several images, one label each,
     and (when `partitions`) the official partition is by identity, as in CelebA."""
     rng = np.random.default_rng(seed)
@@ -30,12 +31,14 @@ def _manifest(n: int, *, per_identity: int = 4, partitions: bool = True, male: f
     id_label = (rng.random(n_ids) < male).astype(int)
     id_part = rng.choice([0, 1, 2], size=n_ids, p=[0.7, 0.15, 0.15])
     order = rng.permutation(n)  # an identity's images are spread over the numbering
-    return pd.DataFrame({
-        "path": [f"img/{i:06d}.jpg" for i in range(n)],
-        "label": id_label[identity[order]],
-        "partition": [PART_CODES[p] for p in id_part[identity[order]]] if partitions else "",
-        "identity": [str(i) for i in identity[order]],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "path": [f"img/{i:06d}.jpg" for i in range(n)],
+            "label": id_label[identity[order]],
+            "partition": [PART_CODES[p] for p in id_part[identity[order]]] if partitions else "",
+            "identity": [str(i) for i in identity[order]],
+        }
+    )
 
 
 def _cfg(make_settings, **kw):
@@ -85,8 +88,9 @@ def test_identity_overlap_counts_shared_people():
 @pytest.mark.parametrize("missing", ["test", "val"])
 def test_official_carves_a_missing_partition_from_train(make_settings, missing):
     manifest = _manifest(200, partitions=False)
-    manifest["partition"] = np.where(np.arange(200) % 5 == 0,
-                                     "val" if missing == "test" else "test", "train")  # fmt: skip
+    manifest["partition"] = np.where(
+        np.arange(200) % 5 == 0, "val" if missing == "test" else "test", "train"
+    )
     cfg = _cfg(make_settings, strategy="official", test_fraction=0.2, val_fraction=0.2)
     parts = split_manifest(manifest, cfg, seed=3)
     _assert_partition_of(parts, manifest)

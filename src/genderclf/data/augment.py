@@ -100,8 +100,14 @@ def _process(
     return out
 
 
-def write_split(split: str, df: pd.DataFrame, settings: Settings, raw_dir: Path, out_dir: Path,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def write_split(
+    split: str,
+    df: pd.DataFrame,
+    settings: Settings,
+    raw_dir: Path,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write one split's shards into `out_dir`: originals, plus `augment.copies` variants
     of each train image. Returns the split's entry of `meta.json`.
 
@@ -115,10 +121,15 @@ def write_split(split: str, df: pd.DataFrame, settings: Settings, raw_dir: Path,
         order = np.random.default_rng([settings.base.seed, 9]).permutation(len(df))
     rows = [(int(i), str(df["path"].iat[i]), int(df["label"].iat[i])) for i in order]
     job = {
-        "raw_dir": str(raw_dir), "size": settings.base.image_size, "resize": a.resize,
-        "quality": a.jpeg_quality, "copies": copies, "seed": settings.base.seed,
-        "split_seed": _SPLIT_SEED[split], "params": AugmentParams.of(a),
-    }  # fmt: skip
+        "raw_dir": str(raw_dir),
+        "size": settings.base.image_size,
+        "resize": a.resize,
+        "quality": a.jpeg_quality,
+        "copies": copies,
+        "seed": settings.base.seed,
+        "split_seed": _SPLIT_SEED[split],
+        "params": AugmentParams.of(a),
+    }
     chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
     workers = min(cpu_workers(a.workers), len(chunks))
     writer = ShardWriter(out_dir, split, len(rows) * (1 + copies), a.shard_size)
@@ -131,12 +142,18 @@ def write_split(split: str, df: pd.DataFrame, settings: Settings, raw_dir: Path,
                 males += label
             bar.update(len(chunk))
     records = writer.close()
-    return {"images": len(rows), "records": records, "copies": copies, "male": males,
-            "shards": writer.files}  # fmt: skip
+    return {
+        "images": len(rows),
+        "records": records,
+        "copies": copies,
+        "male": males,
+        "shards": writer.files,
+    }
 
 
-def preview(settings: Settings, raw_dir: Path, train: pd.DataFrame, out_png: Path,
-            n: int = 6) -> None:  # fmt: skip
+def preview(
+    settings: Settings, raw_dir: Path, train: pd.DataFrame, out_png: Path, n: int = 6
+) -> None:
     """Save a grid: each row one train image, original then its augmented variants."""
     import matplotlib
 
@@ -149,8 +166,9 @@ def preview(settings: Settings, raw_dir: Path, train: pd.DataFrame, out_png: Pat
     copies = max(settings.augment.copies, 3)
     p = AugmentParams.of(settings.augment)
     size = settings.base.image_size
-    fig, axes = plt.subplots(len(df), copies + 1, figsize=(1.6 * (copies + 1), 1.7 * len(df)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(df), copies + 1, figsize=(1.6 * (copies + 1), 1.7 * len(df)), squeeze=False
+    )
     for r, (path, label) in enumerate(zip(df["path"], df["label"], strict=True)):
         base = fit_square(load_rgb(Path(raw_dir) / path), size, settings.augment.resize)
         rng = np.random.default_rng([settings.base.seed, 0, r])

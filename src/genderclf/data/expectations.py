@@ -27,11 +27,13 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
         site_name="validation",
         site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(docs_dir.resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir.resolve()),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
-    )  # fmt: skip
+    )
     batch = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("manifest")
     batch_def = batch.add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name="manifest"))
@@ -82,8 +84,9 @@ def failed_expectations(gx_result: dict) -> list[str]:
     return out
 
 
-def report_html(summary: dict, gx_result: dict, rejected: list[tuple[str, str]],
-                shown: int = 200) -> str:  # fmt: skip
+def report_html(
+    summary: dict, gx_result: dict, rejected: list[tuple[str, str]], shown: int = 200
+) -> str:
     """A self-contained validation report (inline CSS, no scripts, no network).
 
     GX's Data Docs load their CSS and JavaScript from CDNs, so offline they render
@@ -102,8 +105,15 @@ def report_html(summary: dict, gx_result: dict, rejected: list[tuple[str, str]],
         res = r.get("result", {})
         seen = res.get("observed_value", res.get("unexpected_count", ""))
         ok = bool(r.get("success"))
-        checks.append(row("pass" if ok else "FAIL", cfg["type"], json.dumps(kw), seen,
-                          cls="ok" if ok else "bad"))  # fmt: skip
+        checks.append(
+            row(
+                "pass" if ok else "FAIL",
+                cfg["type"],
+                json.dumps(kw),
+                seen,
+                cls="ok" if ok else "bad",
+            )
+        )
     reasons = [row(k, v) for k, v in sorted(summary.get("reject_reasons", {}).items())]
     files = [row(p, why) for p, why in rejected[:shown]]
     more = (
@@ -112,8 +122,10 @@ def report_html(summary: dict, gx_result: dict, rejected: list[tuple[str, str]],
         else ""
     )
     verdict = "passed" if summary.get("expectations_passed") else "FAILED"
-    facts = [row(k, summary.get(k)) for k in ("layout", "files_seen", "usable", "rejected",
-                                               "reject_fraction", "male_fraction")]  # fmt: skip
+    facts = [
+        row(k, summary.get(k))
+        for k in ("layout", "files_seen", "usable", "rejected", "reject_fraction", "male_fraction")
+    ]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Validation report</title>
 <style>

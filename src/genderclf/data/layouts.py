@@ -33,10 +33,14 @@ from genderclf.data.labels import LabelError, label_from_celeba, label_from_fold
 from genderclf.images import IMAGE_EXTENSIONS
 
 PARTITION_FOLDERS = {
-    "training": "train", "train": "train",
-    "validation": "val", "valid": "val", "val": "val",
-    "test": "test", "testing": "test",
-}  # fmt: skip
+    "training": "train",
+    "train": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "test": "test",
+    "testing": "test",
+}
 BASE_COLUMNS = ["path", "label", "partition", "identity"]
 
 
@@ -137,10 +141,13 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
         raise LayoutError(f"{root}: {CELEBA_ATTR} not found (needed for the celeba layout)")
     base = attr_path.parent
     img_dir = next(
-        (d for d in (base / CELEBA_IMAGES, base / CELEBA_IMAGES.parts[0])
-         if d.is_dir() and any(f.is_file() for f in d.iterdir())),
+        (
+            d
+            for d in (base / CELEBA_IMAGES, base / CELEBA_IMAGES.parts[0])
+            if d.is_dir() and any(f.is_file() for f in d.iterdir())
+        ),
         None,
-    )  # fmt: skip
+    )
     if img_dir is None:
         raise LayoutError(f"{base}: image folder img_align_celeba/img_align_celeba/ not found")
 
@@ -177,8 +184,12 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
     for r in attr_rows:
         image_id = r[id_col].strip() if len(r) > id_col else ""
         if len(r) != len(header):
-            rejected.append((f"{_rel(attr_path, root)}:{image_id or '?'}",
-                             f"malformed_row: {len(r)} fields, expected {len(header)}"))  # fmt: skip
+            rejected.append(
+                (
+                    f"{_rel(attr_path, root)}:{image_id or '?'}",
+                    f"malformed_row: {len(r)} fields, expected {len(header)}",
+                )
+            )
             continue
         if image_id in seen:
             rejected.append((f"{_rel(attr_path, root)}:{image_id}", "duplicate_label_row"))
@@ -186,8 +197,12 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
         seen.add(image_id)
         f = files.get(image_id)
         if f is None:
-            rejected.append((f"{_rel(img_dir, root)}/{image_id}", "missing_file: listed in "
-                             f"{CELEBA_ATTR} but not on disk"))  # fmt: skip
+            rejected.append(
+                (
+                    f"{_rel(img_dir, root)}/{image_id}",
+                    f"missing_file: listed in {CELEBA_ATTR} but not on disk",
+                )
+            )
             continue
         values = dict(zip(header, (v.strip() for v in r), strict=True))
         try:
@@ -199,8 +214,12 @@ def read_celeba(root: str | os.PathLike[str]) -> Candidates:
         if part.startswith("invalid:"):
             rejected.append((_rel(f, root), f"invalid_partition: {part[8:]!r} is not 0, 1 or 2"))
             continue
-        row = {"path": _rel(f, root), "label": label, "partition": part,
-               "identity": identities.get(image_id, "")}  # fmt: skip
+        row = {
+            "path": _rel(f, root),
+            "label": label,
+            "partition": part,
+            "identity": identities.get(image_id, ""),
+        }
         for a in attrs:
             v = values[a]
             row[a] = 1 if v == "1" else (0 if v == "-1" else pd.NA)
@@ -246,13 +265,24 @@ def read_class_folders(root: str | os.PathLike[str]) -> Candidates:
                         continue
                     f = Path(dirpath) / name
                     if label is None:
-                        rejected.append((_rel(f, root), f"no_label: folder {d.name!r} is not a "
-                                         "known class (male/female/man/woman)"))  # fmt: skip
+                        rejected.append(
+                            (
+                                _rel(f, root),
+                                f"no_label: folder {d.name!r} is not a "
+                                "known class (male/female/man/woman)",
+                            )
+                        )
                     elif f.suffix.lower() not in IMAGE_EXTENSIONS:
                         rejected.append((_rel(f, root), f"not_an_image: extension {f.suffix!r}"))
                     else:
-                        rows.append({"path": _rel(f, root), "label": label, "partition": part,
-                                     "identity": ""})  # fmt: skip
+                        rows.append(
+                            {
+                                "path": _rel(f, root),
+                                "label": label,
+                                "partition": part,
+                                "identity": "",
+                            }
+                        )
     return Candidates("class_folders", pd.DataFrame(rows, columns=BASE_COLUMNS), rejected)
 
 

@@ -46,21 +46,36 @@ IDENTITY_FILE = CELEBA_IDENTITY
 
 # Base rates of the attributes the drawing does not use (roughly CelebA's).
 _BASE_RATES = {
-    "Attractive": 0.51, "Bags_Under_Eyes": 0.2, "Bangs": 0.15, "Big_Lips": 0.24,
-    "Blurry": 0.05, "Chubby": 0.06, "Double_Chin": 0.05, "High_Cheekbones": 0.45,
-    "Mouth_Slightly_Open": 0.48, "Narrow_Eyes": 0.12, "Oval_Face": 0.28, "Pointy_Nose": 0.28,
-    "Receding_Hairline": 0.08, "Rosy_Cheeks": 0.07, "Straight_Hair": 0.21, "Wavy_Hair": 0.32,
+    "Attractive": 0.51,
+    "Bags_Under_Eyes": 0.2,
+    "Bangs": 0.15,
+    "Big_Lips": 0.24,
+    "Blurry": 0.05,
+    "Chubby": 0.06,
+    "Double_Chin": 0.05,
+    "High_Cheekbones": 0.45,
+    "Mouth_Slightly_Open": 0.48,
+    "Narrow_Eyes": 0.12,
+    "Oval_Face": 0.28,
+    "Pointy_Nose": 0.28,
+    "Receding_Hairline": 0.08,
+    "Rosy_Cheeks": 0.07,
+    "Straight_Hair": 0.21,
+    "Wavy_Hair": 0.32,
     "Wearing_Necklace": 0.12,
-}  # fmt: skip
+}
 
 _HAIR_COLORS = {
-    "Black_Hair": (25, 20, 18), "Brown_Hair": (95, 60, 35), "Blond_Hair": (215, 180, 110),
+    "Black_Hair": (25, 20, 18),
+    "Brown_Hair": (95, 60, 35),
+    "Blond_Hair": (215, 180, 110),
     "Gray_Hair": (160, 160, 160),
-}  # fmt: skip
+}
 
 
-def _identity_traits(seed: int, identity: int, male_fraction: float,
-                     forced: dict[str, bool] | None = None) -> dict:  # fmt: skip
+def _identity_traits(
+    seed: int, identity: int, male_fraction: float, forced: dict[str, bool] | None = None
+) -> dict:
     """Traits fixed for a person across their images (`forced`: Young/Pale_Skin overrides)."""
     rng = np.random.default_rng([seed, 1, identity])
     male = bool(rng.random() < male_fraction)
@@ -76,10 +91,15 @@ def _identity_traits(seed: int, identity: int, male_fraction: float,
         else str(rng.choice(["Black_Hair", "Brown_Hair", "Blond_Hair"], p=[0.45, 0.35, 0.2]))
     )
     return {
-        "male": male, "young": young, "pale": pale, "skin": skin, "hair": hair,
-        "width": rng.normal(0.0, 1.0), "big_nose": bool(rng.random() < 0.23),
+        "male": male,
+        "young": young,
+        "pale": pale,
+        "skin": skin,
+        "hair": hair,
+        "width": rng.normal(0.0, 1.0),
+        "big_nose": bool(rng.random() < 0.23),
         "bald": male and not young and rng.random() < 0.3,
-    }  # fmt: skip
+    }
 
 
 def _partition(seed: int, identity: int) -> int:
@@ -88,8 +108,14 @@ def _partition(seed: int, identity: int) -> int:
     return 0 if u < 0.8 else (1 if u < 0.9 else 2)
 
 
-def render(seed: int, index: int, identity: int, male_fraction: float, cue_flip: float,
-           forced: dict[str, bool] | None = None):  # fmt: skip
+def render(
+    seed: int,
+    index: int,
+    identity: int,
+    male_fraction: float,
+    cue_flip: float,
+    forced: dict[str, bool] | None = None,
+):
     """Draw image `index` (0-based) of person `identity`.
 
     Args:
@@ -147,15 +173,19 @@ def render(seed: int, index: int, identity: int, male_fraction: float, cue_flip:
     if long_hair and not a["Bald"]:
         d.rounded_rectangle(
             [cx - hw * 1.25, cy - hh * 1.1, cx + hw * 1.25, cy + hh * rng.uniform(0.9, 1.5)],
-            radius=int(hw * 0.6), fill=hair_rgb,
-        )  # fmt: skip
+            radius=int(hw * 0.6),
+            fill=hair_rgb,
+        )
     if a["Wearing_Necktie"]:
-        d.polygon([(cx, cy + hh * 1.1), (cx - 6, cy + hh * 1.9), (cx + 6, cy + hh * 1.9)],
-                  fill=(150, 20, 30))  # fmt: skip
+        d.polygon(
+            [(cx, cy + hh * 1.1), (cx - 6, cy + hh * 1.9), (cx + 6, cy + hh * 1.9)],
+            fill=(150, 20, 30),
+        )
     d.ellipse([cx - hw, cy - hh, cx + hw, cy + hh], fill=t["skin"])
     if not a["Bald"]:  # top hair, shorter for short hair
-        d.chord([cx - hw * 1.05, cy - hh * 1.12, cx + hw * 1.05, cy + hh * 0.2], 180, 360,
-                fill=hair_rgb)  # fmt: skip
+        d.chord(
+            [cx - hw * 1.05, cy - hh * 1.12, cx + hw * 1.05, cy + hh * 0.2], 180, 360, fill=hair_rgb
+        )
     if not t["young"]:  # wrinkles
         for k in range(2):
             y = cy - hh * 0.55 + 5 * k
@@ -172,13 +202,19 @@ def render(seed: int, index: int, identity: int, male_fraction: float, cue_flip:
         d.ellipse([ex - 7, eye_y - 4, ex + 7, eye_y + 4], fill=(245, 245, 245))
         d.ellipse([ex - 3, eye_y - 3, ex + 3, eye_y + 3], fill=(40, 30, 20))
         by = eye_y - 10 - (3 if a["Arched_Eyebrows"] else 0)
-        d.line([ex - 9, eye_y - 9, ex, by, ex + 9, eye_y - 9], fill=_shade(hair_rgb, 0.6),
-               width=max(1, round(brow)))  # fmt: skip
+        d.line(
+            [ex - 9, eye_y - 9, ex, by, ex + 9, eye_y - 9],
+            fill=_shade(hair_rgb, 0.6),
+            width=max(1, round(brow)),
+        )
         if a["Wearing_Earrings"]:
             d.ellipse([cx + sx * hw - 3, cy + 4, cx + sx * hw + 3, cy + 10], fill=(230, 200, 60))
     nose = 9 if t["big_nose"] else 6
-    d.line([cx, eye_y + 4, cx - 3, eye_y + 18 + nose, cx + 3, eye_y + 18 + nose],
-           fill=_shade(t["skin"], 0.7), width=2)  # fmt: skip
+    d.line(
+        [cx, eye_y + 4, cx - 3, eye_y + 18 + nose, cx + 3, eye_y + 18 + nose],
+        fill=_shade(t["skin"], 0.7),
+        width=2,
+    )
     mouth_y = cy + hh * 0.5
     lips = (190, 30, 50) if a["Wearing_Lipstick"] else _shade(t["skin"], 0.7)
     if a["Smiling"]:
@@ -191,8 +227,11 @@ def render(seed: int, index: int, identity: int, male_fraction: float, cue_flip:
         for sx in (-1, 1):
             ex = cx + sx * hw * 0.42
             d.rectangle([ex - 12, eye_y - 13, ex + 12, eye_y + 8], outline=(15, 15, 15), width=3)
-        d.line([cx - hw * 0.42 + 12, eye_y - 3, cx + hw * 0.42 - 12, eye_y - 3],
-               fill=(15, 15, 15), width=3)  # fmt: skip
+        d.line(
+            [cx - hw * 0.42 + 12, eye_y - 3, cx + hw * 0.42 - 12, eye_y - 3],
+            fill=(15, 15, 15),
+            width=3,
+        )
     if a["Wearing_Hat"]:
         hat = tuple(int(c) for c in rng.integers(10, 200, 3))
         d.chord([cx - hw * 1.3, cy - hh * 1.5, cx + hw * 1.3, cy - hh * 0.2], 180, 360, fill=hat)
@@ -234,9 +273,15 @@ def coverage(seed: int, identities: np.ndarray) -> dict[int, dict[str, bool]]:
         images.setdefault(part, []).append(i)
     by_person: dict[int, dict[str, bool]] = {}
     for ids in people.values():
-        for ident, force in zip(ids, ({"Pale_Skin": True, "Young": False},
-                                      {"Pale_Skin": False, "Young": True},
-                                      {"Pale_Skin": True}), strict=False):  # fmt: skip
+        for ident, force in zip(
+            ids,
+            (
+                {"Pale_Skin": True, "Young": False},
+                {"Pale_Skin": False, "Young": True},
+                {"Pale_Skin": True},
+            ),
+            strict=False,
+        ):
             by_person.setdefault(ident, {}).update(force)
     out = {i: dict(by_person.get(int(identities[i]), {})) for i in range(len(identities))}
     for idx in images.values():
@@ -250,8 +295,9 @@ def _work(job: dict, chunk: tuple[int, int]) -> list[tuple[int, int, dict]]:
     img_dir = Path(job["root"]) / IMAGE_SUBDIR
     for i in range(*chunk):
         ident = int(job["identities"][i])
-        img, attrs = render(job["seed"], i, ident, job["male_fraction"], job["cue_flip"],
-                            job["forced"].get(i))  # fmt: skip
+        img, attrs = render(
+            job["seed"], i, ident, job["male_fraction"], job["cue_flip"], job["forced"].get(i)
+        )
         img.save(img_dir / f"{i + 1:06d}.jpg", quality=90)
         rows.append((i, ident, attrs))
     return rows
@@ -284,10 +330,13 @@ def generate(
     (root / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
     identities = _identity_of(seed, num_images, images_per_identity)
     job = {
-        "root": str(root), "seed": seed, "identities": identities,
-        "male_fraction": male_fraction, "cue_flip": cue_flip_fraction,
+        "root": str(root),
+        "seed": seed,
+        "identities": identities,
+        "male_fraction": male_fraction,
+        "cue_flip": cue_flip_fraction,
         "forced": coverage(seed, identities),
-    }  # fmt: skip
+    }
     chunks = list(_chunks(num_images, 256))
     with (
         open(root / ATTR_FILE, "w", newline="") as fa,

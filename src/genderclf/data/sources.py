@@ -54,8 +54,14 @@ def fetch_sample(settings: Settings, dest: Path, progress: bool = True) -> Fetch
         workers=cpu_workers(s.workers),
         progress=progress,
     )
-    return Fetched({"generator": "genderclf.data.sample", "num_images": s.num_images,
-                    "seed": settings.base.seed, "cue_flip_fraction": s.cue_flip_fraction})  # fmt: skip
+    return Fetched(
+        {
+            "generator": "genderclf.data.sample",
+            "num_images": s.num_images,
+            "seed": settings.base.seed,
+            "cue_flip_fraction": s.cue_flip_fraction,
+        }
+    )
 
 
 def list_sample(settings: Settings) -> list[str]:
@@ -64,9 +70,14 @@ def list_sample(settings: Settings) -> list[str]:
 
     s = settings.data.sample
     code = hashlib.sha256(Path(sample.__file__).read_bytes()).hexdigest()
-    return [f"seed={settings.base.seed}", f"num_images={s.num_images}",
-            f"images_per_identity={s.images_per_identity}", f"male_fraction={s.male_fraction}",
-            f"cue_flip_fraction={s.cue_flip_fraction}", f"generator=sha256:{code}"]  # fmt: skip
+    return [
+        f"seed={settings.base.seed}",
+        f"num_images={s.num_images}",
+        f"images_per_identity={s.images_per_identity}",
+        f"male_fraction={s.male_fraction}",
+        f"cue_flip_fraction={s.cue_flip_fraction}",
+        f"generator=sha256:{code}",
+    ]
 
 
 # --- kaggle -------------------------------------------------------------------------------
@@ -151,11 +162,18 @@ def fetch_kaggle(settings: Settings, dest: Path, progress: bool = True) -> Fetch
 
     what = f"Kaggle download of {k.slug}"
     archive = retry(
-        attempt, attempts=k.retries, backoff=k.backoff_seconds, what=what,
-        retry_on=(requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                  requests.exceptions.ChunkedEncodingError, _TransientHTTP),
+        attempt,
+        attempts=k.retries,
+        backoff=k.backoff_seconds,
+        what=what,
+        retry_on=(
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            _TransientHTTP,
+        ),
         give_up=lambda err, n: DownloadError(f"{what} failed after {n} attempts: {err}"),
-    )  # fmt: skip
+    )
     extracted = staging / "extracted"
     safe_extract(archive, extracted)
     # Links the archive keeps inside itself become plain files; none can lead out (the
@@ -195,8 +213,9 @@ def _dir_entries(src: Path) -> list[str]:
     entries = []
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not (here / d).is_symlink())  # fmt: skip
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink()
+        )
         for name in sorted(filenames):
             p = here / name
             if name.startswith("."):

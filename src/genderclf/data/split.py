@@ -66,19 +66,25 @@ def split_manifest(
     if cfg.strategy == "official":
         parts = df["partition"].fillna("").astype(str)
         missing = int((parts == "").sum())
-        what = ("the dataset has no partition column values" if missing == len(parts)
-                else f"{missing} images have no partition")  # fmt: skip
+        what = (
+            "the dataset has no partition column values"
+            if missing == len(parts)
+            else f"{missing} images have no partition"
+        )
         if missing:
-            raise SplitError(f"split.strategy=official but {what}; use split.strategy="
-                             "stratified (or group when identities are known)")  # fmt: skip
+            raise SplitError(
+                f"split.strategy=official but {what}; use split.strategy="
+                "stratified (or group when identities are known)"
+            )
         out = {s: df[parts == s] for s in SPLITS}
         train = out["train"]
         for s, frac in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
             if out[s].empty:
                 if train.empty:
                     raise SplitError(f"official split has neither {s} nor train images")
-                log.warning("split: no %s partition in the dataset; carving %.0f%% of train",
-                            s, 100 * frac)  # fmt: skip
+                log.warning(
+                    "split: no %s partition in the dataset; carving %.0f%% of train", s, 100 * frac
+                )
                 train, out[s] = _cut(_stratified, train, frac, seed)
         out["train"] = train
     else:
@@ -108,10 +114,21 @@ def balance(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
 
 def balance_table(counts: dict[str, dict[str, int]]) -> str:
     """A small text table of `balance` counts and the male share per split."""
-    rows = [(s, c["images"], c["male"], c["images"] - c["male"],
-             f"{100 * c['male'] / max(1, c['images']):.1f}%") for s, c in counts.items()]  # fmt: skip
-    return render_table(["split", "images", "male", "female", "male %"], rows,
-                        right=["images", "male", "female", "male %"])  # fmt: skip
+    rows = [
+        (
+            s,
+            c["images"],
+            c["male"],
+            c["images"] - c["male"],
+            f"{100 * c['male'] / max(1, c['images']):.1f}%",
+        )
+        for s, c in counts.items()
+    ]
+    return render_table(
+        ["split", "images", "male", "female", "male %"],
+        rows,
+        right=["images", "male", "female", "male %"],
+    )
 
 
 def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:

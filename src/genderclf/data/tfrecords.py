@@ -171,9 +171,11 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=auto,
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=auto,
         deterministic=deterministic or not shuffle,
-    )  # fmt: skip
+    )
     if shuffle:
         ds = ds.shuffle(min(10_000, max(1, meta["splits"][split]["records"])), seed=seed)
     ds = ds.map(parse, num_parallel_calls=auto, deterministic=deterministic or not shuffle)
@@ -220,6 +222,11 @@ def read_records(
     out = []
     for record in tf.data.TFRecordDataset(files).take(n):
         f = tf.train.Example.FromString(record.numpy()).features.feature
-        out.append((f["image"].bytes_list.value[0], int(f["label"].int64_list.value[0]),
-                    f["path"].bytes_list.value[0].decode()))  # fmt: skip
+        out.append(
+            (
+                f["image"].bytes_list.value[0],
+                int(f["label"].int64_list.value[0]),
+                f["path"].bytes_list.value[0].decode(),
+            )
+        )
     return out

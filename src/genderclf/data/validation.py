@@ -41,11 +41,16 @@ def check_image(path: str, root: str, min_side: int, allow_format_mismatch: bool
     width, height = im.size
     expected = IMAGE_FORMATS.get(Path(path).suffix.lower())
     if expected and fmt != expected and not allow_format_mismatch:
-        return ImageCheck(path, False, f"format_mismatch: {fmt} data behind a "
-                          f"{Path(path).suffix} name (set validate.allow_format_mismatch)")  # fmt: skip
+        return ImageCheck(
+            path,
+            False,
+            f"format_mismatch: {fmt} data behind a "
+            f"{Path(path).suffix} name (set validate.allow_format_mismatch)",
+        )
     if min(width, height) < min_side:
-        return ImageCheck(path, False, f"too_small: {width}x{height}, "
-                          f"below validate.min_side={min_side}")  # fmt: skip
+        return ImageCheck(
+            path, False, f"too_small: {width}x{height}, below validate.min_side={min_side}"
+        )
     digest = hashlib.sha256(data).hexdigest()
     return ImageCheck(path, True, "", digest, width, height, im.mode, fmt)
 
@@ -58,9 +63,13 @@ def check_images(
     paths: list[str], root: str | os.PathLike[str], cfg: ValidateSettings, progress: bool = True
 ) -> list[ImageCheck]:
     """Check every image, in parallel over `validate.workers` processes, in input order."""
-    job = {"root": str(root), "min_side": cfg.min_side,
-           "allow_format_mismatch": cfg.allow_format_mismatch}  # fmt: skip
+    job = {
+        "root": str(root),
+        "min_side": cfg.min_side,
+        "allow_format_mismatch": cfg.allow_format_mismatch,
+    }
     workers = min(cpu_workers(cfg.workers), max(1, len(paths) // 64))
     with Progress(len(paths), "validate", enabled=progress) as bar:
-        return list(bar.wrap(parallel_map(_check, paths, workers=workers, context=job,
-                                          chunksize=128)))  # fmt: skip
+        return list(
+            bar.wrap(parallel_map(_check, paths, workers=workers, context=job, chunksize=128))
+        )

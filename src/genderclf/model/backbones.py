@@ -39,10 +39,12 @@ def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
     x = inp
     for i, filters in enumerate((32, 64, 128, 256), start=1):
         for j in (1, 2):
-            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                                    name=f"block{i}_conv{j}")(x)  # fmt: skip
-            x = keras.layers.BatchNormalization(momentum=_SIMPLE_CNN_BN_MOMENTUM,
-                                                name=f"block{i}_bn{j}")(x)  # fmt: skip
+            x = keras.layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}"
+            )(x)
+            x = keras.layers.BatchNormalization(
+                momentum=_SIMPLE_CNN_BN_MOMENTUM, name=f"block{i}_bn{j}"
+            )(x)
             x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{i}_pool")(x)
     model = keras.Model(inp, x, name="simple_cnn")
@@ -69,18 +71,38 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone("vgg16", _app(keras.applications.VGG16), "caffe", 32,
-                      tuple((f"block{i}_",) for i in range(5, 0, -1))),
-    "vgg19": Backbone("vgg19", _app(keras.applications.VGG19), "caffe", 32,
-                      tuple((f"block{i}_",) for i in range(5, 0, -1))),
-    "resnet50": Backbone("resnet50", _app(keras.applications.ResNet50), "caffe", 32,
-                         tuple((f"conv{i}_",) for i in range(5, 1, -1))),
-    "mobilenet_v2": Backbone("mobilenet_v2", _app(keras.applications.MobileNetV2), "tf", 32,
-                             (("Conv_1", "out_relu", "block_16_"),
-                              *((f"block_{i}_",) for i in range(15, 0, -1)))),
-    "simple_cnn": Backbone("simple_cnn", _simple_cnn, "unit", 16,
-                           tuple((f"block{i}_",) for i in range(4, 0, -1))),
-}  # fmt: skip
+    "vgg16": Backbone(
+        "vgg16",
+        _app(keras.applications.VGG16),
+        "caffe",
+        32,
+        tuple((f"block{i}_",) for i in range(5, 0, -1)),
+    ),
+    "vgg19": Backbone(
+        "vgg19",
+        _app(keras.applications.VGG19),
+        "caffe",
+        32,
+        tuple((f"block{i}_",) for i in range(5, 0, -1)),
+    ),
+    "resnet50": Backbone(
+        "resnet50",
+        _app(keras.applications.ResNet50),
+        "caffe",
+        32,
+        tuple((f"conv{i}_",) for i in range(5, 1, -1)),
+    ),
+    "mobilenet_v2": Backbone(
+        "mobilenet_v2",
+        _app(keras.applications.MobileNetV2),
+        "tf",
+        32,
+        (("Conv_1", "out_relu", "block_16_"), *((f"block_{i}_",) for i in range(15, 0, -1))),
+    ),
+    "simple_cnn": Backbone(
+        "simple_cnn", _simple_cnn, "unit", 16, tuple((f"block{i}_",) for i in range(4, 0, -1))
+    ),
+}
 
 
 def check_compatible(train: TrainSettings, image_size: int) -> Backbone:
@@ -120,9 +142,16 @@ def augmentation(train: TrainSettings) -> FusedAugment:
     Flip, rotation, zoom and shift as one affine warp per image, then contrast and
     brightness (`train.aug_*`); written in `keras.ops`, so XLA compiles the training step.
     """
-    return FusedAugment(rotation=train.aug_rotation, zoom=train.aug_zoom, shift=train.aug_shift,
-                        contrast=train.aug_contrast, brightness=train.aug_brightness,
-                        flip=True, fill_mode="reflect", name="augmentation")  # fmt: skip
+    return FusedAugment(
+        rotation=train.aug_rotation,
+        zoom=train.aug_zoom,
+        shift=train.aug_shift,
+        contrast=train.aug_contrast,
+        brightness=train.aug_brightness,
+        flip=True,
+        fill_mode="reflect",
+        name="augmentation",
+    )
 
 
 def build_model(train: TrainSettings, image_size: int) -> keras.Model:

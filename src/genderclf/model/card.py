@@ -20,8 +20,9 @@ def _num(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def model_card(settings: Settings, paths: Paths, report: dict[str, Any],
-               metrics: dict[str, Any]) -> str:  # fmt: skip
+def model_card(
+    settings: Settings, paths: Paths, report: dict[str, Any], metrics: dict[str, Any]
+) -> str:
     """Markdown: intended and out-of-scope use, data, training, metrics with intervals,
     operating point, slices, known limits, and the promotion gate's verdict."""
     t, b = settings.train, settings.base
@@ -55,7 +56,7 @@ def model_card(settings: Settings, paths: Paths, report: dict[str, Any],
         "",
         "| split | images | male fraction |",
         "|---|---|---|",
-    ]  # fmt: skip
+    ]
     for s in SPLITS:
         m = meta["splits"].get(s)
         if m:
@@ -77,9 +78,14 @@ def model_card(settings: Settings, paths: Paths, report: dict[str, Any],
         f"| accuracy | {_pct(metrics.get('accuracy'))}{_ci(metrics.get('accuracy_ci'))} |",
         f"| F1 | {_pct(metrics.get('f1'))}{_ci(metrics.get('f1_ci'))} |",
         f"| ROC-AUC | {_num(metrics.get('roc_auc'))}"
-        + ("" if not metrics.get("roc_auc_ci") else
-           f" [{metrics['roc_auc_ci'][0]:.4f}, {metrics['roc_auc_ci'][1]:.4f}]") + " |",
-        f"| precision / recall | {_pct(metrics.get('precision'))} / {_pct(metrics.get('recall'))} |",
+        + (
+            ""
+            if not metrics.get("roc_auc_ci")
+            else f" [{metrics['roc_auc_ci'][0]:.4f}, {metrics['roc_auc_ci'][1]:.4f}]"
+        )
+        + " |",
+        f"| precision / recall | {_pct(metrics.get('precision'))} / "
+        f"{_pct(metrics.get('recall'))} |",
         f"| expected calibration error | {_num(metrics.get('ece'))} (before calibration "
         f"{_num(cal.get('ece_raw'))}) |",
         "",
@@ -88,27 +94,38 @@ def model_card(settings: Settings, paths: Paths, report: dict[str, Any],
         f"cut {cal.get('cut', 0.5)} on the calibrated probability = {metrics['threshold']:.4f} "
         "on the raw output. Both travel with the registered model.",
         "",
-    ]  # fmt: skip
+    ]
     slices = metrics.get("slices")
     if slices:
-        lines += ["## Slices (CelebA attributes)", "",
-                  f"Slices under {slices['min_n']} images are listed but not ranked.", "",
-                  "| slice | n | accuracy [95% Wilson] | note |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Slices (CelebA attributes)",
+            "",
+            f"Slices under {slices['min_n']} images are listed but not ranked.",
+            "",
+            "| slice | n | accuracy [95% Wilson] | note |",
+            "|---|---|---|---|",
+        ]
         for a, e in slices["by_attribute"].items():
             for k, flag in (("with", 1), ("without", 0)):
                 r = e[k]
                 note = "too small" if r.get("too_small") else ""
-                lines.append(f"| {a}={flag} | {r['n']} | {_pct(r['accuracy'])}{_ci(r.get('ci'))} "
-                             f"| {note} |")  # fmt: skip
-        lines += ["", f"Worst ranked slice: {slices['worst_slice']} "
-                  f"(gap {_num(slices['worst_slice_gap'])}).", ""]  # fmt: skip
+                lines.append(
+                    f"| {a}={flag} | {r['n']} | {_pct(r['accuracy'])}{_ci(r.get('ci'))} | {note} |"
+                )
+        lines += [
+            "",
+            f"Worst ranked slice: {slices['worst_slice']} (gap {_num(slices['worst_slice_gap'])}).",
+            "",
+        ]
     lines += [
         "## Promotion gate",
         "",
         "| check | verdict | detail |",
         "|---|---|---|",
-        *(f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |"
-          for c in report["checks"]),
+        *(
+            f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |"
+            for c in report["checks"]
+        ),
         "",
         "## Known limits",
         "",
@@ -121,5 +138,5 @@ def model_card(settings: Settings, paths: Paths, report: dict[str, Any],
         "- The bundled sample dataset is synthetic (drawn faces): a model trained on it says "
         "nothing about real faces.",
         "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)

@@ -27,8 +27,17 @@ from genderclf.model.backbones import ModelConfigError, build_model, unfreeze_to
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                  "images_per_second"]  # fmt: skip
+HISTORY_FIELDS = [
+    "epoch",
+    "phase",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "images_per_second",
+]
 
 
 @dataclass
@@ -52,9 +61,15 @@ class EpochLog(keras.callbacks.Callback):
     batch end, so Keras syncs each step with the host: the clock reads finished steps.
     """
 
-    def __init__(self, phase: int, offset: int, history_csv: Path,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                 records: int | None = None, batch_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        phase: int,
+        offset: int,
+        history_csv: Path,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        records: int | None = None,
+        batch_size: int | None = None,
+    ):
         super().__init__()
         self.phase, self.offset, self.history_csv = phase, offset, history_csv
         self.on_epoch = on_epoch
@@ -85,21 +100,28 @@ class EpochLog(keras.callbacks.Callback):
         logs = dict(logs or {})
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {
-            "epoch": self.offset + epoch + 1, "phase": self.phase, "lr": lr,
+            "epoch": self.offset + epoch + 1,
+            "phase": self.phase,
+            "lr": lr,
             "seconds": round(time.monotonic() - self._t0, 2),
             "images_per_second": self._images_per_second(),
-            **{k: round(float(logs[k]), 6) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs},
-        }  # fmt: skip
+            **{
+                k: round(float(logs[k]), 6)
+                for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                if k in logs
+            },
+        }
         new = not self.history_csv.exists()
         with open(self.history_csv, "a", newline="") as f:
             w = csv.DictWriter(f, HISTORY_FIELDS, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerow(row)
+        nan = float("nan")
         print(
-            f"phase {self.phase} epoch {row['epoch']}: loss {row.get('loss', float('nan')):.4f} "
-            f"acc {row.get('accuracy', float('nan')):.4f} val_loss {row.get('val_loss', float('nan')):.4f} "
-            f"val_acc {row.get('val_accuracy', float('nan')):.4f} lr {lr:.2e} ({row['seconds']:.0f}s"
+            f"phase {self.phase} epoch {row['epoch']}: loss {row.get('loss', nan):.4f} "
+            f"acc {row.get('accuracy', nan):.4f} val_loss {row.get('val_loss', nan):.4f} "
+            f"val_acc {row.get('val_accuracy', nan):.4f} lr {lr:.2e} ({row['seconds']:.0f}s"
             + (f", {row['images_per_second']:.0f} img/s)" if row["images_per_second"] else ")"),
             flush=True,
         )
@@ -172,11 +194,16 @@ def use_jit_compile(setting: str, model: keras.Model, deterministic: bool) -> bo
     blockers = xla_blockers(model)
     tf_determinism = deterministic and keras.config.backend() == "tensorflow"
     if setting == "on" and (blockers or tf_determinism):
-        why = (f"layers {blockers} do not support XLA" if blockers else
-               "Keras turns XLA off on the TensorFlow backend when op determinism is on "
-               "(train.deterministic)")  # fmt: skip
-        raise ModelConfigError(f"train.jit_compile=on but {why}: set train.jit_compile: auto or "
-                               "off, or train.deterministic: off")  # fmt: skip
+        why = (
+            f"layers {blockers} do not support XLA"
+            if blockers
+            else "Keras turns XLA off on the TensorFlow backend when op determinism is on "
+            "(train.deterministic)"
+        )
+        raise ModelConfigError(
+            f"train.jit_compile=on but {why}: set train.jit_compile: auto or "
+            "off, or train.deterministic: off"
+        )
     if blockers or tf_determinism:
         return False
     # On JAX, no XLA means running op by op: several times slower on a CPU too.
@@ -189,8 +216,11 @@ def check_jit_settings(train: TrainSettings) -> None:
     Raises:
         ModelConfigError: naming both keys.
     """
-    if (train.jit_compile == "on" and keras.config.backend() == "tensorflow"
-            and use_deterministic(train.deterministic)):  # fmt: skip
+    if (
+        train.jit_compile == "on"
+        and keras.config.backend() == "tensorflow"
+        and use_deterministic(train.deterministic)
+    ):
         raise ModelConfigError(
             f"train.jit_compile=on but train.deterministic={train.deterministic} turns op "
             "determinism on, and Keras turns XLA off on the TensorFlow backend then: set "
@@ -308,9 +338,12 @@ def fit_phases(
     with distribution_scope():
         model = build_model(t, settings.base.image_size)
     jit = use_jit_compile(t.jit_compile, model, deterministic)
-    print(f"train: backend {keras.config.backend()}, XLA {'on' if jit else 'off'}, "
-          f"policy {keras.config.dtype_policy().name}, deterministic "
-          f"{'on' if deterministic else 'off'}", flush=True)  # fmt: skip
+    print(
+        f"train: backend {keras.config.backend()}, XLA {'on' if jit else 'off'}, "
+        f"policy {keras.config.dtype_policy().name}, deterministic "
+        f"{'on' if deterministic else 'off'}",
+        flush=True,
+    )
     loss = keras.losses.BinaryCrossentropy()
     checkpoint_best = keras.callbacks.ModelCheckpoint(
         str(best), monitor="val_loss", save_best_only=True, save_weights_only=True
@@ -320,21 +353,33 @@ def fit_phases(
 
     def callbacks(phase: int, offset: int) -> list[keras.callbacks.Callback]:
         return [
-            keras.callbacks.BackupAndRestore(str(backup_dir / f"phase{phase}"), delete_checkpoint=False),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience,
-                                          restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
-                                              patience=t.reduce_lr_patience, min_lr=1e-7),
+            keras.callbacks.BackupAndRestore(
+                str(backup_dir / f"phase{phase}"), delete_checkpoint=False
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=t.early_stopping_patience, restore_best_weights=True
+            ),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.3, patience=t.reduce_lr_patience, min_lr=1e-7
+            ),
             checkpoint_best,
             EpochLog(phase, offset, history_csv, on_epoch, train_records, t.batch_size),
-        ]  # fmt: skip
+        ]
 
     if t.epochs_head > 0 and not phase1_done.exists():
         with distribution_scope():
-            model.compile(_optimizer(t.optimizer, t.lr_head), loss=loss, metrics=["accuracy"],
-                          jit_compile=jit)  # fmt: skip
-        h = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs_head,
-                      callbacks=callbacks(1, 0), class_weight=weights, shuffle=False, verbose=0)  # fmt: skip
+            model.compile(
+                _optimizer(t.optimizer, t.lr_head), loss=loss, metrics=["accuracy"], jit_compile=jit
+            )
+        h = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=t.epochs_head,
+            callbacks=callbacks(1, 0),
+            class_weight=weights,
+            shuffle=False,
+            verbose=0,
+        )
         epochs_now += len(h.epoch)
         model.save_weights(str(phase1_done))
     elif phase1_done.exists():
@@ -348,14 +393,25 @@ def fit_phases(
         names = unfreeze_top_blocks(model, t)
         log.info("phase 2: %d backbone layers trainable, lr %.1e", len(names), t.lr_finetune)
         with distribution_scope():
-            model.compile(_optimizer(t.optimizer, t.lr_finetune), loss=loss, metrics=["accuracy"],
-                          jit_compile=jit)  # fmt: skip
+            model.compile(
+                _optimizer(t.optimizer, t.lr_finetune),
+                loss=loss,
+                metrics=["accuracy"],
+                jit_compile=jit,
+            )
         # Carry the best validation loss of phase 1 so phase 2 only checkpoints real gains.
         prev = [r["val_loss"] for r in read_history(history_csv) if r.get("val_loss") is not None]
         if prev:
             checkpoint_best.best = min(prev)
-        h = model.fit(train_ds, validation_data=val_ds, epochs=t.epochs_finetune,
-                      callbacks=callbacks(2, t.epochs_head), class_weight=weights, shuffle=False, verbose=0)  # fmt: skip
+        h = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=t.epochs_finetune,
+            callbacks=callbacks(2, t.epochs_head),
+            class_weight=weights,
+            shuffle=False,
+            verbose=0,
+        )
         epochs_now += len(h.epoch)
 
     if best.exists():
@@ -369,7 +425,12 @@ def backup_dir_for(root: Path, settings: Settings, prepared_meta: dict[str, Any]
     A backup from other settings or other data is never resumed by mistake.
     """
     key = json.dumps(
-        {"train": settings.train.model_dump(), "base": settings.base.model_dump(),
-         "data": prepared_meta}, sort_keys=True, default=str,
-    )  # fmt: skip
+        {
+            "train": settings.train.model_dump(),
+            "base": settings.base.model_dump(),
+            "data": prepared_meta,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -77,17 +77,31 @@ class FusedAugment(keras.layers.Layer):
     (`keras.utils.set_random_seed`).
     """
 
-    def __init__(self, rotation: float = 0.0, zoom: float = 0.0, shift: float = 0.0,
-                 contrast: float = 0.0, brightness: float = 0.0, flip: bool = True,
-                 fill_mode: str = "reflect", seed: int | None = None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        rotation: float = 0.0,
+        zoom: float = 0.0,
+        shift: float = 0.0,
+        contrast: float = 0.0,
+        brightness: float = 0.0,
+        flip: bool = True,
+        fill_mode: str = "reflect",
+        seed: int | None = None,
+        **kwargs,
+    ):
         kwargs["dtype"] = kwargs.get("dtype") or "float32"
         super().__init__(**kwargs)
         if fill_mode not in ("reflect", "nearest"):
             raise ValueError(
                 f"FusedAugment fill_mode must be reflect or nearest; got {fill_mode!r}"
             )
-        for name, value in (("rotation", rotation), ("zoom", zoom), ("shift", shift),
-                            ("contrast", contrast), ("brightness", brightness)):  # fmt: skip
+        for name, value in (
+            ("rotation", rotation),
+            ("zoom", zoom),
+            ("shift", shift),
+            ("contrast", contrast),
+            ("brightness", brightness),
+        ):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"FusedAugment {name} must be in [0, 1); got {value!r}")
         self.rotation, self.zoom, self.shift = float(rotation), float(zoom), float(shift)
@@ -142,8 +156,9 @@ class FusedAugment(keras.layers.Layer):
         base = col(ops.arange(ops.shape(x)[0], dtype="int32") * (h * w))
 
         def at(yy, xx):
-            return ops.reshape(ops.take(flat, ops.reshape(base + yy * w + xx, (-1,)), axis=0),
-                               (-1, h, w, c))  # fmt: skip
+            return ops.reshape(
+                ops.take(flat, ops.reshape(base + yy * w + xx, (-1,)), axis=0), (-1, h, w, c)
+            )
 
         top = at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx
         bottom = at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx
@@ -157,6 +172,14 @@ class FusedAugment(keras.layers.Layer):
         return ops.clip(coord, 0.0, size - 1.0)
 
     def get_config(self):
-        return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
-                "shift": self.shift, "contrast": self.contrast, "brightness": self.brightness,
-                "flip": self.flip, "fill_mode": self.fill_mode, "seed": self.seed}  # fmt: skip
+        return {
+            **super().get_config(),
+            "rotation": self.rotation,
+            "zoom": self.zoom,
+            "shift": self.shift,
+            "contrast": self.contrast,
+            "brightness": self.brightness,
+            "flip": self.flip,
+            "fill_mode": self.fill_mode,
+            "seed": self.seed,
+        }

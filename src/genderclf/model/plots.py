@@ -30,8 +30,14 @@ def _plt():
     return plt
 
 
-def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataFrame,
-                slices: dict[str, Any] | None, plots_dir: Path) -> list[Path]:  # fmt: skip
+def write_plots(
+    y: np.ndarray,
+    p: np.ndarray,
+    m: dict[str, Any],
+    calib: pd.DataFrame,
+    slices: dict[str, Any] | None,
+    plots_dir: Path,
+) -> list[Path]:
     """PNG plots plus the CSV data DVC renders (`dvc plots show`)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
@@ -85,9 +91,12 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
     files.append(_save(fig, plots_dir / "calibration.png", plt))
 
     if slices and slices["by_attribute"]:
-        rows = [(f"{a}={'1' if k == 'with' else '0'}  (n={e[k]['n']})", e[k])
-                for a, e in slices["by_attribute"].items() for k in ("with", "without")
-                if e[k]["accuracy"] is not None]  # fmt: skip
+        rows = [
+            (f"{a}={'1' if k == 'with' else '0'}  (n={e[k]['n']})", e[k])
+            for a, e in slices["by_attribute"].items()
+            for k in ("with", "without")
+            if e[k]["accuracy"] is not None
+        ]
         acc = np.array([r["accuracy"] for _, r in rows])
         lo = np.array([r["ci"][0] for _, r in rows])
         hi = np.array([r["ci"][1] for _, r in rows])
@@ -97,20 +106,26 @@ def write_plots(y: np.ndarray, p: np.ndarray, m: dict[str, Any], calib: pd.DataF
         ax.barh(ypos, acc, color=np.where(small, "lightgrey", "tab:blue"))
         # a Wilson bound at 0 or 1 can land a rounding error inside the point estimate
         err = np.clip([acc - lo, hi - acc], 0.0, None)
-        ax.errorbar(acc, ypos, xerr=err, fmt="none", ecolor="black",
-                    capsize=3, lw=1)  # fmt: skip
+        ax.errorbar(acc, ypos, xerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
         ax.set_yticks(ypos, [name + ("  too small" if r["too_small"] else "") for name, r in rows])
         ax.invert_yaxis()
         ax.axvline(m["accuracy"], color="black", ls="--", lw=1, label="overall")
         ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
-        ax.set_xlabel(f"accuracy, with 95% Wilson intervals\n(grey: fewer than "
-                      f"{slices['min_n']} images, not ranked)")  # fmt: skip
+        ax.set_xlabel(
+            f"accuracy, with 95% Wilson intervals\n(grey: fewer than "
+            f"{slices['min_n']} images, not ranked)"
+        )
         ax.set_title("accuracy per slice")
         ax.legend(loc="lower left")
     else:
         fig, ax = plt.subplots(figsize=(4, 1.2))
-        ax.text(0.5, 0.5, "no attribute columns in this dataset:\nno sliced metrics", ha="center",
-                va="center")  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "no attribute columns in this dataset:\nno sliced metrics",
+            ha="center",
+            va="center",
+        )
         ax.axis("off")
     files.append(_save(fig, plots_dir / "slices.png", plt))
     return files
@@ -124,8 +139,15 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def mistakes_grid(prepared_dir: Path, paths: list[str], y: np.ndarray, p: np.ndarray,
-                  threshold: float, k: int, out_png: Path) -> int:  # fmt: skip
+def mistakes_grid(
+    prepared_dir: Path,
+    paths: list[str],
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    k: int,
+    out_png: Path,
+) -> int:
     """A grid of the `k` most confident mistakes on the test split. Returns how many."""
     from genderclf.data.tfrecords import make_dataset
 
@@ -161,8 +183,9 @@ def mistakes_grid(prepared_dir: Path, paths: list[str], y: np.ndarray, p: np.nda
         said = "male" if p[i] >= threshold else "female"
         cmp = ">=" if p[i] >= threshold else "<"
         # Three decimals: at two, p(male)=0.53 against a threshold of 0.53 reads as right.
-        ax.set_title(f"true {truth}, said {said}\np(male) {p[i]:.3f} {cmp} {threshold:.3f}",
-                     fontsize=6.5)  # fmt: skip
+        ax.set_title(
+            f"true {truth}, said {said}\np(male) {p[i]:.3f} {cmp} {threshold:.3f}", fontsize=6.5
+        )
     fig.suptitle("most confident mistakes (test split)", fontsize=9)
     fig.subplots_adjust(hspace=0.45, wspace=0.15)
     _save(fig, out_png, plt)
@@ -186,10 +209,19 @@ def plot_history(history: list[dict[str, Any]], out_png: Path) -> None:
     _save(fig, out_png, plt)
 
 
-def write_predictions(paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float,
-                      out_csv: Path) -> Path:  # fmt: skip
+def write_predictions(
+    paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float, out_csv: Path
+) -> Path:
     """Per-image predictions; DVC's confusion template reads `actual`/`predicted`."""
     names = np.array(["female", "male"])
-    return write_csv(pd.DataFrame({"path": paths, "actual": names[np.asarray(y, dtype=int)],
-                                   "predicted": names[(p >= threshold).astype(int)],
-                                   "prob_male": [f"{q:.6f}" for q in p]}), out_csv)  # fmt: skip
+    return write_csv(
+        pd.DataFrame(
+            {
+                "path": paths,
+                "actual": names[np.asarray(y, dtype=int)],
+                "predicted": names[(p >= threshold).astype(int)],
+                "prob_male": [f"{q:.6f}" for q in p],
+            }
+        ),
+        out_csv,
+    )

@@ -84,8 +84,9 @@ def compute_metrics(
     }
 
 
-def slice_metrics(frame: pd.DataFrame, correct: np.ndarray, attrs: list[str],
-                  min_n: int) -> dict[str, Any]:  # fmt: skip
+def slice_metrics(
+    frame: pd.DataFrame, correct: np.ndarray, attrs: list[str], min_n: int
+) -> dict[str, Any]:
     """Accuracy with and without each attribute, its Wilson interval, and the worst slice.
 
     A slice of fewer than `min_n` images is reported (flagged `too_small`) but left out of

@@ -25,8 +25,9 @@ def _interval(res: Any) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def bootstrap_ci(statistic, arrays: tuple[np.ndarray, ...], samples: int, seed: int,
-                 level: float = Z95) -> list[float] | None:  # fmt: skip
+def bootstrap_ci(
+    statistic, arrays: tuple[np.ndarray, ...], samples: int, seed: int, level: float = Z95
+) -> list[float] | None:
     """A percentile bootstrap interval of `statistic(*arrays)`, the arrays resampled
     together (paired). None when it is undefined (e.g. one class only)."""
     import warnings
@@ -39,14 +40,22 @@ def bootstrap_ci(statistic, arrays: tuple[np.ndarray, ...], samples: int, seed: 
     # interval is then a point (or None), which is the honest answer, not a warning.
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        res = bootstrap(arrays, statistic, paired=True, vectorized=False, n_resamples=samples,
-                        confidence_level=level, method="percentile",
-                        random_state=np.random.default_rng(seed))  # fmt: skip
+        res = bootstrap(
+            arrays,
+            statistic,
+            paired=True,
+            vectorized=False,
+            n_resamples=samples,
+            confidence_level=level,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        )
     return _interval(res)
 
 
-def metric_intervals(y: np.ndarray, p: np.ndarray, threshold: float, samples: int,
-                     seed: int) -> dict[str, list[float] | None]:  # fmt: skip
+def metric_intervals(
+    y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int
+) -> dict[str, list[float] | None]:
     """95% bootstrap intervals of test accuracy, F1 and ROC-AUC."""
     from sklearn.metrics import f1_score, roc_auc_score
 
@@ -88,8 +97,9 @@ class Paired:
     p_value: float  # exact McNemar (two-sided binomial test on the discordant pairs)
 
 
-def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, samples: int,
-                      seed: int) -> Paired:  # fmt: skip
+def paired_comparison(
+    correct_a: np.ndarray, correct_b: np.ndarray, samples: int, seed: int
+) -> Paired:
     """McNemar's exact test and the accuracy difference with its interval."""
     from statsmodels.stats.contingency_tables import mcnemar
 
@@ -98,8 +108,16 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, samples: int
     test = mcnemar(table, exact=True)
     diff = a.astype(float) - b.astype(float)
     interval = bootstrap_ci(lambda d: np.mean(d), (diff,), samples, seed)
-    return Paired(len(a), table[0][0], table[0][1], table[1][0], table[1][1],
-                  float(diff.mean()), interval, float(test.pvalue))  # fmt: skip
+    return Paired(
+        len(a),
+        table[0][0],
+        table[0][1],
+        table[1][0],
+        table[1][1],
+        float(diff.mean()),
+        interval,
+        float(test.pvalue),
+    )
 
 
 # --- calibration ---------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def is_s3(location: str) -> bool:
     return location.startswith("s3://")
 
 
-def list_images(location: str, endpoint_url: str | None = None,
-                retries: int = 3) -> tuple[list[Entry], int]:  # fmt: skip
+def list_images(
+    location: str, endpoint_url: str | None = None, retries: int = 3
+) -> tuple[list[Entry], int]:
     """The image files under `location` (recursively, sorted by name) and how many other
     files were left out.
 
@@ -46,8 +47,9 @@ def list_images(location: str, endpoint_url: str | None = None,
         return _list_s3(location, endpoint_url, retries)
     root = Path(location)
     if not root.is_dir():
-        raise BatchError(f"{location}: no such folder (give a folder of images or "
-                         "s3://bucket/prefix)")  # fmt: skip
+        raise BatchError(
+            f"{location}: no such folder (give a folder of images or s3://bucket/prefix)"
+        )
     out, other = [], 0
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -60,8 +62,13 @@ def list_images(location: str, endpoint_url: str | None = None,
                 st = p.stat()
             except OSError:  # vanished or unreadable: the reader reports the reason
                 st = None
-            out.append(Entry(p.relative_to(root).as_posix(), st.st_size if st else -1,
-                             f"{st.st_mtime_ns}" if st else ""))  # fmt: skip
+            out.append(
+                Entry(
+                    p.relative_to(root).as_posix(),
+                    st.st_size if st else -1,
+                    f"{st.st_mtime_ns}" if st else "",
+                )
+            )
     return out, other
 
 
@@ -88,8 +95,9 @@ def _list_s3(location: str, endpoint_url: str | None, retries: int) -> tuple[lis
     return sorted(out, key=lambda e: e.name), other
 
 
-def sources(location: str, names: list[str], endpoint_url: str | None = None,
-            retries: int = 3) -> list[tuple[str, Path | Callable[[], bytes]]]:  # fmt: skip
+def sources(
+    location: str, names: list[str], endpoint_url: str | None = None, retries: int = 3
+) -> list[tuple[str, Path | Callable[[], bytes]]]:
     """(name, what to open) for each entry, as `genderclf.monitor.profile.profile` takes
     them: the local path, or a function that fetches the S3 object (one client for all; a
     failed fetch becomes that image's `unreadable`, the others go on)."""
@@ -107,8 +115,9 @@ def sources(location: str, names: list[str], endpoint_url: str | None = None,
             try:
                 return client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
             except (BotoCoreError, ClientError) as err:
-                raise ImageError("unreadable", f"cannot fetch s3://{bucket}/{prefix}{name}: "
-                                 f"{err}") from None  # fmt: skip
+                raise ImageError(
+                    "unreadable", f"cannot fetch s3://{bucket}/{prefix}{name}: {err}"
+                ) from None
 
         return fetch
 

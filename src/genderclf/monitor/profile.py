@@ -44,8 +44,7 @@ def image_features(width: int, height: int, fitted: np.ndarray) -> np.ndarray:
     hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
     sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
     means = rgb.reshape(-1, 3).mean(axis=0)
-    return np.array([width, height, luma.mean(), luma.std(), sat.mean(), *means],
-                    dtype=np.float32)  # fmt: skip
+    return np.array([width, height, luma.mean(), luma.std(), sat.mean(), *means], dtype=np.float32)
 
 
 @dataclass
@@ -72,12 +71,15 @@ class Profile:
         """Write the profile as one `.npz`, atomically."""
         meta = {**self.meta, "format": FORMAT, "features": FEATURES, "failed": self.failed}
         with atomic_file(path) as tmp, tmp.open("wb") as fh:
-            np.savez_compressed(fh, names=np.array(self.names, dtype=str),
-                                features=self.features.astype(np.float32),
-                                embeddings=self.embeddings.astype(np.float16),
-                                p_male=self.p_male.astype(np.float32),
-                                male=self.male.astype(np.int8),
-                                meta=np.array(json.dumps(meta)))  # fmt: skip
+            np.savez_compressed(
+                fh,
+                names=np.array(self.names, dtype=str),
+                features=self.features.astype(np.float32),
+                embeddings=self.embeddings.astype(np.float16),
+                p_male=self.p_male.astype(np.float32),
+                male=self.male.astype(np.int8),
+                meta=np.array(json.dumps(meta)),
+            )
         return path
 
     @classmethod
@@ -92,18 +94,28 @@ class Profile:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 if meta.get("format") != FORMAT or meta.get("features") != FEATURES:
-                    raise ReferenceError(f"{where}: reference statistics of another genderclf "
-                                         "version: re-run `dvc repro evaluate register`")  # fmt: skip
-                return cls([str(n) for n in z["names"]], z["features"].astype(np.float64),
-                           z["embeddings"].astype(np.float32), z["p_male"].astype(np.float64),
-                           z["male"].astype(int), [tuple(f) for f in meta.pop("failed", [])],
-                           meta)  # fmt: skip
+                    raise ReferenceError(
+                        f"{where}: reference statistics of another genderclf "
+                        "version: re-run `dvc repro evaluate register`"
+                    )
+                return cls(
+                    [str(n) for n in z["names"]],
+                    z["features"].astype(np.float64),
+                    z["embeddings"].astype(np.float32),
+                    z["p_male"].astype(np.float64),
+                    z["male"].astype(int),
+                    [tuple(f) for f in meta.pop("failed", [])],
+                    meta,
+                )
         except FileNotFoundError:
-            raise ReferenceError(f"{where}: no reference statistics there: run "
-                                 "`dvc repro evaluate`") from None  # fmt: skip
+            raise ReferenceError(
+                f"{where}: no reference statistics there: run `dvc repro evaluate`"
+            ) from None
         except (OSError, ValueError, KeyError) as err:
-            raise ReferenceError(f"{where}: not readable as reference statistics ({err}): "
-                                 "re-run `dvc repro evaluate`") from None  # fmt: skip
+            raise ReferenceError(
+                f"{where}: not readable as reference statistics ({err}): "
+                "re-run `dvc repro evaluate`"
+            ) from None
 
 
 Source = str | os.PathLike[str] | bytes | Callable[[], bytes]
@@ -120,13 +132,20 @@ def embedding_model(clf: Classifier) -> Any:
     try:
         pool = clf.model.get_layer(POOL_LAYER)
     except ValueError:
-        raise ReferenceError(f"{clf.source or 'the model'} has no {POOL_LAYER!r} layer: drift "
-                             "checks need a model built by genderclf") from None  # fmt: skip
+        raise ReferenceError(
+            f"{clf.source or 'the model'} has no {POOL_LAYER!r} layer: drift "
+            "checks need a model built by genderclf"
+        ) from None
     return keras.Model(clf.model.inputs, [pool.output, clf.model.outputs[0]])
 
 
-def profile(sources: Iterable[tuple[str, Source]], clf: Classifier, max_pixels: int,
-            batch_size: int, meta: dict[str, Any] | None = None) -> Profile:  # fmt: skip
+def profile(
+    sources: Iterable[tuple[str, Source]],
+    clf: Classifier,
+    max_pixels: int,
+    batch_size: int,
+    meta: dict[str, Any] | None = None,
+) -> Profile:
     """Open, fit, describe and score each image; a file that cannot be used is listed in
     `failed` with the reason and the others go on.
 
@@ -168,8 +187,12 @@ def profile(sources: Iterable[tuple[str, Source]], clf: Classifier, max_pixels: 
     flush()
     raw = np.concatenate(probs) if probs else np.zeros(0)
     dim = embs[0].shape[1] if embs else 0
-    return Profile(names,
-                   np.stack(feats) if feats else np.zeros((0, len(FEATURES))),
-                   np.concatenate(embs) if embs else np.zeros((0, dim), dtype=np.float32),
-                   clf.config.calibrate(raw), (raw >= clf.config.threshold).astype(int),
-                   failed, dict(meta or {}))  # fmt: skip
+    return Profile(
+        names,
+        np.stack(feats) if feats else np.zeros((0, len(FEATURES))),
+        np.concatenate(embs) if embs else np.zeros((0, dim), dtype=np.float32),
+        clf.config.calibrate(raw),
+        (raw >= clf.config.threshold).astype(int),
+        failed,
+        dict(meta or {}),
+    )

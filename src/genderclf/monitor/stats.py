@@ -36,8 +36,9 @@ class FeatureTest:
     drifted: bool
 
 
-def ks_per_feature(reference: np.ndarray, batch: np.ndarray, names: list[str],
-                   alpha: float) -> list[FeatureTest]:  # fmt: skip
+def ks_per_feature(
+    reference: np.ndarray, batch: np.ndarray, names: list[str], alpha: float
+) -> list[FeatureTest]:
     """A two-sample KS test per column, each at alpha / columns (Bonferroni).
 
     Args:
@@ -67,8 +68,11 @@ def _mmd2(k: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 from the pooled kernel matrix for index sets x and y."""
     n, m = len(x), len(y)
     kxx, kyy, kxy = k[np.ix_(x, x)], k[np.ix_(y, y)], k[np.ix_(x, y)]
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-                 + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2.0 * kxy.mean())  # fmt: skip
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2.0 * kxy.mean()
+    )
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,7 @@ class MMDTest:
     drifted: bool
 
 
-def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, alpha: float,
-             seed: int) -> MMDTest:  # fmt: skip
+def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, alpha: float, seed: int) -> MMDTest:
     """MMD two-sample test with an RBF kernel and a permutation null.
 
     The bandwidth is the median distance between distinct points of the pooled sample
@@ -94,8 +97,9 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, alpha: float,
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 2 or len(y) < 2 or x.shape[1:] != y.shape[1:]:
-        raise ValueError(f"MMD needs two samples of >= 2 points of one dimension, got "
-                         f"{x.shape} and {y.shape}")  # fmt: skip
+        raise ValueError(
+            f"MMD needs two samples of >= 2 points of one dimension, got {x.shape} and {y.shape}"
+        )
     z = np.concatenate([x.reshape(len(x), -1), y.reshape(len(y), -1)])
     d2 = _sq_distances(z)
     off = d2[np.triu_indices(len(z), 1)]

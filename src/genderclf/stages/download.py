@@ -43,8 +43,9 @@ def _previous(paths: Paths) -> dict[str, Any] | None:
         return None  # absent or unreadable: fetch
 
 
-def run(settings: Settings, paths: Paths, progress: bool = True,
-        force: bool = False) -> DownloadReport:  # fmt: skip
+def run(
+    settings: Settings, paths: Paths, progress: bool = True, force: bool = False
+) -> DownloadReport:
     """Fetch the dataset into `paths.raw` through a temporary folder; write SOURCE.json.
 
     First the source is listed (cheap: names, sizes and times or ETags; for `sample` the
@@ -66,8 +67,12 @@ def run(settings: Settings, paths: Paths, progress: bool = True,
     previous = _previous(paths)
     if not force and unchanged(previous, current, paths.raw):
         assert previous is not None
-        log.info("download: %s unchanged since %s (%s): data/raw kept", settings.data.source,
-                 previous.get("downloaded_at"), current["listing"]["compares"])  # fmt: skip
+        log.info(
+            "download: %s unchanged since %s (%s): data/raw kept",
+            settings.data.source,
+            previous.get("downloaded_at"),
+            current["listing"]["compares"],
+        )
         return DownloadReport(previous, paths.raw, time.monotonic() - started, fetched=False)
     with atomic_dir(paths.raw) as tmp:
         fetched = fetch(settings, tmp, progress)

@@ -76,23 +76,31 @@ def run(settings: Settings, paths: Paths) -> EvaluateReport:
     p, pv = platt.apply(p_raw), platt.apply(pv_raw)
     m = compute_metrics(y, p, cut, cfg.calibration_bins)
     m["threshold"] = platt.raw_threshold(cut) if cfg.threshold == "calibrated" else cut
-    m["calibration"] = {"method": "platt" if cfg.threshold == "calibrated" else "none",
-                        "a": platt.a, "b": platt.b, "cut": cut,
-                        "ece_raw": expected_calibration_error(y, p_raw, cfg.calibration_bins)[0]}  # fmt: skip
+    m["calibration"] = {
+        "method": "platt" if cfg.threshold == "calibrated" else "none",
+        "a": platt.a,
+        "b": platt.b,
+        "cut": cut,
+        "ece_raw": expected_calibration_error(y, p_raw, cfg.calibration_bins)[0],
+    }
     m["val_accuracy_at_threshold"] = float(((pv >= cut).astype(int) == yv).mean())
     for k, ci in metric_intervals(y, p, cut, cfg.bootstrap_samples, seed).items():
         m[f"{k}_ci"] = ci
     frame = read_split(paths.splits, "test").set_index("path").reindex(names)
     correct = ((p >= cut).astype(int) == y).astype(float)
-    slices = (slice_metrics(frame, correct, list(cfg.slices), cfg.min_slice_n)
-              if any(a in frame.columns for a in cfg.slices) else None)  # fmt: skip
+    slices = (
+        slice_metrics(frame, correct, list(cfg.slices), cfg.min_slice_n)
+        if any(a in frame.columns for a in cfg.slices)
+        else None
+    )
     if slices:
         m["slices"] = slices
         m["worst_slice_gap"] = slices["worst_slice_gap"]
     _, calib = expected_calibration_error(y, p, cfg.calibration_bins)
     plots = write_plots(y, p, m, calib, slices, paths.plots)
-    shown = mistakes_grid(paths.prepared, names, y, p, cut, cfg.mistakes_grid,
-                          paths.plots / "mistakes.png")  # fmt: skip
+    shown = mistakes_grid(
+        paths.prepared, names, y, p, cut, cfg.mistakes_grid, paths.plots / "mistakes.png"
+    )
     plots.append(paths.plots / "mistakes.png")
     write_predictions(names, y, p, cut, paths.plots / "predictions.csv")
     write_reference(settings, paths, model, m["threshold"], platt)
@@ -101,8 +109,9 @@ def run(settings: Settings, paths: Paths) -> EvaluateReport:
     return EvaluateReport(m, plots)
 
 
-def write_reference(settings: Settings, paths: Paths, model: Any, threshold: float,
-                    platt: Platt) -> Path:  # fmt: skip
+def write_reference(
+    settings: Settings, paths: Paths, model: Any, threshold: float, platt: Platt
+) -> Path:
     """`reports/reference.npz`: the model's profile of `drift.reference_images` test images
     (a seeded sample), read from the raw files the way `genderclf drift` reads a batch.
 
@@ -114,11 +123,18 @@ def write_reference(settings: Settings, paths: Paths, model: Any, threshold: flo
     rows = np.sort(np.random.default_rng(settings.base.seed).choice(len(test), n, replace=False))
     names = test["path"].iloc[rows].tolist()
     if names and not (paths.raw / names[0]).is_file():
-        raise FileNotFoundError(f"{paths.raw / names[0]} not found: the reference statistics are "
-                                f"read from the raw test images (run `dvc repro download`)")  # fmt: skip
-    config = ServingConfig(int(model.inputs[0].shape[1]), settings.augment.resize, threshold,
-                           None, (platt.a, platt.b))  # fmt: skip
-    prof = profile([(p, paths.raw / p) for p in names], Classifier(model, config, str(paths.model)),
-                   settings.predict.max_pixels, settings.train.batch_size * 2,
-                   {"source": "test split", "split_size": len(test)})  # fmt: skip
+        raise FileNotFoundError(
+            f"{paths.raw / names[0]} not found: the reference statistics are "
+            f"read from the raw test images (run `dvc repro download`)"
+        )
+    config = ServingConfig(
+        int(model.inputs[0].shape[1]), settings.augment.resize, threshold, None, (platt.a, platt.b)
+    )
+    prof = profile(
+        [(p, paths.raw / p) for p in names],
+        Classifier(model, config, str(paths.model)),
+        settings.predict.max_pixels,
+        settings.train.batch_size * 2,
+        {"source": "test split", "split_size": len(test)},
+    )
     return prof.save(paths.reference)

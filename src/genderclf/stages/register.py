@@ -52,22 +52,40 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
-def decide(candidate_acc: float, champion_acc: float | None, min_accuracy: float,
-           min_improvement: float) -> Decision:  # fmt: skip
+def decide(
+    candidate_acc: float, champion_acc: float | None, min_accuracy: float, min_improvement: float
+) -> Decision:
     """The accuracy policy (floor, then beat the champion) as a pure function."""
     if candidate_acc < min_accuracy:
-        return Decision(False, [f"accuracy {candidate_acc:.4f} is below register.min_accuracy "
-                                f"{min_accuracy:.4f}"])  # fmt: skip
+        return Decision(
+            False,
+            [f"accuracy {candidate_acc:.4f} is below register.min_accuracy {min_accuracy:.4f}"],
+        )
     if champion_acc is None:
-        return Decision(True, [f"no champion yet and accuracy {candidate_acc:.4f} meets the floor "
-                               f"{min_accuracy:.4f}"])  # fmt: skip
+        return Decision(
+            True,
+            [
+                f"no champion yet and accuracy {candidate_acc:.4f} meets the floor "
+                f"{min_accuracy:.4f}"
+            ],
+        )
     delta = candidate_acc - champion_acc
     if delta <= _TOLERANCE or delta < min_improvement - _TOLERANCE:
-        return Decision(False, [f"accuracy {candidate_acc:.4f} does not beat the champion's "
-                                f"{champion_acc:.4f} by more than 0 and at least "
-                                f"register.min_improvement={min_improvement} (delta {delta:+.4f})"])  # fmt: skip
-    return Decision(True, [f"accuracy {candidate_acc:.4f} beats the champion's {champion_acc:.4f} "
-                           f"by {delta:+.4f} (>= register.min_improvement={min_improvement})"])  # fmt: skip
+        return Decision(
+            False,
+            [
+                f"accuracy {candidate_acc:.4f} does not beat the champion's "
+                f"{champion_acc:.4f} by more than 0 and at least "
+                f"register.min_improvement={min_improvement} (delta {delta:+.4f})"
+            ],
+        )
+    return Decision(
+        True,
+        [
+            f"accuracy {candidate_acc:.4f} beats the champion's {champion_acc:.4f} "
+            f"by {delta:+.4f} (>= register.min_improvement={min_improvement})"
+        ],
+    )
 
 
 class Version(Protocol):
@@ -81,8 +99,9 @@ class Registry(Protocol):
 
     name: str  # the registered model
 
-    def register(self, run: dict[str, Any], metrics: dict[str, Any],
-                 serving: dict[str, Any]) -> tuple[str, bool, str]:  # fmt: skip
+    def register(
+        self, run: dict[str, Any], metrics: dict[str, Any], serving: dict[str, Any]
+    ) -> tuple[str, bool, str]:
         """Add the run's servable model as a version (once per run); point `challenger`
         at it. Returns (version, newly registered, the registered model's URI)."""
 
@@ -103,9 +122,17 @@ class Registry(Protocol):
         """Move `champion` to `version` if it still points at `expected` (None: nowhere).
         Returns the recorded move, or None when the champion changed meanwhile."""
 
-    def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Any, description: str, card_file: Any,
-               reference_file: Any = None) -> None:  # fmt: skip
+    def record(
+        self,
+        run_id: str,
+        version: str,
+        decision: str,
+        reasons: list[str],
+        report_file: Any,
+        description: str,
+        card_file: Any,
+        reference_file: Any = None,
+    ) -> None:
         """Keep the decision with the version (tags, `description`, the card) and the run;
         the reference statistics of `genderclf drift` go into the run, named on the version."""
 
@@ -144,8 +171,12 @@ def evaluated_scores(paths: Paths, metrics: dict[str, Any]) -> Scores:
         raise FileNotFoundError(f"{f} not found: run `dvc repro evaluate`")
     rows = pd.read_csv(f)
     cut = float(metrics.get("calibration", {}).get("cut", metrics["threshold"]))
-    return Scores(rows["path"].tolist(), (rows["actual"] == "male").to_numpy().astype(int),
-                  rows["prob_male"].to_numpy(dtype=float), cut)  # fmt: skip
+    return Scores(
+        rows["path"].tolist(),
+        (rows["actual"] == "male").to_numpy().astype(int),
+        rows["prob_male"].to_numpy(dtype=float),
+        cut,
+    )
 
 
 def version_scores(registry: Registry, version: str, paths: Paths, batch: int) -> Scores:
@@ -178,24 +209,35 @@ def _slice_drops(settings: Settings, paths: Paths, cand: Scores, champ: Scores) 
             if n < settings.evaluate.min_slice_n:
                 continue
             a, b = float(cand.correct[mask].mean()), float(champ.correct[mask].mean())
-            rows.append({"slice": f"{attr}={flag}", "n": n, "candidate": a, "champion": b,
-                         "drop": b - a})  # fmt: skip
+            rows.append(
+                {"slice": f"{attr}={flag}", "n": n, "candidate": a, "champion": b, "drop": b - a}
+            )
             if worst is None or b - a > worst["drop"]:
                 worst = rows[-1]
     if worst is None:
-        return Check("slices", True, f"no slice has {settings.evaluate.min_slice_n} or more "
-                     "images to compare", {"slices": rows})  # fmt: skip
+        return Check(
+            "slices",
+            True,
+            f"no slice has {settings.evaluate.min_slice_n} or more images to compare",
+            {"slices": rows},
+        )
     ok = worst["drop"] <= cfg.max_slice_drop + _TOLERANCE
-    return Check("slices", ok, f"largest slice drop {worst['drop']:+.4f} on {worst['slice']} "
-                 f"(n={worst['n']}) {'<=' if ok else '>'} register.max_slice_drop="
-                 f"{cfg.max_slice_drop}", {"slices": rows, "worst": worst})  # fmt: skip
+    return Check(
+        "slices",
+        ok,
+        f"largest slice drop {worst['drop']:+.4f} on {worst['slice']} "
+        f"(n={worst['n']}) {'<=' if ok else '>'} register.max_slice_drop="
+        f"{cfg.max_slice_drop}",
+        {"slices": rows, "worst": worst},
+    )
 
 
 def _paired(settings: Settings, cand: Scores, champ: Scores, version: str) -> Check:
     cfg = settings.registry
     champ = champ.on(cand.paths)
-    pc = paired_comparison(cand.correct, champ.correct, settings.evaluate.bootstrap_samples,
-                           settings.base.seed)  # fmt: skip
+    pc = paired_comparison(
+        cand.correct, champ.correct, settings.evaluate.bootstrap_samples, settings.base.seed
+    )
     d = decide(cand.accuracy, champ.accuracy, cfg.min_accuracy, cfg.min_improvement)
     significant = cfg.alpha is None or pc.p_value < cfg.alpha
     ci = (
@@ -203,18 +245,24 @@ def _paired(settings: Settings, cand: Scores, champ: Scores, version: str) -> Ch
         if pc.interval is None
         else f", 95% interval [{pc.interval[0]:+.4f}, {pc.interval[1]:+.4f}]"
     )
-    test = ("no significance test (register.alpha is null)" if cfg.alpha is None else
-            f"McNemar exact p={pc.p_value:.4g} ({pc.only_a} images only the candidate gets "
-            f"right, {pc.only_b} only the champion) {'<' if significant else '>='} "
-            f"register.alpha={cfg.alpha}")  # fmt: skip
-    return Check("paired", d.promote and significant,
-                 f"against version {version}: {d.reasons[0]}{ci}; {test}",
-                 {**asdict(pc), "candidate_accuracy": cand.accuracy,
-                  "champion_accuracy": champ.accuracy})  # fmt: skip
+    test = (
+        "no significance test (register.alpha is null)"
+        if cfg.alpha is None
+        else f"McNemar exact p={pc.p_value:.4g} ({pc.only_a} images only the candidate gets "
+        f"right, {pc.only_b} only the champion) {'<' if significant else '>='} "
+        f"register.alpha={cfg.alpha}"
+    )
+    return Check(
+        "paired",
+        d.promote and significant,
+        f"against version {version}: {d.reasons[0]}{ci}; {test}",
+        {**asdict(pc), "candidate_accuracy": cand.accuracy, "champion_accuracy": champ.accuracy},
+    )
 
 
-def _serving(settings: Settings, paths: Paths, registry: Registry, version: str,
-             cand: Scores) -> Check:  # fmt: skip
+def _serving(
+    settings: Settings, paths: Paths, registry: Registry, version: str, cand: Scores
+) -> Check:
     cfg = settings.registry
     if cfg.serving_check_images == 0:
         return Check("serving", True, "skipped (register.serving_check_images is 0)")
@@ -223,38 +271,67 @@ def _serving(settings: Settings, paths: Paths, registry: Registry, version: str,
     try:
         got = np.asarray(registry.serve(version, [r[0] for r in records]), dtype=float)
     except Exception as err:  # the served model did not load or answer: that is the finding
-        return Check("serving", False, f"version {version} did not load and answer through "
-                     f"MLflow's pyfunc loader: {str(err)[:500]}")  # fmt: skip
+        return Check(
+            "serving",
+            False,
+            f"version {version} did not load and answer through "
+            f"MLflow's pyfunc loader: {str(err)[:500]}",
+        )
     gap = float(np.max(np.abs(got - want))) if len(got) == len(want) else float("inf")
     ok = gap <= cfg.serving_tolerance
-    return Check("serving", ok, f"the registered version, loaded in a fresh process, answers "
-                 f"{len(records)} test images within {gap:.2g} of the evaluated model "
-                 f"({'<=' if ok else '>'} register.serving_tolerance={cfg.serving_tolerance})",
-                 {"images": len(records), "max_abs_difference": gap})  # fmt: skip
+    return Check(
+        "serving",
+        ok,
+        f"the registered version, loaded in a fresh process, answers "
+        f"{len(records)} test images within {gap:.2g} of the evaluated model "
+        f"({'<=' if ok else '>'} register.serving_tolerance={cfg.serving_tolerance})",
+        {"images": len(records), "max_abs_difference": gap},
+    )
 
 
-def gate(settings: Settings, paths: Paths, registry: Registry, version: str, cand: Scores,
-         ece: float, champion: Version | None) -> list[Check]:  # fmt: skip
+def gate(
+    settings: Settings,
+    paths: Paths,
+    registry: Registry,
+    version: str,
+    cand: Scores,
+    ece: float,
+    champion: Version | None,
+) -> list[Check]:
     """Every check of the promotion gate for candidate `version` (see module docstring)."""
     cfg = settings.registry
     floor = cand.accuracy >= cfg.min_accuracy
-    checks = [Check("floor", floor, f"accuracy {cand.accuracy:.4f} "
-                    f"{'meets' if floor else 'is below'} register.min_accuracy "
-                    f"{cfg.min_accuracy:.4f}",
-                    {"accuracy": cand.accuracy, "interval": wilson(int(cand.correct.sum()),
-                                                                    len(cand.y))})]  # fmt: skip
+    checks = [
+        Check(
+            "floor",
+            floor,
+            f"accuracy {cand.accuracy:.4f} "
+            f"{'meets' if floor else 'is below'} register.min_accuracy "
+            f"{cfg.min_accuracy:.4f}",
+            {"accuracy": cand.accuracy, "interval": wilson(int(cand.correct.sum()), len(cand.y))},
+        )
+    ]
     if champion is not None and champion.version != version:
         champ = version_scores(registry, champion.version, paths, settings.train.batch_size * 2)
-        checks += [_paired(settings, cand, champ, champion.version),
-                   _slice_drops(settings, paths, cand, champ)]  # fmt: skip
+        checks += [
+            _paired(settings, cand, champ, champion.version),
+            _slice_drops(settings, paths, cand, champ),
+        ]
     elif champion is None:
         d = decide(cand.accuracy, None, cfg.min_accuracy, cfg.min_improvement)
         checks.append(Check("paired", d.promote, d.reasons[0]))
     else:
         checks.append(Check("paired", True, f"version {version} is already the champion"))
     ok = ece <= cfg.max_ece + _TOLERANCE
-    checks.append(Check("calibration", ok, f"expected calibration error {ece:.4f} "
-                        f"{'<=' if ok else '>'} register.max_ece={cfg.max_ece}", {"ece": ece}))  # fmt: skip
+    checks.append(
+        Check(
+            "calibration",
+            ok,
+            f"expected calibration error {ece:.4f} "
+            f"{'<=' if ok else '>'} register.max_ece={cfg.max_ece}",
+            {"ece": ece},
+        )
+    )
     checks.append(_serving(settings, paths, registry, version, cand))
     return checks
 
@@ -262,8 +339,9 @@ def gate(settings: Settings, paths: Paths, registry: Registry, version: str, can
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(settings: Settings, paths: Paths, registry: Registry,
-        max_rechecks: int = 3) -> dict[str, Any]:  # fmt: skip
+def run(
+    settings: Settings, paths: Paths, registry: Registry, max_rechecks: int = 3
+) -> dict[str, Any]:
     """Register the trained model, run the gate, move the aliases; write
     `reports/register.json` and `reports/model_card.md`.
 
@@ -278,11 +356,14 @@ def run(settings: Settings, paths: Paths, registry: Registry,
     metrics = read_json(paths.eval_metrics, "run `dvc repro evaluate`")
     cand = evaluated_scores(paths, metrics)
     cal = metrics.get("calibration", {})
-    serving = {"image_size": int(run_info.get("image_size", settings.base.image_size)),
-               "resize": str(run_info.get("resize", settings.augment.resize)),
-               "threshold": float(metrics["threshold"]), "predict": settings.predict.model_dump(),
-               "calibration": [float(cal.get("a", 1.0)), float(cal.get("b", 0.0))],
-               "example": first_record(paths.prepared, "test")[0]}  # a real test image  # fmt: skip
+    serving = {
+        "image_size": int(run_info.get("image_size", settings.base.image_size)),
+        "resize": str(run_info.get("resize", settings.augment.resize)),
+        "threshold": float(metrics["threshold"]),
+        "predict": settings.predict.model_dump(),
+        "calibration": [float(cal.get("a", 1.0)), float(cal.get("b", 0.0))],
+        "example": first_record(paths.prepared, "test")[0],
+    }  # a real test image
     version, created, model_uri = registry.register(run_info, metrics, serving)
     bins = settings.evaluate.calibration_bins
     ece = float(metrics.get("ece", expected_calibration_error(cand.y, cand.p, bins)[0]))
@@ -311,34 +392,73 @@ def run(settings: Settings, paths: Paths, registry: Registry,
         break
     passed = all(c.passed for c in checks)
     already = champ is not None and champ.version == version and not moves
-    label = ("champion" if already and passed else "promoted" if moves
-             else "pending_approval" if passed and cfg.approval == "manual" else "rejected")  # fmt: skip
+    label = (
+        "champion"
+        if already and passed
+        else "promoted"
+        if moves
+        else "pending_approval"
+        if passed and cfg.approval == "manual"
+        else "rejected"
+    )
     after = registry.champion()
     report = {
-        "model_name": registry.name, "version": version, "newly_registered": created,
-        "run_id": run_info["run_id"], "model_uri": model_uri, "decision": label,
+        "model_name": registry.name,
+        "version": version,
+        "newly_registered": created,
+        "run_id": run_info["run_id"],
+        "model_uri": model_uri,
+        "decision": label,
         "reasons": [c.summary for c in checks if not c.passed] or [_why(checks)],
         "checks": [asdict(c) for c in checks],
-        "candidate": {"version": version, "accuracy": cand.accuracy, "f1": metrics["f1"],
-                      "roc_auc": metrics.get("roc_auc"), "threshold": metrics["threshold"],
-                      "ece": ece},
-        "champion_before": {"version": champ.version if champ else None,
-                            "accuracy": _champion_accuracy(checks, champ, version, cand)},
+        "candidate": {
+            "version": version,
+            "accuracy": cand.accuracy,
+            "f1": metrics["f1"],
+            "roc_auc": metrics.get("roc_auc"),
+            "threshold": metrics["threshold"],
+            "ece": ece,
+        },
+        "champion_before": {
+            "version": champ.version if champ else None,
+            "accuracy": _champion_accuracy(checks, champ, version, cand),
+        },
         "champion_after": after.version if after else None,
         "alias_moves": moves,
-        "policy": {k: getattr(cfg, k) for k in ("min_accuracy", "min_improvement", "alpha",
-                                                "max_slice_drop", "max_ece", "approval")},
+        "policy": {
+            k: getattr(cfg, k)
+            for k in (
+                "min_accuracy",
+                "min_improvement",
+                "alpha",
+                "max_slice_drop",
+                "max_ece",
+                "approval",
+            )
+        },
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
     write_json(paths.register_report, report)
     card = model_card(settings, paths, report, metrics)
     atomic_write(paths.model_card, card)
     reference = paths.reference if paths.reference.is_file() else None
     if reference is None:
-        log.warning("register: %s missing: `genderclf drift` will have no reference for "
-                    "version %s (run `dvc repro evaluate`)", paths.reference, version)  # fmt: skip
-    registry.record(run_info["run_id"], version, label, report["reasons"], paths.register_report,
-                    describe(report) + "\n\n" + card, paths.model_card, reference)  # fmt: skip
+        log.warning(
+            "register: %s missing: `genderclf drift` will have no reference for "
+            "version %s (run `dvc repro evaluate`)",
+            paths.reference,
+            version,
+        )
+    registry.record(
+        run_info["run_id"],
+        version,
+        label,
+        report["reasons"],
+        paths.register_report,
+        describe(report) + "\n\n" + card,
+        paths.model_card,
+        reference,
+    )
     return report
 
 
@@ -346,8 +466,9 @@ def _why(checks: list[Check]) -> str:
     return "; ".join(c.summary for c in checks)
 
 
-def _champion_accuracy(checks: list[Check], champ: Version | None, version: str,
-                       cand: Scores) -> float | None:  # fmt: skip
+def _champion_accuracy(
+    checks: list[Check], champ: Version | None, version: str, cand: Scores
+) -> float | None:
     if champ is None:
         return None
     if champ.version == version:
@@ -358,17 +479,29 @@ def _champion_accuracy(checks: list[Check], champ: Version | None, version: str,
 
 def describe(report: dict[str, Any]) -> str:
     """The version's description: what was decided, and each check with its numbers."""
-    verdict = {"promoted": "Promoted to champion", "champion": "Champion (unchanged)",
-               "pending_approval": "Passed the gate; waiting for approval (challenger)",
-               "rejected": "Not promoted (challenger)"}[report["decision"]]  # fmt: skip
+    verdict = {
+        "promoted": "Promoted to champion",
+        "champion": "Champion (unchanged)",
+        "pending_approval": "Passed the gate; waiting for approval (challenger)",
+        "rejected": "Not promoted (challenger)",
+    }[report["decision"]]
     lines = [f"**{verdict}.**", ""]
-    lines += [f"- {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['summary']}"
-              for c in report["checks"]]  # fmt: skip
+    lines += [
+        f"- {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['summary']}"
+        for c in report["checks"]
+    ]
     return "\n".join(lines)
 
 
-def promote(settings: Settings, paths: Paths, registry: Registry, version: str, reason: str,
-            force: bool = False, by: str = "") -> dict[str, Any]:  # fmt: skip
+def promote(
+    settings: Settings,
+    paths: Paths,
+    registry: Registry,
+    version: str,
+    reason: str,
+    force: bool = False,
+    by: str = "",
+) -> dict[str, Any]:
     """`genderclf promote` and an approval: run the gate for `version` against the current
     champion (scored on this workspace's test split) and move `champion` if it passes, or
     with `force` regardless (recorded as forced). Returns {moved, checks, move}."""
@@ -381,6 +514,7 @@ def promote(settings: Settings, paths: Paths, registry: Registry, version: str, 
     if not (passed or force) or (champ is not None and champ.version == version):
         return {"moved": False, "checks": [asdict(c) for c in checks], "move": None}
     label = "promoted" if passed else "forced (gate failed)"
-    move = registry.promote(version, champ.version if champ else None,
-                            f"{label}{who}: {reason}. {_why(checks)}")  # fmt: skip
+    move = registry.promote(
+        version, champ.version if champ else None, f"{label}{who}: {reason}. {_why(checks)}"
+    )
     return {"moved": move is not None, "checks": [asdict(c) for c in checks], "move": move}

@@ -26,10 +26,12 @@ def run(settings: Settings, paths: Paths) -> SplitReport:
     """
     if not paths.manifest.is_file():
         raise FileNotFoundError(f"{paths.manifest} not found: run `dvc repro validate` first")
-    manifest = pd.read_csv(paths.manifest, dtype={"identity": str, "partition": str},
-                           keep_default_na=False)  # fmt: skip
+    manifest = pd.read_csv(
+        paths.manifest, dtype={"identity": str, "partition": str}, keep_default_na=False
+    )
     parts = split_manifest(manifest, settings.split, settings.base.seed)
     write_splits(parts, paths.splits)
     known = (manifest["identity"] != "").any()
-    return SplitReport(settings.split.strategy, balance(parts),
-                       identity_overlap(parts) if known else None)  # fmt: skip
+    return SplitReport(
+        settings.split.strategy, balance(parts), identity_overlap(parts) if known else None
+    )

@@ -69,8 +69,9 @@ def prepare(settings: Settings, paths: Paths) -> Path:
     return backup_dir_for(paths.train_backups, settings, meta)
 
 
-def run(settings: Settings, paths: Paths,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainReport:  # fmt: skip
+def run(
+    settings: Settings, paths: Paths, on_epoch: Callable[[dict[str, Any]], None] | None = None
+) -> TrainReport:
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
     Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
@@ -97,17 +98,31 @@ def run(settings: Settings, paths: Paths,
     tr = meta["splits"]["train"]
     weights = class_weights(tr["male"], tr["images"], t.class_weights)
     with reproducible(settings.base.seed, deterministic):
-        train_ds = make_dataset(paths.prepared, "train", t.batch_size, shuffle=True,
-                                seed=settings.base.seed, deterministic=deterministic)  # fmt: skip
+        train_ds = make_dataset(
+            paths.prepared,
+            "train",
+            t.batch_size,
+            shuffle=True,
+            seed=settings.base.seed,
+            deterministic=deterministic,
+        )
         val_ds = make_dataset(paths.prepared, "val", t.batch_size)
-        result = fit_phases(settings, train_ds, val_ds, backup, weights=weights,
-                            on_epoch=on_epoch, train_records=tr["records"],
-                            deterministic=deterministic)  # fmt: skip
+        result = fit_phases(
+            settings,
+            train_ds,
+            val_ds,
+            backup,
+            weights=weights,
+            on_epoch=on_epoch,
+            train_records=tr["records"],
+            deterministic=deterministic,
+        )
     save_model(result.model, paths.model)
 
     hist = result.history
-    best = min((r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"],
-               default={})  # fmt: skip
+    best = min(
+        (r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"], default={}
+    )
     rate = tr["records"] * result.epochs_run_now / result.seconds if result.epochs_run_now else None
     # The training rate per epoch, compilation and validation excluded (history rows).
     rates = sorted(r["images_per_second"] for r in hist if r.get("images_per_second"))
@@ -127,8 +142,15 @@ def run(settings: Settings, paths: Paths,
         shutil.copyfile(backup / "history.csv", tmp)
     plot_history(hist, paths.curves)
     example = next(iter(make_dataset(paths.prepared, "test", 1)))[0].numpy()
-    return TrainReport(metrics, hist, result.model, example, backup, settings.base.image_size,
-                       settings.augment.resize)  # fmt: skip
+    return TrainReport(
+        metrics,
+        hist,
+        result.model,
+        example,
+        backup,
+        settings.base.image_size,
+        settings.augment.resize,
+    )
 
 
 def discard_backup(report: TrainReport) -> None:

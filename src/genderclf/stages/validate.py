@@ -49,8 +49,9 @@ def _dedupe(checks: list[ImageCheck]) -> tuple[list[bool], list[tuple[str, str]]
     return keep, rejected
 
 
-def _summary(layout: str, manifest: pd.DataFrame, rejected: list[tuple[str, str]],
-             gx_passed: bool) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    layout: str, manifest: pd.DataFrame, rejected: list[tuple[str, str]], gx_passed: bool
+) -> dict[str, Any]:
     total = len(manifest) + len(rejected)
     reasons: dict[str, int] = {}
     for _, reason in rejected:
@@ -90,9 +91,11 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> ValidateRepo
     rejected = sorted([*cands.rejected, *refused, *bad])
     info = pd.DataFrame([c.__dict__ for c in checks], columns=list(ImageCheck.__dataclass_fields__))
     manifest = cands.rows.assign(
-        sha256=info["sha256"].values, width=info["width"].values,
-        height=info["height"].values, mode=info["mode"].values,
-    )[keep].reset_index(drop=True)  # fmt: skip
+        sha256=info["sha256"].values,
+        width=info["width"].values,
+        height=info["height"].values,
+        mode=info["mode"].values,
+    )[keep].reset_index(drop=True)
 
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows([("path", "reason"), *rejected])
@@ -113,10 +116,11 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> ValidateRepo
     if problems:
         paths.manifest.unlink(missing_ok=True)
         raise ValidationFailed(
-            "validation failed:\n  - " + "\n  - ".join(problems)
+            "validation failed:\n  - "
+            + "\n  - ".join(problems)
             + f"\nReport: {paths.validation_report} (and {paths.rejected}, Data Docs in "
             f"{paths.data_docs}/)"
-        )  # fmt: skip
+        )
     with atomic_file(paths.manifest) as tmp:
         manifest.to_csv(tmp, index=False)
     return ValidateReport(summary)

@@ -22,9 +22,15 @@ def _differing(param_sets: list[dict[str, str]]) -> list[str]:
 def _table(lead_headers: list[str], runs: list[Any], lead: list[list[str]]) -> str:
     diff = _differing([r.data.params for r in runs])
     headers = [*lead_headers, *METRICS, "data_checksum", *diff]
-    rows = [[*first, *(_fmt(r.data.metrics.get(k)) for k in METRICS),
-             r.data.tags.get("data_checksum", "-")[:19], *(r.data.params.get(k, "-") for k in diff)]
-            for first, r in zip(lead, runs, strict=True)]  # fmt: skip
+    rows = [
+        [
+            *first,
+            *(_fmt(r.data.metrics.get(k)) for k in METRICS),
+            r.data.tags.get("data_checksum", "-")[:19],
+            *(r.data.params.get(k, "-") for k in diff),
+        ]
+        for first, r in zip(lead, runs, strict=True)
+    ]
     return render_table(headers, rows, right=list(METRICS))
 
 
@@ -44,15 +50,21 @@ def compare_versions() -> str:
 
     configure()
     client = MlflowClient()
-    versions = sorted(client.search_model_versions(f"name='{MODEL_NAME}'"),
-                      key=lambda v: -int(v.version))  # fmt: skip
+    versions = sorted(
+        client.search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: -int(v.version)
+    )
     if not versions:
         return f"no versions of {MODEL_NAME} registered yet: run `dvc repro` (or `make demo`)"
     aliases = aliases_by_version(client)
     runs = [client.get_run(v.run_id) for v in versions]
-    lead = [[("*" if CHAMPION in aliases.get(str(v.version), []) else " ") + str(v.version),
-             ",".join(aliases.get(str(v.version), [])) or "-", v.tags.get("decision", "-")]
-            for v in versions]  # fmt: skip
+    lead = [
+        [
+            ("*" if CHAMPION in aliases.get(str(v.version), []) else " ") + str(v.version),
+            ",".join(aliases.get(str(v.version), [])) or "-",
+            v.tags.get("decision", "-"),
+        ]
+        for v in versions
+    ]
     return _table(["version", "aliases", "decision"], runs, lead) + "\n(* = champion)"
 
 
@@ -62,13 +74,21 @@ def compare_runs(n: int) -> str:
 
     configure()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    runs = [] if exp is None else mlflow.search_runs(
-        [exp.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
-        output_format="list")  # fmt: skip
+    runs = (
+        []
+        if exp is None
+        else mlflow.search_runs(
+            [exp.experiment_id],
+            max_results=n,
+            order_by=["attributes.start_time DESC"],
+            output_format="list",
+        )
+    )
     # a run no stage logged into (a flow run that failed at once) says nothing
     runs = [r for r in runs if r.data.params or r.data.metrics or "registry.version" in r.data.tags]
     if not runs:
         return f"experiment {EXPERIMENT!r} has no runs yet"
-    lead = [[r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")]
-            for r in runs]  # fmt: skip
+    lead = [
+        [r.info.run_id[:8], r.info.status, r.data.tags.get("registry.version", "-")] for r in runs
+    ]
     return _table(["run", "status", "version"], runs, lead)

@@ -76,8 +76,9 @@ def find_or_register(
             "register: run %s is already version %s; not registering again", run_id, mv.version
         )
         return mv, False
-    mv = call_with_retries(lambda: mlflow.register_model(model_uri, MODEL_NAME, tags=tags),
-                           retries, 1.0, what)  # fmt: skip
+    mv = call_with_retries(
+        lambda: mlflow.register_model(model_uri, MODEL_NAME, tags=tags), retries, 1.0, what
+    )
     return mv, True
 
 
@@ -102,8 +103,14 @@ def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
     prev = current_alias(client, alias)
     # str(): some stores return the version as an int; records and comparisons use strings.
     prev_version = str(prev.version) if prev else None
-    move = {"alias": alias, "from": prev_version, "to": version,
-            "by": _who(), "at": _now(), "reason": reason[:400]}  # fmt: skip
+    move = {
+        "alias": alias,
+        "from": prev_version,
+        "to": version,
+        "by": _who(),
+        "at": _now(),
+        "reason": reason[:400],
+    }
     client.set_registered_model_alias(MODEL_NAME, alias, version)
     client.set_model_version_tag(MODEL_NAME, version, f"alias.{alias}.set", json.dumps(move))
     if prev_version is not None and prev_version != version:
@@ -136,9 +143,10 @@ def promotion_lock(client, where: str, timeout: float = 300.0, stale_after: floa
     while True:
         try:
             client.create_registered_model(
-                LOCK_MODEL, tags={"holder": _who(), "since": f"{time.time():.3f}"},
+                LOCK_MODEL,
+                tags={"holder": _who(), "since": f"{time.time():.3f}"},
                 description="held by `genderclf register` while it moves the champion alias",
-            )  # fmt: skip
+            )
             break
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
@@ -149,8 +157,9 @@ def promotion_lock(client, where: str, timeout: float = 300.0, stale_after: floa
             continue  # released meanwhile
         since = float(held.tags.get("since", "0") or 0)
         if time.time() - since > stale_after:
-            log.warning("register: taking over a stale promotion lock held by %s",
-                        held.tags.get("holder"))  # fmt: skip
+            log.warning(
+                "register: taking over a stale promotion lock held by %s", held.tags.get("holder")
+            )
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(LOCK_MODEL)
             continue
@@ -175,8 +184,14 @@ REFERENCE_DIR = "reference"
 REFERENCE_TAG = "genderclf.reference"
 
 
-def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, example: bytes,
-                      retries: int, where: str = "MLflow artifact store") -> str:  # fmt: skip
+def serving_model_uri(
+    client,
+    run: dict[str, Any],
+    config: ServingConfig,
+    example: bytes,
+    retries: int,
+    where: str = "MLflow artifact store",
+) -> str:
     """The run's servable pyfunc model (`models:/<model_id>`), logged from its Keras model once.
 
     Packaging happens at registration, not in train, because the serving threshold is the
@@ -193,9 +208,14 @@ def serving_model_uri(client, run: dict[str, Any], config: ServingConfig, exampl
         return f"models:/{tags[SERVING_MODEL_TAG]}"
     keras_uri = run["keras_model_uri"]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(call_with_retries(
-            lambda: mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=tmp),
-            retries, 1.0, where))  # fmt: skip
+        folder = Path(
+            call_with_retries(
+                lambda: mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=tmp),
+                retries,
+                1.0,
+                where,
+            )
+        )
         files = sorted(folder.rglob("*.keras"))
         if not files:
             raise FileNotFoundError(f"{keras_uri} holds no .keras file: re-run `dvc repro train`")
@@ -242,20 +262,31 @@ class MlflowRegistry:
     def _call(self, fn):
         return call_with_retries(fn, self.retries, 1.0, self.where)
 
-    def register(self, run: dict[str, Any], metrics: dict[str, Any],
-                 serving: dict[str, Any]) -> tuple[str, bool, str]:  # fmt: skip
+    def register(
+        self, run: dict[str, Any], metrics: dict[str, Any], serving: dict[str, Any]
+    ) -> tuple[str, bool, str]:
         """(version, newly registered, model URI); `challenger` points at the version."""
-        tags = {"accuracy": f"{float(metrics['accuracy']):.6f}",
-                "threshold": f"{float(metrics['threshold']):.6f}",
-                "f1": f"{float(metrics['f1']):.6f}", "run_id": run["run_id"]}  # fmt: skip
+        tags = {
+            "accuracy": f"{float(metrics['accuracy']):.6f}",
+            "threshold": f"{float(metrics['threshold']):.6f}",
+            "f1": f"{float(metrics['f1']):.6f}",
+            "run_id": run["run_id"],
+        }
         cal = tuple(serving.get("calibration", (1.0, 0.0)))
         tags["calibration"] = json.dumps(list(cal))
-        config = ServingConfig(serving["image_size"], serving["resize"], serving["threshold"],
-                               serving.get("predict"), cal)  # fmt: skip
-        uri = serving_model_uri(self.client, run, config, serving["example"], self.retries,
-                                self.where)  # fmt: skip
-        mv, created = find_or_register(self.client, run["run_id"], uri, tags, self.retries,
-                                       self.where)  # fmt: skip
+        config = ServingConfig(
+            serving["image_size"],
+            serving["resize"],
+            serving["threshold"],
+            serving.get("predict"),
+            cal,
+        )
+        uri = serving_model_uri(
+            self.client, run, config, serving["example"], self.retries, self.where
+        )
+        mv, created = find_or_register(
+            self.client, run["run_id"], uri, tags, self.retries, self.where
+        )
         version = str(mv.version)
         self._call(lambda: self.client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version))
         return version, created, uri
@@ -305,15 +336,26 @@ class MlflowRegistry:
                 return None
             return self._call(lambda: move_alias(self.client, CHAMPION, version, reason))
 
-    def record(self, run_id: str, version: str, decision: str, reasons: list[str],
-               report_file: Path, description: str = "", card_file: Path | None = None,
-               reference_file: Path | None = None) -> None:  # fmt: skip
+    def record(
+        self,
+        run_id: str,
+        version: str,
+        decision: str,
+        reasons: list[str],
+        report_file: Path,
+        description: str = "",
+        card_file: Path | None = None,
+        reference_file: Path | None = None,
+    ) -> None:
         import mlflow
 
         c = self.client
         self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "decision", decision))
-        self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "decision_reason",
-                                                   "; ".join(reasons)[:4000]))  # fmt: skip
+        self._call(
+            lambda: c.set_model_version_tag(
+                MODEL_NAME, version, "decision_reason", "; ".join(reasons)[:4000]
+            )
+        )
         if description:
             self._call(lambda: c.update_model_version(MODEL_NAME, version, description[:5000]))
         model = self._call(lambda: c.get_registered_model(MODEL_NAME))
@@ -389,9 +431,14 @@ def serve_in_fresh_process(
     from genderclf.tracking.setup import tracking_uri
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", _SERVE, model_uri], capture_output=True,
-                          text=True, timeout=timeout, env=env,
-                          input=json.dumps([base64.b64encode(b).decode() for b in images]))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVE, model_uri],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        input=json.dumps([base64.b64encode(b).decode() for b in images]),
+    )
     answer = [ln for ln in proc.stdout.splitlines() if ln.startswith("GENDERCLF-ANSWER ")]
     if proc.returncode != 0 or not answer:
         tail = redact((proc.stderr or proc.stdout).strip())[-600:]

@@ -34,9 +34,14 @@ from genderclf.tracking.setup import (
 log = logging.getLogger(__name__)
 
 KERAS_MODEL = "keras_model"  # the LoggedModel name of the trained Keras model
-EPOCH_KEYS = {"loss": "train/loss", "accuracy": "train/accuracy", "val_loss": "val/loss",
-              "val_accuracy": "val/accuracy", "lr": "train/lr",
-              "images_per_second": "train/images_per_second"}  # fmt: skip
+EPOCH_KEYS = {
+    "loss": "train/loss",
+    "accuracy": "train/accuracy",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "lr": "train/lr",
+    "images_per_second": "train/images_per_second",
+}
 
 
 def _tracking_failures():
@@ -81,15 +86,20 @@ class TrainingRun:
             if resumed is None:
                 mlflow.log_params({k: str(v)[:500] for k, v in self.settings.flat().items()})
             t = self.settings.train
-            mlflow.set_tags({
-                **lineage_tags(self.paths.params, self.paths.source_file, str(self.paths.prepared)),
-                "stage.train": "running",
-                "mlflow.note.content": (
-                    f"Training of {t.backbone} ({t.weights or 'from scratch'}) at "
-                    f"{self.settings.base.image_size}px on {self._source_name()}: "
-                    f"{t.epochs_head} head + {t.epochs_finetune} fine-tune epochs. "
-                    "The evaluate and register stages log into this run too."),
-            })  # fmt: skip
+            mlflow.set_tags(
+                {
+                    **lineage_tags(
+                        self.paths.params, self.paths.source_file, str(self.paths.prepared)
+                    ),
+                    "stage.train": "running",
+                    "mlflow.note.content": (
+                        f"Training of {t.backbone} ({t.weights or 'from scratch'}) at "
+                        f"{self.settings.base.image_size}px on {self._source_name()}: "
+                        f"{t.epochs_head} head + {t.epochs_finetune} fine-tune epochs. "
+                        "The evaluate and register stages log into this run too."
+                    ),
+                }
+            )
             for split in ("train", "val", "test"):
                 log_dataset(self.paths, split)
         except _tracking_failures() as err:
@@ -98,21 +108,31 @@ class TrainingRun:
 
     def _source_name(self) -> str:
         rec = _source(self.paths)
-        return str(rec.get("slug") or rec.get("uri") or rec.get("path") or rec.get("source")
-                   or "unknown data")  # fmt: skip
+        return str(
+            rec.get("slug")
+            or rec.get("uri")
+            or rec.get("path")
+            or rec.get("source")
+            or "unknown data"
+        )
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's history row as `train/` and `val/` metrics at step `epoch`; never
         fails the training."""
         import mlflow
 
-        metrics = {EPOCH_KEYS[k]: rounded(v) for k, v in row.items()
-                   if k in EPOCH_KEYS and v is not None}  # fmt: skip
+        metrics = {
+            EPOCH_KEYS[k]: rounded(v) for k, v in row.items() if k in EPOCH_KEYS and v is not None
+        }
         try:
             mlflow.log_metrics(metrics, step=int(row["epoch"]))
         except Exception as err:  # a tracking hiccup must not kill hours of training
-            log.warning("could not log epoch %d to MLflow (%s); it stays in %s",
-                        row["epoch"], type(err).__name__, self.paths.history)  # fmt: skip
+            log.warning(
+                "could not log epoch %d to MLflow (%s); it stays in %s",
+                row["epoch"],
+                type(err).__name__,
+                self.paths.history,
+            )
 
     def log_training(self, report: Any) -> None:
         """The train stage's report: the curves, the Keras model (a LoggedModel, with the
@@ -123,21 +143,33 @@ class TrainingRun:
         mlflow.log_artifact(str(self.paths.curves), "plots")
         mlflow.log_artifact(str(self.paths.history), "plots")
         m = report.metrics
-        summary = {"best_epoch": m["best_epoch"], "best_val_loss": m["val_loss"],
-                   "best_val_accuracy": m["val_accuracy"], "epochs": m["epochs"],
-                   "resumed": m["resumed"], "class_weights": m["class_weights"],
-                   "train_images_per_second": m["train_images_per_second"],
-                   "images_per_second": m["images_per_second"]}  # fmt: skip
+        summary = {
+            "best_epoch": m["best_epoch"],
+            "best_val_loss": m["val_loss"],
+            "best_val_accuracy": m["val_accuracy"],
+            "epochs": m["epochs"],
+            "resumed": m["resumed"],
+            "class_weights": m["class_weights"],
+            "train_images_per_second": m["train_images_per_second"],
+            "images_per_second": m["images_per_second"],
+        }
         info = log_keras_model(
             report.model, report.example, {k: str(v) for k, v in summary.items()}
         )
         # The servable pyfunc model is logged by register, which knows evaluation's
         # threshold; run.json carries what it needs to package this one.
-        write_json(self.paths.run, {
-            "run_id": self.run_id, "experiment_id": mlflow.active_run().info.experiment_id,
-            "tracking_uri": self.uri, "keras_model_uri": info.model_uri,
-            "model_id": info.model_id, "image_size": report.image_size, "resize": report.resize,
-        })  # fmt: skip
+        write_json(
+            self.paths.run,
+            {
+                "run_id": self.run_id,
+                "experiment_id": mlflow.active_run().info.experiment_id,
+                "tracking_uri": self.uri,
+                "keras_model_uri": info.model_uri,
+                "model_id": info.model_id,
+                "image_size": report.image_size,
+                "resize": report.resize,
+            },
+        )
         mlflow.set_tag("stage.train", "done")
 
     def _fail(self, err: BaseException) -> None:
@@ -145,8 +177,11 @@ class TrainingRun:
 
         with contextlib.suppress(*_tracking_failures()):
             mlflow.end_run("FAILED")  # pops the active run even when the server is down
-        kept = (f"the trained model is kept in {self.paths.model}" if self.saved
-                else f"completed epochs are kept in {self.backup}")  # fmt: skip
+        kept = (
+            f"the trained model is kept in {self.paths.model}"
+            if self.saved
+            else f"completed epochs are kept in {self.backup}"
+        )
         raise TrackingError(
             f"MLflow tracking server at {self.uri} failed during the train stage: "
             f"{redact(str(err))[:300]}. {kept}; run the stage again when the server answers "
@@ -185,8 +220,9 @@ def dataset(paths: Paths, split: str):
         where = rec.get("uri") if kind == "s3" else Path(str(rec.get("path"))).as_uri()
         source = HTTPDatasetSource(f"{redact(str(where))}#{checksum}")
     else:
-        source = CodeDatasetSource({"generator": str(rec.get("generator", kind or "unknown")),
-                                    "checksum": checksum})  # fmt: skip
+        source = CodeDatasetSource(
+            {"generator": str(rec.get("generator", kind or "unknown")), "checksum": checksum}
+        )
     digest = dvc_out_hash("augment", str(paths.prepared)) or checksum.removeprefix("sha256:")
     return MetaDataset(source, name=f"{split}", digest=digest[:32])
 
@@ -229,10 +265,18 @@ def log_keras_model(model: Any, example: Any, params: dict[str, str] | None = No
 
     example = np.asarray(example, dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
-    return Model.log(artifact_path=None, name=KERAS_MODEL, flavor=_KerasFolderFirst,
-                     flavor_name="mlflow.keras", model=model, signature=signature,
-                     input_example=example, pip_requirements=runtime_requirements(),
-                     params=params, model_type="keras-classifier")  # fmt: skip
+    return Model.log(
+        artifact_path=None,
+        name=KERAS_MODEL,
+        flavor=_KerasFolderFirst,
+        flavor_name="mlflow.keras",
+        model=model,
+        signature=signature,
+        input_example=example,
+        pip_requirements=runtime_requirements(),
+        params=params,
+        model_type="keras-classifier",
+    )
 
 
 def runtime_requirements() -> list[str]:
@@ -293,8 +337,11 @@ def log_evaluation(paths: Paths, metrics: dict[str, Any], plots: list[Path]) -> 
     configure()
     run = json.loads(paths.run.read_text())
     with mlflow.start_run(run_id=run["run_id"]):
-        mlflow.log_metrics(evaluation_metrics(metrics), model_id=run.get("model_id"),
-                           dataset=dataset(paths, "test"))  # fmt: skip
+        mlflow.log_metrics(
+            evaluation_metrics(metrics),
+            model_id=run.get("model_id"),
+            dataset=dataset(paths, "test"),
+        )
         mlflow.set_tag("threshold", f"{metrics['threshold']:.6f}")
         mlflow.log_artifact(str(paths.eval_metrics), "metrics")
         for f in plots:
@@ -322,8 +369,11 @@ def start_flow_run(
     configure()
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
-    tags = {**resolve_tags(), "prefect.flow_run_id": flow_run_id,
-            "prefect.flow_run_name": flow_run_name}  # fmt: skip
+    tags = {
+        **resolve_tags(),
+        "prefect.flow_run_id": flow_run_id,
+        "prefect.flow_run_name": flow_run_name,
+    }
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     run = client.create_run(exp.experiment_id, run_name=flow_run_name, tags=tags)

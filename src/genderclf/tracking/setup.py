@@ -79,8 +79,12 @@ def configure(retries: int = 3, backoff: float = 1.0) -> str:
     # where a later configure() would mistake it for the user's choice.)
     if os.environ.get("MLFLOW_REGISTRY_URI"):
         mlflow.set_registry_uri(os.environ["MLFLOW_REGISTRY_URI"])
-    call_with_retries(lambda: _ensure_experiment(uri), retries, backoff,
-                      f"MLflow tracking server at {redact(uri)}")  # fmt: skip
+    call_with_retries(
+        lambda: _ensure_experiment(uri),
+        retries,
+        backoff,
+        f"MLflow tracking server at {redact(uri)}",
+    )
     return redact(uri)
 
 
@@ -123,12 +127,20 @@ def call_with_retries(fn, retries: int, backoff: float, what: str):
         )
 
     def permanent(err: BaseException) -> bool:
-        return getattr(err, "error_code", "") in ("INVALID_PARAMETER_VALUE",
-                                                  "RESOURCE_ALREADY_EXISTS")  # fmt: skip
+        return getattr(err, "error_code", "") in (
+            "INVALID_PARAMETER_VALUE",
+            "RESOURCE_ALREADY_EXISTS",
+        )
 
-    return retry(fn, attempts=retries, backoff=backoff, what=what,
-                 retry_on=(MlflowException, RequestException, OSError), give_up=give_up,
-                 permanent=permanent)  # fmt: skip
+    return retry(
+        fn,
+        attempts=retries,
+        backoff=backoff,
+        what=what,
+        retry_on=(MlflowException, RequestException, OSError),
+        give_up=give_up,
+        permanent=permanent,
+    )
 
 
 def _git(*args: str) -> str | None:
@@ -190,8 +202,13 @@ def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dic
         "dvc_prepared_md5": dvc_out_hash("augment", prepared_dir) or "unknown",
         "params_md5": file_md5(params_file) or "unknown",
         "data_source": str(source.get("source", "unknown")),
-        "data_location": str(source.get("slug") or source.get("uri") or source.get("path")
-                             or source.get("generator") or "unknown"),
+        "data_location": str(
+            source.get("slug")
+            or source.get("uri")
+            or source.get("path")
+            or source.get("generator")
+            or "unknown"
+        ),
         "data_checksum": str(source.get("checksum", "unknown")),
-    }  # fmt: skip
+    }
     return {k: redact(v) for k, v in tags.items()}
