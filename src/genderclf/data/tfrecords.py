@@ -77,7 +77,10 @@ class ShardWriter:
         }
         ex = tf.train.Example(features=tf.train.Features(feature=feats))
         try:
-            self._writer.write(ex.SerializeToString())
+            # deterministic=True: the features are a protobuf map, which the upb runtime
+            # otherwise serializes in an order that changes from process to process (the
+            # same records, other bytes, on every run).
+            self._writer.write(ex.SerializeToString(deterministic=True))
         except tf.errors.OpError as err:
             raise _os_error(err, self.out_dir / self.files[-1]) from err
         self._count += 1
