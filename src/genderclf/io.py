@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -16,10 +17,10 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -375,8 +376,15 @@ def _set_context(context: Any) -> None:
     _CONTEXT = context
 
 
-def _apply(fn: Callable[[Any, Any], Any], item: Any) -> Any:
-    return fn(_CONTEXT, item)
+def _apply_chunk(fn: Callable[[Any, Any], Any], chunk: list[Any]) -> list[Any]:
+    return [fn(_CONTEXT, item) for item in chunk]
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` consecutive items (the last may be shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, max(1, size))):
+        yield chunk
 
 
 def parallel_map(
@@ -386,23 +394,55 @@ def parallel_map(
     workers: int,
     context: Any = None,
     chunksize: int = 1,
+    cluster: bool = True,
 ) -> Iterator[R]:
-    """`fn(context, item)` for every item, in input order, over `workers` processes.
+    """`fn(context, item)` for every item, in input order: the project's one parallel map.
 
-    `fn` must be a module-level function; `context` (settings, a root folder) is sent to
-    each worker once, not with every item. Workers are spawned, not forked: the parent may
-    have imported TensorFlow, which is not fork-safe. With `workers <= 1` it runs here.
+    The engine is chosen by where the code runs, never by a setting (STYLE 19): with Ray's
+    `RAY_ADDRESS` set, each chunk of `chunksize` items is one Ray task on that cluster
+    (`genderclf.engine`); otherwise the chunks go to `workers` local processes, or run here
+    with `workers <= 1`. The same `fn` runs either way, so the results are the same.
+
+    Items are read lazily and only a few chunks per worker are in flight at a time, so
+    memory stays flat however many items there are. `fn` must be a module-level function;
+    `context` (settings, a root folder) is sent to each worker once, not with every item.
+    Local workers are spawned, not forked: the parent may have imported TensorFlow, which
+    is not fork-safe.
+
+    Args:
+        cluster: False for work that must run on this machine whatever RAY_ADDRESS says
+            (it writes into a local folder, as the sample generator does).
+
+    Raises:
+        Whatever `fn` raises (from a Ray task: the original error when it is a
+        GenderclfError); ClusterError when RAY_ADDRESS names no reachable cluster.
     """
+    from genderclf.engine import cluster_address
+
+    chunks = chunked(items, chunksize)
+    if cluster and cluster_address():
+        from genderclf.engine import ray_map
+
+        yield from ray_map(fn, chunks, context)
+        return
     if workers <= 1:
-        for item in items:
-            yield fn(context, item)
+        for chunk in chunks:
+            for item in chunk:
+                yield fn(context, item)
         return
     ctx = mp.get_context("spawn")
+    window: deque[Any] = deque()
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_set_context, initargs=(context,)
     ) as pool:
         try:
-            yield from pool.map(partial(_apply, fn), items, chunksize=chunksize)
+            for chunk in chunks:
+                window.append(pool.submit(_apply_chunk, fn, chunk))
+                # Two chunks per worker keep every process busy while the caller consumes.
+                if len(window) >= 2 * workers:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise

@@ -347,7 +347,8 @@ def generate(
         wa, wp = csv.writer(fa), csv.writer(fp)
         wa.writerow(["image_id", *CELEBA_ATTRIBUTES])
         wp.writerow(["image_id", "partition"])
-        for rows in parallel_map(_work, chunks, workers=workers, context=job):
+        # cluster=False: the workers write into `root`, a folder of this machine.
+        for rows in parallel_map(_work, chunks, workers=workers, context=job, cluster=False):
             for i, ident, attrs in rows:
                 name = f"{i + 1:06d}.jpg"
                 wa.writerow([name, *(attrs[k] for k in CELEBA_ATTRIBUTES)])
