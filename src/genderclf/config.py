@@ -134,6 +134,9 @@ class DirSource(_Section):
 
 class S3Source(_Section):
     uri: str | None = Field(pattern=r"^s3://[a-z0-9.\-]{3,63}(/.*)?$")
+    mode: Literal["copy", "reference"] = Field(
+        description="copy: the objects into data/raw; reference: a pinned listing of them"
+    )
     endpoint_url: str | None = Field(
         description="S3-compatible endpoint; falls back to AWS_ENDPOINT_URL"
     )

@@ -1,18 +1,51 @@
-"""The Great Expectations suite over the validated manifest, with its Data Docs."""
+"""The Great Expectations suite over the validated manifest, with its Data Docs.
+
+GX reads the manifest through SQL (a table of the validate stage's scratch SQLite
+database), so the database does the counting and GX's memory stays flat however many
+images there are. The run has a fixed identity (its time is the data's download time),
+and the ids GX draws at random are left out of `gx_results.json`: the same data gives the
+same results file, on any engine and however often validation runs.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
-
-import pandas as pd
+from typing import Any
 
 from genderclf.config import ValidateSettings
 
+RUN_NAME = "validate"
 
-def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Path) -> dict:
-    """Run the manifest suite with GX; render Data Docs into `docs_dir`.
+
+def run_time_of(record: dict[str, Any] | None) -> datetime:
+    """The run time GX records: when the data was downloaded (SOURCE.json), else 1970-01-01."""
+    text = (record or {}).get("downloaded_at")
+    try:
+        when = datetime.fromisoformat(str(text))
+    except ValueError:
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _stable(result: dict[str, Any]) -> dict[str, Any]:
+    """The GX result without what changes on every run: random ids and the load time."""
+    meta = result.get("meta", {})
+    for key in ("checkpoint_id", "validation_id"):
+        meta.pop(key, None)
+    meta.get("batch_markers", {}).pop("ge_load_time", None)
+    for r in result.get("results", []):
+        r.get("expectation_config", {}).pop("id", None)
+    return result
+
+
+def run_expectations(
+    database: Path, table: str, cfg: ValidateSettings, docs_dir: Path, run_time: datetime
+) -> dict:
+    """Run the manifest suite with GX on `table` of the SQLite file `database`; render Data
+    Docs into `docs_dir`.
 
     Returns:
         The GX validation result as a JSON-able dict (key `success` says if all passed).
@@ -20,6 +53,7 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.core.run_identifier import RunIdentifier
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
@@ -34,8 +68,12 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
-    batch = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("manifest")
-    batch_def = batch.add_batch_definition_whole_dataframe("all")
+    source = ctx.data_sources.add_sqlite(
+        "manifest", connection_string=f"sqlite:///{Path(database).resolve()}"
+    )
+    batch_def = source.add_table_asset(
+        "manifest", table_name=table
+    ).add_batch_definition_whole_table("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name="manifest"))
     for col in ("path", "label", "partition"):
         suite.add_expectation(gxe.ExpectColumnToExist(column=col))
@@ -64,12 +102,10 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
             result_format={"result_format": "SUMMARY"},
         )
     )
-    # GX wants plain object columns; pandas' nullable NA in attribute columns is not needed here.
-    result = checkpoint.run(
-        batch_parameters={"dataframe": manifest[["path", "label", "partition", "sha256"]]}
-    )
+    result = checkpoint.run(run_id=RunIdentifier(run_name=RUN_NAME, run_time=run_time))
     vr = next(iter(result.run_results.values()))
-    return vr.to_json_dict()
+    # A JSON round trip: plain types only, as they are written to gx_results.json.
+    return _stable(json.loads(json.dumps(vr.to_json_dict(), default=str)))
 
 
 def failed_expectations(gx_result: dict) -> list[str]:
@@ -85,13 +121,22 @@ def failed_expectations(gx_result: dict) -> list[str]:
 
 
 def report_html(
-    summary: dict, gx_result: dict, rejected: list[tuple[str, str]], shown: int = 200
+    summary: dict,
+    gx_result: dict,
+    rejected: list[tuple[str, str]],
+    shown: int = 200,
+    total: int | None = None,
 ) -> str:
     """A self-contained validation report (inline CSS, no scripts, no network).
 
     GX's Data Docs load their CSS and JavaScript from CDNs, so offline they render
     unstyled and their index lists nothing; this page reads the same everywhere.
+
+    Args:
+        rejected: the rejected files (the first `shown` are listed).
+        total: how many were rejected in all, when `rejected` holds only the first ones.
     """
+    total = len(rejected) if total is None else total
     from html import escape
 
     def row(*cells: object, cls: str = "") -> str:
@@ -116,11 +161,7 @@ def report_html(
         )
     reasons = [row(k, v) for k, v in sorted(summary.get("reject_reasons", {}).items())]
     files = [row(p, why) for p, why in rejected[:shown]]
-    more = (
-        f"<p>... and {len(rejected) - shown} more in rejected.csv</p>"
-        if len(rejected) > shown
-        else ""
-    )
+    more = f"<p>... and {total - shown} more in rejected.csv</p>" if total > shown else ""
     verdict = "passed" if summary.get("expectations_passed") else "FAILED"
     facts = [
         row(k, summary.get(k))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import SOURCE_NAME, GenderclfError, Settings
+from genderclf.data.remote import s3_client, split_s3_uri
 from genderclf.io import Refused, copy_tree, cpu_workers, retry, safe_extract
 
 log = logging.getLogger(__name__)
@@ -242,30 +243,12 @@ def list_dir(settings: Settings) -> list[str]:
 # --- s3 -----------------------------------------------------------------------------------
 
 
-def s3_client(endpoint_url: str | None = None, retries: int = 4):
-    """A boto3 S3 client; endpoint from the argument or AWS_ENDPOINT_URL(_S3)."""
-    import boto3
-    from botocore.config import Config
-
-    endpoint = (
-        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    cfg = Config(retries={"max_attempts": retries + 1, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    rest = uri.removeprefix("s3://")
-    bucket, _, prefix = rest.partition("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
-
-
 def fetch_s3(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     from botocore.exceptions import BotoCoreError, ClientError
 
     s = settings.data.s3
+    if s.mode == "reference":
+        return fetch_s3_reference(settings, dest)
     bucket, prefix = split_s3_uri(s.uri or "")
     client = s3_client(s.endpoint_url, s.retries)
     n = 0
@@ -289,13 +272,33 @@ def fetch_s3(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
     return Fetched({"uri": s.uri, "endpoint_url": client.meta.endpoint_url})
 
 
+def fetch_s3_reference(settings: Settings, dest: Path) -> Fetched:
+    """`data.s3.mode: reference`: data/raw gets LISTING.csv (key, size, ETag, version id of
+    every image object) and copies of the other files; the images stay in S3
+    (`genderclf.data.remote`)."""
+    from genderclf.data.remote import RawUnreachable, S3Location, fetch_listing
+
+    s = settings.data.s3
+    where = S3Location.of(s.uri or "", s.endpoint_url, s.retries)
+    try:
+        images, copied = fetch_listing(where, dest)
+    except (RawUnreachable, ValueError) as err:
+        raise DownloadError(str(err)) from None
+    if images == 0:
+        raise DownloadError(f"{s.uri}: no image objects under this prefix")
+    endpoint = s3_client(s.endpoint_url, s.retries).meta.endpoint_url
+    log.info("download: %d S3 objects listed by reference, %d other files copied", images, copied)
+    return Fetched({"uri": s.uri, "endpoint_url": endpoint, "mode": "reference", "listed": images})
+
+
 def list_s3(settings: Settings) -> list[str]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     s = settings.data.s3
     bucket, prefix = split_s3_uri(s.uri or "")
     client = s3_client(s.endpoint_url, s.retries)
-    entries = [f"uri={s.uri}"]
+    # By reference, data/raw holds other files than a copy: a switch of mode is a change.
+    entries = [f"uri={s.uri}"] + (["mode=reference"] if s.mode == "reference" else [])
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
