@@ -1,11 +1,21 @@
-"""The split stage: manifest -> train / val / test tables, deterministic for a seed."""
+"""The split stage: manifest -> train / val / test tables, deterministic for a seed.
+
+`split_file` works on the manifest file in parts (flat memory, any size); `split_manifest`
+on a table in memory. Both cut with `assign_splits`, so they give the same rows.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from genderclf.config import SPLITS, GenderclfError, SplitSettings
@@ -14,42 +24,67 @@ from genderclf.io import atomic_file
 
 log = logging.getLogger(__name__)
 
-Cut = Callable[[pd.DataFrame, float, int], tuple[pd.DataFrame, pd.DataFrame]]
+Cut = Callable[[np.ndarray, np.ndarray | None, float, int], tuple[np.ndarray, np.ndarray]]
 
 
 class SplitError(GenderclfError, ValueError):
     """The manifest cannot be split with the chosen strategy."""
 
 
-def _stratified(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+# A split as a number: where `assign_splits` puts each row (-1: no split).
+SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
+# A partition cell as a number: the splits, then "" (none given) and anything else.
+NO_PARTITION, OTHER_PARTITION = -1, -2
+
+
+def partition_code(value: str) -> int:
+    return SPLIT_CODE.get(value, NO_PARTITION if value == "" else OTHER_PARTITION)
+
+
+def _stratified(
+    labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    counts = df["label"].value_counts()
-    stratify = df["label"] if len(counts) > 1 and counts.min() >= 2 else None
-    return train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
+    # Positions, not rows: train_test_split draws the same cut for any array of this length.
+    values, counts = np.unique(labels, return_counts=True)
+    stratify = labels if len(values) > 1 and counts.min() >= 2 else None
+    return train_test_split(
+        np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=stratify
+    )
 
 
-def _grouped(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _grouped(
+    labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import GroupShuffleSplit
 
+    # Group codes numbered in the identities' sorted order: GroupShuffleSplit sorts the
+    # groups first, so the codes give the cut the identity strings give.
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    a, b = next(gss.split(df, groups=df["identity"].astype(str)))
-    return df.iloc[a], df.iloc[b]
+    a, b = next(gss.split(np.zeros(len(labels)), groups=groups))
+    return a, b
 
 
-def _cut(cut: Cut, df: pd.DataFrame, fraction: float, seed: int):
+def _cut(
+    cut: Cut, labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return cut(df, fraction, seed)
+        return cut(labels, groups, fraction, seed)
     except ValueError as err:  # sklearn: too few rows or identities for this fraction
         raise SplitError(
-            f"cannot split {len(df)} images: the dataset is too small ({err})"
+            f"cannot split {len(labels)} images: the dataset is too small ({err})"
         ) from None
 
 
-def split_manifest(
-    manifest: pd.DataFrame, cfg: SplitSettings, seed: int
-) -> dict[str, pd.DataFrame]:
-    """Split the manifest by `split.strategy`.
+def assign_splits(
+    labels: np.ndarray, parts: np.ndarray, groups: np.ndarray, cfg: SplitSettings, seed: int
+) -> np.ndarray:
+    """Where each manifest row goes (`SPLIT_CODE`, -1 for none), by `split.strategy`.
+
+    The rows are in path order (what makes the split independent of the manifest's row
+    order); only these three columns are needed, as numbers, so this holds a few bytes
+    per image however wide the manifest is.
 
     * `official`: the dataset's own partition column. CelebA's partition is
       identity-disjoint, so no person appears in two splits. A partition the source lacks
@@ -57,15 +92,20 @@ def split_manifest(
     * `stratified`: by label, with `split.val_fraction` and `split.test_fraction`.
     * `group`: by identity, so that no person is in two splits.
 
+    Args:
+        labels: 1 = male, 0 = female.
+        parts: `partition_code` of each row's partition.
+        groups: each row's identity as a code in the identities' sorted order; -1 where the
+            row has no identity.
+
     Raises:
-        SplitError: the strategy needs a column the manifest does not have.
+        SplitError: the manifest is empty, or the strategy needs a column the manifest does
+            not fill, or the dataset is too small for the fractions.
     """
-    if manifest.empty:
+    if len(labels) == 0:
         raise SplitError("the manifest is empty: run `genderclf validate` first")
-    df = manifest.sort_values("path").reset_index(drop=True)
     if cfg.strategy == "official":
-        parts = df["partition"].fillna("").astype(str)
-        missing = int((parts == "").sum())
+        missing = int((parts == NO_PARTITION).sum())
         what = (
             "the dataset has no partition column values"
             if missing == len(parts)
@@ -76,35 +116,187 @@ def split_manifest(
                 f"split.strategy=official but {what}; use split.strategy="
                 "stratified (or group when identities are known)"
             )
-        out = {s: df[parts == s] for s in SPLITS}
+        out = {s: np.flatnonzero(parts == code) for s, code in SPLIT_CODE.items()}
         train = out["train"]
         for s, frac in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
-            if out[s].empty:
-                if train.empty:
+            if out[s].size == 0:
+                if train.size == 0:
                     raise SplitError(f"official split has neither {s} nor train images")
                 log.warning(
                     "split: no %s partition in the dataset; carving %.0f%% of train", s, 100 * frac
                 )
-                train, out[s] = _cut(_stratified, train, frac, seed)
+                a, b = _cut(_stratified, labels[train], None, frac, seed)
+                train, out[s] = train[a], train[b]
         out["train"] = train
     else:
         if cfg.strategy == "group":
-            ids = df["identity"].fillna("").astype(str)
-            if (ids == "").any():
+            if (groups < 0).any():
                 raise SplitError(
                     "split.strategy=group needs an identity for every image; this dataset has "
                     "none (use split.strategy=stratified)"
                 )
-            cut = _grouped
+            cut: Cut = _grouped
         else:
             cut = _stratified
-        rest, test = _cut(cut, df, cfg.test_fraction, seed)
-        train, val = _cut(cut, rest, cfg.val_fraction / (1 - cfg.test_fraction), seed)
-        out = {"train": train, "val": val, "test": test}
+        rest, test = _cut(cut, labels, groups, cfg.test_fraction, seed)
+        a, b = _cut(
+            cut, labels[rest], groups[rest], cfg.val_fraction / (1 - cfg.test_fraction), seed
+        )
+        out = {"train": rest[a], "val": rest[b], "test": test}
     for s in SPLITS:
-        if out[s].empty:
+        if out[s].size == 0:
             raise SplitError(f"split {s!r} is empty: the dataset is too small for these fractions")
-    return {s: out[s].sort_values("path").reset_index(drop=True) for s in SPLITS}
+    where = np.full(len(labels), -1, dtype=np.int8)
+    for s, code in SPLIT_CODE.items():
+        where[out[s]] = code
+    return where
+
+
+def identity_codes(identities: pd.Series) -> np.ndarray:
+    """Each identity as its rank among the distinct identities (sorted); -1 for none."""
+    ids = identities.astype(str).to_numpy()
+    _, codes = np.unique(ids, return_inverse=True)
+    codes = codes.astype(np.int64)
+    codes[identities.fillna("").astype(str).to_numpy() == ""] = -1
+    return codes
+
+
+def split_manifest(
+    manifest: pd.DataFrame, cfg: SplitSettings, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Split a manifest held in memory by `split.strategy` (see `assign_splits`).
+
+    Returns:
+        {split: its rows, sorted by path}.
+
+    Raises:
+        SplitError: the strategy needs a column the manifest does not have.
+    """
+    if manifest.empty:
+        raise SplitError("the manifest is empty: run `genderclf validate` first")
+    df = manifest.sort_values("path").reset_index(drop=True)
+    parts = np.array(
+        [partition_code(p) for p in df["partition"].fillna("").astype(str)], dtype=np.int8
+    )
+    where = assign_splits(
+        df["label"].to_numpy(np.int64), parts, identity_codes(df["identity"]), cfg, seed
+    )
+    return {
+        s: df.iloc[np.flatnonzero(where == code)].reset_index(drop=True)
+        for s, code in SPLIT_CODE.items()
+    }
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """What a split of the manifest file gave: images and males per split, and the number
+    of identities in more than one split (None when the manifest has no identities)."""
+
+    counts: dict[str, dict[str, int]]
+    identity_overlap: int | None
+
+
+def split_file(manifest: Path, out_dir: Path, cfg: SplitSettings, seed: int) -> SplitCounts:
+    """Split the manifest CSV into `out_dir/{train,val,test}.csv`, with flat memory.
+
+    The manifest is read row by row into a scratch SQLite table, which sorts it by path;
+    `assign_splits` cuts it (from its labels, partitions and identity codes only), and the
+    rows are written back, each split in path order. The files hold exactly the rows,
+    columns and cell text `split_manifest` + `write_splits` give.
+
+    Raises:
+        SplitError: see `assign_splits`; a label that is not an integer.
+    """
+    from genderclf.data.scratch import Scratch
+
+    with Scratch(prefix="genderclf-split-") as scratch:
+        header = _load_manifest(scratch, manifest)
+        db = scratch.db
+        n = int(scratch.value("SELECT COUNT(*) FROM rows") or 0)
+        db.execute(
+            "CREATE TABLE ids AS SELECT identity, ROW_NUMBER() OVER (ORDER BY identity) - 1 "
+            "AS code FROM (SELECT DISTINCT identity FROM rows)"
+        )
+        db.execute("CREATE UNIQUE INDEX ids_identity ON ids (identity)")
+        labels = np.empty(n, dtype=np.int64)
+        parts = np.empty(n, dtype=np.int8)
+        groups = np.empty(n, dtype=np.int64)
+        order = "ORDER BY r.path, r.pos"
+        for i, (label, part, identity, code) in enumerate(
+            scratch.rows(
+                f"SELECT r.label, r.part, r.identity, i.code FROM rows r JOIN ids i "
+                f"USING (identity) {order}"
+            )
+        ):
+            labels[i], parts[i] = label, partition_code(part)
+            groups[i] = -1 if identity == "" else code
+        where = assign_splits(labels, parts, groups, cfg, seed)
+        with contextlib.ExitStack() as stack:
+            files = []
+            for s in SPLITS:
+                tmp = stack.enter_context(atomic_file(out_dir / f"{s}.csv"))
+                f = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+                f.write(header)
+                files.append(f)
+            for i, (line,) in enumerate(scratch.rows(f"SELECT r.line FROM rows r {order}")):
+                if where[i] >= 0:
+                    files[where[i]].write(line)
+    counts = {
+        s: {"images": int((where == c).sum()), "male": int(labels[where == c].sum())}
+        for s, c in SPLIT_CODE.items()
+    }
+    overlap = None
+    if (groups >= 0).any():
+        present = [np.unique(groups[(where == c) & (groups >= 0)]) for c in SPLIT_CODE.values()]
+        _, times = np.unique(np.concatenate(present), return_counts=True)
+        overlap = int((times > 1).sum())
+    return SplitCounts(counts, overlap)
+
+
+def _line(writer: Any, buf: io.StringIO, row: list[str]) -> str:
+    buf.seek(0)
+    buf.truncate()
+    writer.writerow(row)
+    return buf.getvalue()
+
+
+def _load_manifest(scratch: Any, manifest: Path) -> str:
+    """The manifest's rows into the scratch table `rows`; returns the header line.
+
+    Each row is kept as the CSV line the split files get: its cells as text, as pandas
+    reads and writes them (`keep_default_na=False`: an empty cell stays empty).
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    scratch.db.execute(
+        "CREATE TABLE rows (pos INTEGER PRIMARY KEY, path TEXT, label INTEGER, part TEXT, "
+        "identity TEXT, line TEXT)"
+    )
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        missing = [c for c in ("path", "label", "partition", "identity") if c not in header]
+        if missing:
+            raise SplitError(
+                f"{manifest}: no column {', '.join(missing)}: run `dvc repro validate` again"
+            )
+        ip, il, ipart, iid = (header.index(c) for c in ("path", "label", "partition", "identity"))
+
+        def rows():
+            for line_no, r in enumerate(reader, start=2):
+                if not r:
+                    continue
+                try:
+                    label = int(r[il])
+                except ValueError:
+                    raise SplitError(
+                        f"{manifest}, line {line_no}: label {r[il]!r} is not 0 or 1"
+                    ) from None
+                yield line_no, r[ip], label, r[ipart], r[iid], _line(writer, buf, r)
+
+        scratch.insert("rows", rows(), 6)
+        scratch.db.commit()
+    return _line(writer, buf, header)
 
 
 def balance(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
@@ -142,6 +334,14 @@ def read_split(splits_dir: Path, split: str) -> pd.DataFrame:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run `genderclf split` (or `dvc repro split`)")
     return pd.read_csv(p, dtype={"identity": str, "partition": str}, keep_default_na=False)
+
+
+def read_split_head(splits_dir: Path, split: str, n: int = 32) -> pd.DataFrame:
+    """The first `n` rows of a split table (read without the rest)."""
+    p = Path(splits_dir) / f"{split}.csv"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `genderclf split` (or `dvc repro split`)")
+    return pd.read_csv(p, dtype={"identity": str, "partition": str}, keep_default_na=False, nrows=n)
 
 
 def identity_overlap(splits: dict[str, pd.DataFrame]) -> int:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pandas as pd
-
 from genderclf.config import Paths, Settings
-from genderclf.data.split import balance, identity_overlap, split_manifest, write_splits
+from genderclf.data.split import split_file
 
 
 @dataclass(frozen=True)
@@ -26,12 +24,6 @@ def run(settings: Settings, paths: Paths) -> SplitReport:
     """
     if not paths.manifest.is_file():
         raise FileNotFoundError(f"{paths.manifest} not found: run `dvc repro validate` first")
-    manifest = pd.read_csv(
-        paths.manifest, dtype={"identity": str, "partition": str}, keep_default_na=False
-    )
-    parts = split_manifest(manifest, settings.split, settings.base.seed)
-    write_splits(parts, paths.splits)
-    known = (manifest["identity"] != "").any()
-    return SplitReport(
-        settings.split.strategy, balance(parts), identity_overlap(parts) if known else None
-    )
+    # In parts: the manifest is never held whole (flat memory at any dataset size).
+    done = split_file(paths.manifest, paths.splits, settings.split, settings.base.seed)
+    return SplitReport(settings.split.strategy, done.counts, done.identity_overlap)
