@@ -3,14 +3,25 @@
 Each train variant is made with one fused affine warp (flip, rotation, zoom and shift
 composed into a single matrix, one resample) plus a vectorised brightness/contrast step,
 instead of one resample per transform. PIL and NumPy only in the worker processes: they
-start fast and stay small; the parent writes the shards.
+start fast and stay small.
+
+Who writes the shards: the driver (the `genderclf augment` process), in order, from the
+JPEG bytes each chunk of work returns, whether the chunks ran in local processes or as
+Ray tasks on a cluster. The shards are then the same bytes on any engine, the output can
+go wherever the driver writes (a DVC workspace; no storage shared with the workers), and
+a task that runs twice after a node failure writes nothing twice. Writing is cheap beside
+the work (about 1% of augment's time: benchmarks/cluster.py measures it).
+
+A split is read from its CSV in parts (a scratch SQLite table gives the train split's
+shuffled order), so memory stays flat at any dataset size.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import math
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +32,8 @@ from PIL import Image
 
 from genderclf.config import AugmentSettings, Settings
 from genderclf.console import Progress
+from genderclf.data.remote import LISTING_NAME, Pin, RawSource, is_by_reference
+from genderclf.data.scratch import Scratch
 from genderclf.data.tfrecords import ShardWriter
 from genderclf.images import fit_square, load_rgb
 from genderclf.io import cpu_workers, parallel_map
@@ -85,12 +98,13 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
 
 
 def _process(
-    job: dict[str, Any], chunk: list[tuple[int, str, int]]
+    job: dict[str, Any], chunk: list[tuple[int, str, int, Pin | None]]
 ) -> list[tuple[str, int, list[bytes]]]:
-    """Decode, resize and augment a chunk of (index, path, label) rows in a worker."""
+    """Decode, resize and augment a chunk of (index, path, label, pin) rows in a worker."""
+    source: RawSource = job["source"]
     out = []
-    for index, path, label in chunk:
-        base = fit_square(load_rgb(os.path.join(job["raw_dir"], path)), job["size"], job["resize"])
+    for index, path, label, pin in chunk:
+        base = fit_square(load_rgb(source.read(path, pin)), job["size"], job["resize"])
         images = [encode_jpeg(base, job["quality"])]
         if job["copies"]:
             rng = np.random.default_rng([job["seed"], job["split_seed"], index])
@@ -100,50 +114,100 @@ def _process(
     return out
 
 
+class SplitTable:
+    """One split's (path, label) rows, and their pins in the by-reference mode, in a scratch
+    SQLite table: read in chunks in any order without holding the split in memory."""
+
+    def __init__(self, scratch: Scratch, split_csv: Path, raw_dir: Path):
+        db = scratch.db
+        self.scratch = scratch
+        db.execute("CREATE TABLE rows (idx INTEGER PRIMARY KEY, path TEXT, label INTEGER)")
+        db.execute("CREATE TABLE pins (path TEXT PRIMARY KEY, size INT, etag TEXT, version TEXT)")
+        scratch.insert("rows", _path_label(split_csv), 3)
+        if is_by_reference(raw_dir):
+            from genderclf.data.remote import read_listing
+
+            scratch.insert(
+                "pins",
+                ((k, p.size, p.etag, p.version_id) for k, p in read_listing(raw_dir)),
+                4,
+            )
+        db.commit()
+        self.n = int(scratch.value("SELECT COUNT(*) FROM rows") or 0)
+
+    def chunk(self, indices: np.ndarray) -> list[tuple[int, str, int, Pin | None]]:
+        """The rows at `indices`, in that order, with their pins."""
+        marks = ",".join("?" * len(indices))
+        found = {
+            idx: (idx, path, label, None if size is None else Pin(size, etag, version or ""))
+            for idx, path, label, size, etag, version in self.scratch.db.execute(
+                "SELECT r.idx, r.path, r.label, p.size, p.etag, p.version FROM rows r "
+                f"LEFT JOIN pins p ON p.path = r.path WHERE r.idx IN ({marks})",
+                [int(i) for i in indices],
+            )
+        }
+        return [found[int(i)] for i in indices]
+
+
+def _path_label(split_csv: Path) -> Iterator[tuple[int, str, int]]:
+    with open(split_csv, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        ip, il = header.index("path"), header.index("label")
+        for i, r in enumerate(row for row in reader if row):
+            yield i, r[ip], int(r[il])
+
+
 def write_split(
     split: str,
-    df: pd.DataFrame,
+    split_csv: Path,
     settings: Settings,
-    raw_dir: Path,
+    source: RawSource,
     out_dir: Path,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write one split's shards into `out_dir`: originals, plus `augment.copies` variants
     of each train image. Returns the split's entry of `meta.json`.
 
+    The images are processed in chunks of `CHUNK` in local processes, or as Ray tasks on
+    the cluster RAY_ADDRESS names (same bytes either way); this process writes the shards.
+
     Raises:
         OSError: a shard cannot be written (ENOSPC, EROFS, EACCES).
+        ObjectChanged: an S3 object differs from the listing (by-reference mode).
     """
     a = settings.augment
     copies = a.copies if split == "train" else 0
-    order = np.arange(len(df))
-    if split == "train":  # mix the shards; variants of one image stay adjacent
-        order = np.random.default_rng([settings.base.seed, 9]).permutation(len(df))
-    rows = [(int(i), str(df["path"].iat[i]), int(df["label"].iat[i])) for i in order]
-    job = {
-        "raw_dir": str(raw_dir),
-        "size": settings.base.image_size,
-        "resize": a.resize,
-        "quality": a.jpeg_quality,
-        "copies": copies,
-        "seed": settings.base.seed,
-        "split_seed": _SPLIT_SEED[split],
-        "params": AugmentParams.of(a),
-    }
-    chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
-    workers = min(cpu_workers(a.workers), len(chunks))
-    writer = ShardWriter(out_dir, split, len(rows) * (1 + copies), a.shard_size)
-    males = 0
-    with Progress(len(rows), f"augment {split}", enabled=progress) as bar:
-        for chunk in parallel_map(_process, chunks, workers=workers, context=job):
-            for path, label, images in chunk:
-                for v, img in enumerate(images):
-                    writer.write(img, label, path, v)
-                males += label
-            bar.update(len(chunk))
-    records = writer.close()
+    with Scratch(prefix="genderclf-augment-") as scratch:
+        table = SplitTable(scratch, split_csv, Path(source.root))
+        n = table.n
+        order = np.arange(n)
+        if split == "train":  # mix the shards; variants of one image stay adjacent
+            order = np.random.default_rng([settings.base.seed, 9]).permutation(n)
+        job = {
+            "source": source,
+            "size": settings.base.image_size,
+            "resize": a.resize,
+            "quality": a.jpeg_quality,
+            "copies": copies,
+            "seed": settings.base.seed,
+            "split_seed": _SPLIT_SEED[split],
+            "params": AugmentParams.of(a),
+        }
+        chunks = (table.chunk(order[i : i + CHUNK]) for i in range(0, n, CHUNK))
+        workers = min(cpu_workers(a.workers), max(1, -(-n // CHUNK)))
+        writer = ShardWriter(out_dir, split, n * (1 + copies), a.shard_size)
+        males = 0
+        with Progress(n, f"augment {split}", enabled=progress) as bar:
+            for chunk in parallel_map(_process, chunks, workers=workers, context=job):
+                for path, label, images in chunk:
+                    for v, img in enumerate(images):
+                        writer.write(img, label, path, v)
+                    males += label
+                bar.update(len(chunk))
+        records = writer.close()
     return {
-        "images": len(rows),
+        "images": n,
         "records": records,
         "copies": copies,
         "male": males,
@@ -152,9 +216,18 @@ def write_split(
 
 
 def preview(
-    settings: Settings, raw_dir: Path, train: pd.DataFrame, out_png: Path, n: int = 6
+    settings: Settings,
+    raw: Path | RawSource,
+    train: pd.DataFrame,
+    out_png: Path,
+    n: int = 6,
 ) -> None:
-    """Save a grid: each row one train image, original then its augmented variants."""
+    """Save a grid: each row one train image, original then its augmented variants.
+
+    Args:
+        raw: the raw folder, or the RawSource that reads it (S3 objects by reference).
+        train: the first rows of the train split (at least `n`).
+    """
     import matplotlib
 
     from genderclf.io import atomic_file
@@ -162,6 +235,8 @@ def preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    source = raw if isinstance(raw, RawSource) else RawSource(str(raw))
+    pins = _pins(source, list(train.head(n)["path"]))
     df = train.head(n)
     copies = max(settings.augment.copies, 3)
     p = AugmentParams.of(settings.augment)
@@ -170,7 +245,8 @@ def preview(
         len(df), copies + 1, figsize=(1.6 * (copies + 1), 1.7 * len(df)), squeeze=False
     )
     for r, (path, label) in enumerate(zip(df["path"], df["label"], strict=True)):
-        base = fit_square(load_rgb(Path(raw_dir) / path), size, settings.augment.resize)
+        image = load_rgb(source.read(path, pins.get(path)))
+        base = fit_square(image, size, settings.augment.resize)
         rng = np.random.default_rng([settings.base.seed, 0, r])
         ims = [base] + [augment(base, p, rng) for _ in range(copies)]
         for c, im in enumerate(ims):
@@ -186,3 +262,13 @@ def preview(
     with atomic_file(out_png) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+def _pins(source: RawSource, paths: list[str]) -> dict[str, Pin]:
+    """The listed pins of a few paths (by-reference mode; empty otherwise)."""
+    if source.s3 is None or not (Path(source.root) / LISTING_NAME).is_file():
+        return {}
+    from genderclf.data.remote import read_listing
+
+    wanted = set(paths)
+    return {k: p for k, p in read_listing(source.root) if k in wanted}

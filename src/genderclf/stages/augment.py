@@ -1,9 +1,10 @@
 """The augment stage: splits -> sharded TFRecords at `base.image_size`, plus a preview.
 
 Train gets `augment.copies` extra variants per image (random flip, rotation, zoom, shift,
-brightness, contrast); val and test are resized only. The whole folder is written to a
-temporary sibling and renamed into place with `meta.json` last, so an interrupted or
-failed run never leaves shards that look complete.
+brightness, contrast); val and test are resized only. The images are processed in local
+processes or on the Ray cluster RAY_ADDRESS names, with the same bytes either way. The
+whole folder is written to a temporary sibling and renamed into place with `meta.json`
+last, so an interrupted or failed run never leaves shards that look complete.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 from genderclf.config import SPLITS, GenderclfError, Paths, Settings
 from genderclf.data.augment import preview, write_split
-from genderclf.data.split import read_split
+from genderclf.data.remote import open_raw
+from genderclf.data.split import read_split_head
 from genderclf.data.tfrecords import META_FILE
 from genderclf.io import atomic_dir, write_json
 
@@ -40,7 +42,12 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentRepor
             partial output left in place.
         FileNotFoundError: the split tables are missing.
     """
-    splits = {s: read_split(paths.splits, s) for s in SPLITS}
+    files = {s: paths.split_file(s) for s in SPLITS}
+    for f in files.values():
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: run `genderclf split` (or `dvc repro split`)")
+    s3 = settings.data.s3
+    source = open_raw(paths.raw, s3.endpoint_url, s3.retries)
     try:
         with atomic_dir(paths.prepared) as tmp:
             meta = {
@@ -51,7 +58,7 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentRepor
                 "augment": settings.augment.model_dump(),
                 "seed": settings.base.seed,
                 "splits": {
-                    s: write_split(s, splits[s], settings, paths.raw, tmp, progress) for s in SPLITS
+                    s: write_split(s, files[s], settings, source, tmp, progress) for s in SPLITS
                 },
             }
             write_json(tmp / META_FILE, meta)  # last: its presence marks the data complete
@@ -63,5 +70,5 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentRepor
                 "augment` again; no partial output was kept."
             ) from err
         raise
-    preview(settings, paths.raw, splits["train"], paths.augment_preview)
+    preview(settings, source, read_split_head(paths.splits, "train"), paths.augment_preview)
     return AugmentReport(meta, paths.prepared, paths.augment_preview)
