@@ -8,12 +8,13 @@ files. S3 goes through the boto3 client of `genderclf.data.sources` (endpoint fr
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from genderclf.config import GenderclfError
-from genderclf.images import ImageError, is_image_name
+from genderclf.data.remote import S3Location, S3Object
+from genderclf.images import is_image_name
 
 
 class BatchError(GenderclfError):
@@ -43,82 +44,78 @@ def list_images(
     Raises:
         BatchError: a folder that does not exist, or an S3 prefix that cannot be listed.
     """
+    left_out = [0]
+    entries = list(walk_images(location, left_out, endpoint_url, retries))
+    return entries, left_out[0]
+
+
+def walk_images(
+    location: str, left_out: list[int], endpoint_url: str | None = None, retries: int = 3
+) -> Iterator[Entry]:
+    """The image files under `location`, streamed (a folder in `os.walk` order with sorted
+    names, an S3 prefix in key order); `left_out[0]` counts the other files.
+
+    Raises:
+        BatchError: a folder that does not exist, or an S3 prefix that cannot be listed.
+    """
     if is_s3(location):
-        return _list_s3(location, endpoint_url, retries)
+        yield from _walk_s3(location, left_out, endpoint_url, retries)
+        return
     root = Path(location)
     if not root.is_dir():
         raise BatchError(
             f"{location}: no such folder (give a folder of images or s3://bucket/prefix)"
         )
-    out, other = [], 0
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for f in sorted(files):
             p = Path(folder) / f
             if not is_image_name(p):
-                other += 1
+                left_out[0] += 1
                 continue
             try:
                 st = p.stat()
             except OSError:  # vanished or unreadable: the reader reports the reason
                 st = None
-            out.append(
-                Entry(
-                    p.relative_to(root).as_posix(),
-                    st.st_size if st else -1,
-                    f"{st.st_mtime_ns}" if st else "",
-                )
+            yield Entry(
+                p.relative_to(root).as_posix(),
+                st.st_size if st else -1,
+                f"{st.st_mtime_ns}" if st else "",
             )
-    return out, other
 
 
-def _list_s3(location: str, endpoint_url: str | None, retries: int) -> tuple[list[Entry], int]:
+def _walk_s3(
+    location: str, left_out: list[int], endpoint_url: str | None, retries: int
+) -> Iterator[Entry]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from genderclf.data.sources import s3_client, split_s3_uri
+    from genderclf.data.remote import s3_client, split_s3_uri
 
     bucket, prefix = split_s3_uri(location)
     client = s3_client(endpoint_url, retries)
-    out, other = [], 0
     try:
+        # S3 lists keys in UTF-8 byte order: the order of Python's sorted() on the names.
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(prefix) :]
                 if not rel or rel.endswith("/"):
                     continue
                 if not is_image_name(rel):
-                    other += 1
+                    left_out[0] += 1
                     continue
-                out.append(Entry(rel, int(obj.get("Size", -1)), str(obj.get("ETag", ""))))
+                yield Entry(rel, int(obj.get("Size", -1)), str(obj.get("ETag", "")))
     except (BotoCoreError, ClientError) as err:
         raise BatchError(f"{location}: cannot list the prefix: {err}") from None
-    return sorted(out, key=lambda e: e.name), other
 
 
 def sources(
     location: str, names: list[str], endpoint_url: str | None = None, retries: int = 3
 ) -> list[tuple[str, Path | Callable[[], bytes]]]:
     """(name, what to open) for each entry, as `genderclf.monitor.profile.profile` takes
-    them: the local path, or a function that fetches the S3 object (one client for all; a
-    failed fetch becomes that image's `unreadable`, the others go on)."""
+    them: the local path, or an `S3Object` that fetches the object (picklable, so the work
+    can run in other processes or on a Ray cluster; a failed fetch becomes that image's
+    `unreadable`, the others go on)."""
     if not is_s3(location):
-        return [(n, Path(location) / n) for n in names]
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from genderclf.data.sources import s3_client, split_s3_uri
-
-    bucket, prefix = split_s3_uri(location)
-    client = s3_client(endpoint_url, retries)
-
-    def fetcher(name: str) -> Callable[[], bytes]:
-        def fetch() -> bytes:
-            try:
-                return client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
-            except (BotoCoreError, ClientError) as err:
-                raise ImageError(
-                    "unreadable", f"cannot fetch s3://{bucket}/{prefix}{name}: {err}"
-                ) from None
-
-        return fetch
-
-    return [(n, fetcher(n)) for n in names]
+        return [(n, Path(location).resolve() / n) for n in names]
+    where = S3Location.of(location, endpoint_url, retries)
+    return [(n, S3Object(where, n)) for n in names]

@@ -23,8 +23,12 @@ from typing import Any
 import numpy as np
 
 from genderclf.config import GenderclfError
+from genderclf.images import fit_square
 from genderclf.inference import Classifier, ImageError, open_rgb
-from genderclf.io import atomic_file
+from genderclf.io import atomic_file, parallel_map
+
+# Images per chunk of the per-image work (one Ray task on a cluster).
+CHUNK = 32
 
 FEATURES = ["width", "height", "brightness", "contrast", "saturation", "red", "green", "blue"]
 POOL_LAYER = "pool"  # GlobalAveragePooling2D in `genderclf.model.backbones.build_model`
@@ -139,6 +143,19 @@ def embedding_model(clf: Classifier) -> Any:
     return keras.Model(clf.model.inputs, [pool.output, clf.model.outputs[0]])
 
 
+def _describe(job: dict[str, Any], item: tuple[str, Source]) -> tuple[str, Any, Any]:
+    """The per-image work: open, fit to the model input, describe. Returns (name, features,
+    the fitted image as uint8) or (name, None, the reason it cannot be used)."""
+    name, source = item
+    try:
+        im = open_rgb(source() if callable(source) else source, job["max_pixels"])
+    except ImageError as err:
+        return name, None, f"{err.reason}: {err}"
+    # What Classifier.fit does, from plain numbers (the classifier stays with the driver).
+    fitted = np.asarray(fit_square(im, job["size"], job["resize"]), dtype=np.uint8)
+    return name, image_features(im.width, im.height, fitted.astype(np.float32)), fitted
+
+
 def profile(
     sources: Iterable[tuple[str, Source]],
     clf: Classifier,
@@ -149,8 +166,13 @@ def profile(
     """Open, fit, describe and score each image; a file that cannot be used is listed in
     `failed` with the reason and the others go on.
 
+    The per-image work runs here, or as Ray tasks when RAY_ADDRESS names a cluster
+    (`genderclf.io.parallel_map`: same results); the model scores the images here, in
+    batches.
+
     Args:
-        sources: (name, path | bytes | a function returning bytes) pairs.
+        sources: (name, path | bytes | a function returning bytes) pairs; on a cluster
+            they must be picklable (paths every node mounts, `S3Object`s).
         clf: the classifier (its image size, resize mode, threshold, calibration).
         max_pixels: refuse bigger images (`predict.max_pixels`).
         batch_size: images per model call.
@@ -172,16 +194,16 @@ def profile(
             probs.append(np.asarray(keras.ops.convert_to_numpy(p), dtype=np.float64).reshape(-1))
             pending.clear()
 
-    for name, source in sources:
-        try:
-            im = open_rgb(source() if callable(source) else source, max_pixels)
-        except ImageError as err:
-            failed.append((name, f"{err.reason}: {err}"))
+    job = {"size": clf.config.image_size, "resize": clf.config.resize, "max_pixels": max_pixels}
+    for name, features, fitted in parallel_map(
+        _describe, sources, workers=1, context=job, chunksize=CHUNK
+    ):
+        if features is None:
+            failed.append((name, fitted))
             continue
-        fitted = np.asarray(clf.fit(im), dtype=np.float32)
         names.append(name)
-        feats.append(image_features(im.width, im.height, fitted))
-        pending.append(fitted)
+        feats.append(features)
+        pending.append(fitted.astype(np.float32))
         if len(pending) >= batch_size:
             flush()
     flush()

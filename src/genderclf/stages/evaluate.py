@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from genderclf.config import Paths, Settings
+from genderclf.data.remote import open_raw, raw_sources
 from genderclf.data.split import read_split
 from genderclf.inference import Classifier, ServingConfig
 from genderclf.io import write_json
@@ -122,16 +123,14 @@ def write_reference(
     n = min(settings.drift.reference_images, len(test))
     rows = np.sort(np.random.default_rng(settings.base.seed).choice(len(test), n, replace=False))
     names = test["path"].iloc[rows].tolist()
-    if names and not (paths.raw / names[0]).is_file():
-        raise FileNotFoundError(
-            f"{paths.raw / names[0]} not found: the reference statistics are "
-            f"read from the raw test images (run `dvc repro download`)"
-        )
+    # The raw images, wherever they are (data/raw, or S3 objects its listing pins).
+    s3 = settings.data.s3
+    sources = raw_sources(open_raw(paths.raw, s3.endpoint_url, s3.retries), names)
     config = ServingConfig(
         int(model.inputs[0].shape[1]), settings.augment.resize, threshold, None, (platt.a, platt.b)
     )
     prof = profile(
-        [(p, paths.raw / p) for p in names],
+        sources,
         Classifier(model, config, str(paths.model)),
         settings.predict.max_pixels,
         settings.train.batch_size * 2,
