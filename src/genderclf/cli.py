@@ -277,7 +277,10 @@ def register(params: ParamsOpt = PATHS.params) -> None:
 @app.command()
 @command
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Image files and/or folders (recursive), or s3://bucket/prefix."),
+    ],
     model_uri: Annotated[
         str,
         typer.Option(
@@ -321,6 +324,10 @@ def predict(
 ) -> None:
     """Classify the faces in new photos: one row per face (file, box, label, probability).
 
+    The photos are files, folders or S3 prefixes (s3://bucket/prefix; endpoint from
+    data.s3.endpoint_url or AWS_ENDPOINT_URL). With RAY_ADDRESS set they are classified on
+    that Ray cluster (the model loaded once per worker), with the same rows.
+
     Faces are found with the detector `predict.detector` names (BlazeFace by default,
     OpenCV's Haar cascade as the light fallback) and cropped the way CelebA frames a face.
     The image size and threshold come from the model; detection and cropping from the
@@ -330,10 +337,9 @@ def predict(
     classified and the command exits 1 with a summary. json, jsonl and csv rows are
     written as they come (memory stays flat on big folders); a table is printed at the end.
     """
-    quiet_tensorflow()
+    from genderclf import batch_predict
     from genderclf import inference as I
     from genderclf.console import Progress, render_table
-    from genderclf.tracking.serving import load_classifier
 
     if fmt not in I.FORMATS:
         raise typer.BadParameter(f"use {', '.join(I.FORMATS)}", param_hint="--format")
@@ -342,39 +348,22 @@ def predict(
             "--output needs --format json, jsonl or csv", param_hint="--output"
         )
     settings = load_settings(params) if params.is_file() or params != PATHS.params else None
-    files, other = I.find_images(paths)
-    if not files:
-        raise I.PredictError(
-            f"no images in {', '.join(map(str, paths))} "
-            f"(extensions: {', '.join(sorted(I.IMAGE_EXTENSIONS))})"
-        )
-    fallback = (
-        I.ServingConfig(
-            0, settings.augment.resize, I.DEFAULT_THRESHOLD, settings.predict.model_dump()
-        )
-        if settings
-        else None
-    )
-    clf = load_classifier(model_uri, threshold, fallback)
-    cfg = settings.predict if settings else clf.config.predict_settings()
-    if cfg is None:
-        raise I.PredictError(
-            f"{model_uri} carries no `predict` settings: run from the project "
-            "(with its params.yaml) or pass --params"
-        )
-    detector = None if no_detect else I.make_detector(cfg)
-    summary = I.Summary(left_out=len(other))
+    summary = I.Summary()
     table: list[tuple[str, ...]] = []
+    # The images are listed and classified as a stream, here or on the Ray cluster that
+    # RAY_ADDRESS names (genderclf.batch_predict): rows come in input order either way.
     with (
-        Progress(len(files), "predict", enabled=not quiet and len(files) > 5) as bar,
+        Progress(None, "predict", enabled=not quiet) as bar,
         contextlib.nullcontext() if fmt == "table" else I.row_writer(fmt, output) as out,
     ):
-        for row in I.predict_images(files, clf, detector, cfg, bar.wrap):
+        run = batch_predict.predict(paths, model_uri, settings, threshold, not no_detect, bar.wrap)
+        for row in run.rows:
             summary.add(row)
             if out is None:
                 table.append(_table_row(row))
             else:
                 out.write(row)
+    summary.left_out = run.left_out
     if fmt == "table":
         typer.echo(
             render_table(

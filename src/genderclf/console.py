@@ -49,7 +49,8 @@ class Progress:
     Use as a context manager: `with Progress(n, "validate") as bar: ... bar.update()`.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "img", enabled: bool = True):
+    def __init__(self, total: int | None, desc: str, unit: str = "img", enabled: bool = True):
+        """`total` None: a count without an end (a stream of unknown length)."""
         self.started = time.monotonic()
         self._bar = None
         if enabled and sys.stderr.isatty():

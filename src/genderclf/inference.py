@@ -126,20 +126,30 @@ def find_images(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], li
     Raises:
         PredictError: a path does not exist.
     """
-    images: list[Path] = []
     other: list[Path] = []
+    return list(iter_images(paths, other)), other
+
+
+def iter_images(paths: Iterable[str | os.PathLike[str]], other: list[Path]) -> Iterator[Path]:
+    """`find_images`, streamed: the images one by one; the files left out go to `other`.
+
+    Raises:
+        PredictError: a path does not exist (when the walk reaches it).
+    """
     for p in map(Path, paths):
         if p.is_dir():
             for root, dirs, files in os.walk(p):
                 dirs.sort()
                 for f in sorted(files):
                     fp = Path(root) / f
-                    (images if fp.suffix.lower() in IMAGE_EXTENSIONS else other).append(fp)
+                    if fp.suffix.lower() in IMAGE_EXTENSIONS:
+                        yield fp
+                    else:
+                        other.append(fp)
         elif p.exists():
-            images.append(p)
+            yield p
         else:
             raise PredictError(f"{p}: no such file or folder")
-    return images, other
 
 
 # --- faces -----------------------------------------------------------------------------------
@@ -205,6 +215,26 @@ def load_keras(path: str | Path):
         raise PredictError(str(err)) from None
 
 
+def model_files(path: Path, source: str = "") -> tuple[Path, Path | None]:
+    """The `.keras` file of a model (a file, or a folder such as a downloaded MLflow model)
+    and its serving config, if it has one.
+
+    Raises:
+        PredictError: no `.keras` file there.
+    """
+    source = source or str(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.keras"))
+        if not files:
+            raise PredictError(f"{source}: no .keras file in the model (is it a genderclf model?)")
+        configs = sorted(path.rglob(SERVING_CONFIG))
+        return files[0], (configs[0] if configs else None)
+    if path.is_file():
+        config = path.parent / SERVING_CONFIG
+        return path, (config if config.is_file() else None)
+    raise PredictError(f"{source}: no such model file or folder")
+
+
 def load_local(
     path: str | Path, fallback: ServingConfig | None = None, source: str | None = None
 ) -> Classifier:
@@ -219,18 +249,10 @@ def load_local(
     """
     path = Path(path)
     source = source or str(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.keras"))
-        if not files:
-            raise PredictError(f"{source}: no .keras file in the model (is it a genderclf model?)")
-        keras_file, configs = files[0], sorted(path.rglob(SERVING_CONFIG))
-    elif path.is_file():
-        keras_file, configs = path, [c for c in [path.parent / SERVING_CONFIG] if c.is_file()]
-    else:
-        raise PredictError(f"{source}: no such model file or folder")
+    keras_file, config_file = model_files(path, source)
     model = load_keras(keras_file)
-    if configs:
-        cfg = ServingConfig.read(configs[0])
+    if config_file is not None:
+        cfg = ServingConfig.read(config_file)
     elif fallback is not None:
         cfg = ServingConfig(
             int(model.input_shape[1]), fallback.resize, fallback.threshold, fallback.predict

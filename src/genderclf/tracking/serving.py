@@ -205,30 +205,48 @@ def load_classifier(
     Raises:
         PredictError: the URI does not resolve or holds no loadable genderclf model.
     """
+    # A download is read into memory and removed: a loaded model keeps no file open.
+    with tempfile.TemporaryDirectory(prefix="genderclf-model-") as tmp:
+        return with_threshold(load_local(fetch_model(uri, Path(tmp)), fallback, uri), threshold)
+
+
+def fetch_model(uri: str, dest: Path) -> Path:
+    """The model at `uri` as a local path: a `.keras` file or model folder as it is, or the
+    download of an MLflow model URI into `dest` (no TensorFlow needed).
+
+    Raises:
+        PredictError: not a local model and not an MLflow URI, or the URI does not resolve.
+    """
     if Path(uri).exists():
-        return with_threshold(load_local(uri, fallback), threshold)
+        return Path(uri)
     if "://" not in uri and not uri.startswith("models:/"):
         raise PredictError(
             f"{uri}: no such model file, and not an MLflow URI "
             "(models:/name@alias, runs:/<run_id>/model, s3://...)"
         )
+    return download_model(uri, dest)
+
+
+def download_model(uri: str, dest: Path) -> Path:
+    """Download the files of an MLflow model URI into `dest`; returns the model's folder.
+
+    Raises:
+        PredictError: the URI does not resolve (with the tracking server named, redacted).
+    """
     from mlflow.exceptions import MlflowException
 
     from genderclf.tracking.setup import configure, redact
 
     configure(0)
-    # The download is read into memory and removed: a loaded model keeps no file open.
-    with tempfile.TemporaryDirectory(prefix="genderclf-model-") as tmp:
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except (MlflowException, OSError) as err:
-            hint = (
-                " (no champion yet: run the pipeline first, e.g. `make demo`)"
-                if "champion" in uri
-                else ""
-            )
-            raise PredictError(
-                f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
-                f"{hint}: {str(err).splitlines()[0][:300]}"
-            ) from None
-        return with_threshold(load_local(folder, fallback, uri), threshold)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except (MlflowException, OSError) as err:
+        hint = (
+            " (no champion yet: run the pipeline first, e.g. `make demo`)"
+            if "champion" in uri
+            else ""
+        )
+        raise PredictError(
+            f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
+            f"{hint}: {str(err).splitlines()[0][:300]}"
+        ) from None
