@@ -8,7 +8,7 @@ behind these fixtures live in `tests/helpers/` (tests import those, never this f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +156,23 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     # (monkeypatch then restores the environment variables).
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+# --- a Ray cluster on loopback, one per session ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A real Ray cluster for the whole session: a head and a second node on 127.0.0.1, one
+    CPU each, separate process groups (`tests.helpers.ray_cluster.RayCluster`).
+
+    The nodes hold the test S3 server's credentials in their own environment (what a real
+    node gets from its role or secret store); drivers get `cluster.driver_env()`. A test
+    that kills the second node leaves it to the next one's `cluster.ensure_nodes()`.
+    """
+    from tests.helpers.ray_cluster import ray_cluster as started
+    from tests.helpers.servers import s3_env
+
+    env = {**s3_env(), "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    with started(cpus=1, env=env) as cluster:
+        yield cluster

@@ -63,6 +63,7 @@ class RayCluster:
     cpus: int = 1
     env: dict[str, str] = field(default_factory=dict)
     object_store_mb: int = 256
+    nodes: int = 2  # 1: the head alone (e.g. a benchmark on this machine's cores)
     port: int = 0
     head: subprocess.Popen | None = None
     node: subprocess.Popen | None = None
@@ -157,7 +158,8 @@ class RayCluster:
             ],
             timeout,
         )
-        self.restart_node(timeout)
+        if self.nodes > 1:
+            self.restart_node(timeout)
 
     def restart_node(self, timeout: float = 180) -> None:
         """A fresh second node (after `kill_node`); returns when it has joined."""
@@ -168,6 +170,8 @@ class RayCluster:
         """Both nodes running (the second is restarted if a test killed it)."""
         if self.head is None or self.head.poll() is not None:
             raise AssertionError("the Ray head is not running")
+        if self.nodes < 2:
+            return
         if self.node is None or self.node.poll() is not None or not self._group_alive(self.node):
             self.restart_node()
 
@@ -237,15 +241,15 @@ class RayCluster:
 
 @contextlib.contextmanager
 def ray_cluster(
-    cpus: int = 1, env: dict[str, str] | None = None, object_store_mb: int = 256
+    cpus: int = 1, env: dict[str, str] | None = None, object_store_mb: int = 256, nodes: int = 2
 ) -> Iterator[RayCluster]:
-    """A started `RayCluster` (head + second node) in a short temp folder; stopped after."""
+    """A started `RayCluster` (head + second node, or the head alone with `nodes=1`) in a
+    short temp folder; stopped after."""
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    cluster = RayCluster(root, cpus, dict(env or {}), object_store_mb)
+    cluster = RayCluster(root, cpus, dict(env or {}), object_store_mb, nodes)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
-        if os.environ.get("KEEP_RAY_ROOT") is None:
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -277,6 +277,129 @@ def test_s3_source(tmp_path, make_settings, s3_server, bucket, make_celeba):
     assert len(read_layout(raw).rows) == 3
 
 
+# --- s3 by reference (data.s3.mode: reference): a pinned listing instead of a copy ------------
+
+
+def _by_reference(make_settings, bucket: str, endpoint: str, prefix: str = "celeba"):
+    return make_settings(
+        {
+            "data.source": "s3",
+            "data.s3.uri": f"s3://{bucket}/{prefix}",
+            "data.s3.mode": "reference",
+            "data.s3.endpoint_url": endpoint,
+            "validate.min_rows": 4,
+        }
+    )
+
+
+@pytest.mark.integration
+def test_s3_by_reference_pins_the_images_and_validates_like_a_copy(
+    tmp_path, make_settings, s3_server, bucket, make_celeba
+):
+    import hashlib
+
+    from tests.helpers.stages import validate
+
+    src = tmp_path / "celeba"
+    make_celeba(src, [1, 0, 1, 0, 1, 0], partitions=[0, 0, 0, 1, 1, 2], identities=[1] * 6)
+    _put(s3_server, bucket, {f"celeba/{k}": v for k, v in _files(src).items()})
+    settings = _by_reference(make_settings, bucket, s3_server)
+    raw = tmp_path / "raw"
+    rec = download(settings, raw)
+    assert rec["mode"] == "reference" and rec["listed"] == 6
+    got = _files(raw)
+    listing = got.pop("LISTING.csv").decode().splitlines()
+    got.pop(SOURCE_NAME)
+    # The label tables are copied; the images are only listed (key, size, ETag, version).
+    assert got == {k: v for k, v in _files(src).items() if not k.endswith(".jpg")}
+    images = {k: v for k, v in _files(src).items() if k.endswith(".jpg")}
+    assert listing[0] == "key,size,etag,version_id"
+    assert sorted(listing[1:]) == sorted(
+        f"{k},{len(v)},{hashlib.md5(v).hexdigest()}," for k, v in images.items()
+    )
+    # The layout reads the listing as it reads a folder; validation reads the objects.
+    assert read_layout(raw).rows.equals(read_layout(src).rows)
+    by_ref = validate(settings, raw, tmp_path / "by_ref")
+    copied = validate(make_settings({"validate.min_rows": 4}), src, tmp_path / "copied")
+    assert by_ref == copied
+    for name in ("data/validated/manifest.csv", "reports/validation/rejected.csv"):
+        assert (tmp_path / "by_ref" / name).read_bytes() == (
+            tmp_path / "copied" / name
+        ).read_bytes()
+
+
+@pytest.mark.integration
+def test_s3_by_reference_refuses_an_object_changed_after_the_listing(
+    tmp_path, make_settings, s3_server, bucket, make_celeba
+):
+    from tests.helpers.stages import validate
+
+    from genderclf.data.remote import ObjectChanged
+
+    src = tmp_path / "celeba"
+    ids = make_celeba(src, [1, 0, 1, 0, 1], partitions=[0, 0, 0, 1, 2])
+    _put(s3_server, bucket, {f"celeba/{k}": v for k, v in _files(src).items()})
+    settings = _by_reference(make_settings, bucket, s3_server)
+    raw = tmp_path / "raw"
+    download(settings, raw)
+    key = f"celeba/img_align_celeba/img_align_celeba/{ids[2]}"
+    _put(s3_server, bucket, {key: b"other bytes, same name"})
+    with pytest.raises(ObjectChanged, match=rf"s3://{bucket}/{key} changed since"):
+        validate(settings, raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "data" / "validated" / "manifest.csv").exists()
+
+
+@pytest.mark.integration
+def test_s3_by_reference_reads_the_pinned_version_of_a_versioned_bucket(
+    tmp_path, make_settings, s3_server, bucket
+):
+    import boto3
+
+    from genderclf.data.remote import open_raw, read_listing
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    _put(s3_server, bucket, {"celeba/male/a.jpg": b"first", "celeba/female/b.jpg": b"bee"})
+    settings = _by_reference(make_settings, bucket, s3_server)
+    raw = tmp_path / "raw"
+    download(settings, raw)
+    pins = dict(read_listing(raw))
+    assert all(p.version_id for p in pins.values())
+    _put(s3_server, bucket, {"celeba/male/a.jpg": b"second, longer"})
+    # The listing pins the version: the old bytes, not an error and not the new bytes.
+    assert open_raw(raw, s3_server).read("male/a.jpg", pins["male/a.jpg"]) == b"first"
+
+
+def test_s3_by_reference_listing_differs_from_the_copy_listing(monkeypatch, make_settings):
+    from genderclf.data import sources
+
+    monkeypatch.setattr(sources, "s3_client", lambda *a: _NoObjects())
+    copy = make_settings({"data.source": "s3", "data.s3.uri": "s3://b-1/p"})
+    ref = make_settings(
+        {"data.source": "s3", "data.s3.uri": "s3://b-1/p", "data.s3.mode": "reference"}
+    )
+    assert sources.list_s3(copy) == ["uri=s3://b-1/p"]  # as before: no refetch on upgrade
+    assert sources.list_s3(ref) == ["uri=s3://b-1/p", "mode=reference"]
+
+
+class _NoObjects:
+    def get_paginator(self, name):
+        class Pages:
+            def paginate(self, **kw):
+                return iter([{"Contents": []}])
+
+        return Pages()
+
+
+def test_raw_data_missing_on_a_node_is_one_error_naming_the_host(tmp_path):
+    import socket as sock
+
+    from genderclf.data.remote import RawSource, RawUnreachable
+
+    with pytest.raises(RawUnreachable, match=rf"not a folder on {sock.gethostname()}"):
+        RawSource(str(tmp_path / "not-here")).read("a.jpg")
+
+
 @pytest.mark.integration
 def test_s3_endpoint_from_environment(tmp_path, make_settings, s3_server, bucket, monkeypatch):
     _put(s3_server, bucket, {"male/a.jpg": b"a", "female/b.jpg": b"b"})

@@ -204,3 +204,72 @@ def test_write_and_read_back(tmp_path, make_settings):
 def test_read_missing_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `genderclf split`"):
         read_split(tmp_path, "train")
+
+
+# --- the split in parts (split_file): the same rows and bytes, the same cut as before ---------
+
+# sha256 (first 16 hex) of the three splits' paths for `_manifest(240, seed=3)`, seed 42, as
+# the in-memory split computed them before it worked in parts: the cut must never move (the
+# demo's champion was trained on it).
+BEFORE = {
+    ("official", False): "96495b5b10d320ca",
+    ("stratified", False): "544bfcb83929ded7",
+    ("group", False): "871b9e17a3f1c7d6",
+    ("official", True): "6851fd0421124b8f",
+}
+
+
+@pytest.mark.parametrize(("strategy", "carve"), list(BEFORE))
+def test_the_cut_is_the_one_made_before(make_settings, strategy, carve):
+    import hashlib
+
+    manifest = _manifest(240, seed=3)
+    if carve:  # no test partition: carved out of train
+        manifest["partition"] = manifest["partition"].replace("test", "train")
+    out = split_manifest(
+        manifest.sample(frac=1, random_state=1), _cfg(make_settings, strategy=strategy), 42
+    )
+    joined = "|".join(",".join(out[s]["path"]) for s in SPLITS)
+    assert hashlib.sha256(joined.encode()).hexdigest()[:16] == BEFORE[(strategy, carve)]
+
+
+@pytest.mark.parametrize(("strategy", "carve"), list(BEFORE))
+def test_split_file_writes_the_bytes_split_manifest_writes(
+    tmp_path, make_settings, strategy, carve
+):
+    from genderclf.data.split import split_file
+
+    m = _manifest(300, seed=5)
+    if carve:
+        m["partition"] = m["partition"].replace("test", "train")
+    # What validate writes beside: attributes with unknown (empty) cells, odd paths that
+    # need quoting, digests and sizes.
+    m["Smiling"] = [1 if i % 3 else pd.NA for i in range(len(m))]
+    m["sha256"] = [f"{i:064x}" for i in range(len(m))]
+    m["width"] = 178
+    m.loc[7, "path"] = 'img/a,comma "quoted".jpg'
+    m = m.sample(frac=1, random_state=4)  # the manifest's rows in any order
+    csv_file = tmp_path / "manifest.csv"
+    m.to_csv(csv_file, index=False)
+    cfg = _cfg(make_settings, strategy=strategy)
+
+    # The stage before: the whole table read with pandas, split, written with pandas.
+    whole = pd.read_csv(csv_file, dtype={"identity": str, "partition": str}, keep_default_na=False)
+    write_splits(split_manifest(whole, cfg, seed=9), tmp_path / "whole")
+    done = split_file(csv_file, tmp_path / "parts", cfg, seed=9)
+    for s in SPLITS:
+        assert (tmp_path / "parts" / f"{s}.csv").read_bytes() == (
+            tmp_path / "whole" / f"{s}.csv"
+        ).read_bytes()
+    parts = {s: read_split(tmp_path / "parts", s) for s in SPLITS}
+    assert done.counts == balance(parts)
+    assert done.identity_overlap == identity_overlap(parts)
+
+
+def test_split_file_refuses_a_label_that_is_not_a_number(tmp_path, make_settings):
+    from genderclf.data.split import split_file
+
+    bad = tmp_path / "manifest.csv"
+    bad.write_text("path,label,partition,identity\na.jpg,1,train,\nb.jpg,male,train,\n")
+    with pytest.raises(SplitError, match=r"line 3: label 'male' is not 0 or 1"):
+        split_file(bad, tmp_path / "out", _cfg(make_settings, strategy="stratified"), 0)

@@ -3,14 +3,17 @@
 GX reads the manifest through SQL (a table of the validate stage's scratch SQLite
 database), so the database does the counting and GX's memory stays flat however many
 images there are. The run has a fixed identity (its time is the data's download time),
-and the ids GX draws at random are left out of `gx_results.json`: the same data gives the
-same results file, on any engine and however often validation runs.
+the ids GX draws at random are left out of `gx_results.json`, and the Data Docs pages are
+settled after GX writes them (its render and load times become the run's time, its random
+element ids count up): the same data gives the same report files, on any engine and however
+often validation runs, so DVC records the same hash for them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,9 @@ from typing import Any
 from genderclf.config import ValidateSettings
 
 RUN_NAME = "validate"
+_GX_TIME = re.compile(rb"\d{8}T\d{6}\.\d{6}Z")
+_CACHE_BUSTER = re.compile(rb"\?d=\d{8}T\d{6}\.\d{6}Z")
+_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def run_time_of(record: dict[str, Any] | None) -> datetime:
@@ -39,6 +45,25 @@ def _stable(result: dict[str, Any]) -> dict[str, Any]:
     for r in result.get("results", []):
         r.get("expectation_config", {}).pop("id", None)
     return result
+
+
+def settle_docs(docs_dir: Path, run_time: datetime) -> None:
+    """Make GX's Data Docs pages the same bytes for the same results.
+
+    GX writes the time it rendered each page (a `?d=` on the logo's URL) and the time it
+    loaded the batch, and draws a random id for each collapsible element. Here every such
+    time becomes the run's time and the ids count up in their order on the page (an id used
+    twice on a page stays one id).
+    """
+    stamp = run_time.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ").encode()
+    for page in sorted(Path(docs_dir).rglob("*.html")):
+        text = _GX_TIME.sub(stamp, _CACHE_BUSTER.sub(b"", page.read_bytes()))
+        ids: dict[bytes, bytes] = {}
+
+        def number(m: re.Match[bytes], ids: dict[bytes, bytes] = ids) -> bytes:
+            return ids.setdefault(m.group(0), b"00000000-0000-4000-8000-%012d" % (len(ids) + 1))
+
+        page.write_bytes(_UUID.sub(number, text))
 
 
 def run_expectations(
@@ -103,6 +128,7 @@ def run_expectations(
         )
     )
     result = checkpoint.run(run_id=RunIdentifier(run_name=RUN_NAME, run_time=run_time))
+    settle_docs(docs_dir, run_time)
     vr = next(iter(result.run_results.values()))
     # A JSON round trip: plain types only, as they are written to gx_results.json.
     return _stable(json.loads(json.dumps(vr.to_json_dict(), default=str)))
