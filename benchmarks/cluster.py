@@ -92,8 +92,17 @@ def engine_overhead(n: int, size: int, work: Path) -> None:
     from genderclf.data import sample
 
     raw = work / "raw"
-    raw.mkdir()
-    sample.generate(raw, n, seed=3, workers=2, progress=False)
+    raw.mkdir(parents=True)
+    sample.generate(
+        raw,
+        n,
+        seed=3,
+        images_per_identity=10,
+        male_fraction=0.42,
+        cue_flip_fraction=0.03,
+        workers=2,
+        progress=False,
+    )
     names = sorted(p.relative_to(raw).as_posix() for p in (raw / sample.IMAGE_SUBDIR).glob("*.jpg"))
     os.environ.pop("RAY_ADDRESS", None)
     local, local_write, local_digest = _augment_loop(raw, names, work / "local", size)

@@ -164,15 +164,25 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """A real Ray cluster for the whole session: a head and a second node on 127.0.0.1, one
-    CPU each, separate process groups (`tests.helpers.ray_cluster.RayCluster`).
+    CPU each, separate process groups (`tests.helpers.ray_cluster.RayCluster`), with Ray's
+    token authentication on (a fresh token).
 
     The nodes hold the test S3 server's credentials in their own environment (what a real
-    node gets from its role or secret store); drivers get `cluster.driver_env()`. A test
-    that kills the second node leaves it to the next one's `cluster.ensure_nodes()`.
+    node gets from its role or secret store); drivers get `cluster.driver_env()` (the
+    address and the token). A test that kills the second node leaves it to the next one's
+    `cluster.ensure_nodes()`.
     """
+    import secrets
+
     from tests.helpers.ray_cluster import ray_cluster as started
     from tests.helpers.servers import s3_env
 
-    env = {**s3_env(), "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    env = {
+        **s3_env(),
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
     with started(cpus=1, env=env) as cluster:
         yield cluster

@@ -10,14 +10,15 @@ Loopback takes two settings, because Ray turns "127.0.0.1" into the machine's ou
 address (`ray._private.services.resolve_ip_for_localhost`), meant for real clusters:
 
 * the nodes start through `LAUNCHER`, which keeps the address as given;
-* drivers (the `genderclf` commands under test) get `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`
-  in their environment (`RayCluster.driver_env()`): Ray's single-machine mode, in which
-  the local address is 127.0.0.1.
+* drivers (the `genderclf` commands under test) and the head's own processes get
+  `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in their environment (`RayCluster.driver_env()`):
+  Ray's single-machine mode, in which the local address is 127.0.0.1.
 
 API, for the tests of any issue that runs on the cluster:
 
     with ray_cluster(root, cpus=1, env=s3_env()) as cluster:   # or the `ray_cluster` fixture
         env = {**os.environ, **cluster.driver_env()}   # RAY_ADDRESS=127.0.0.1:<port>
+        cluster.driver_env(client=True)  # RAY_ADDRESS=ray://127.0.0.1:<client port>
         cluster.kill_node()         # SIGKILL the second node's process group (a crash)
         cluster.restart_node()      # a fresh second node; waits until it has joined
         cluster.ensure_nodes()      # restart the second node if it was killed
@@ -65,6 +66,7 @@ class RayCluster:
     object_store_mb: int = 256
     nodes: int = 2  # 1: the head alone (e.g. a benchmark on this machine's cores)
     port: int = 0
+    client_port: int = 0  # Ray Client's server on the head: `ray://127.0.0.1:<client_port>`
     head: subprocess.Popen | None = None
     node: subprocess.Popen | None = None
 
@@ -72,11 +74,17 @@ class RayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def driver_env(self) -> dict[str, str]:
-        """What a driver process needs in its environment to use this cluster."""
-        return {"RAY_ADDRESS": self.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    def driver_env(self, client: bool = False) -> dict[str, str]:
+        """What a driver process needs in its environment to use this cluster: the GCS
+        address, or with `client` Ray Client's (`ray://`, a driver outside the cluster).
+        Token authentication, when the nodes have it (`env`), goes along."""
+        address = f"ray://127.0.0.1:{self.client_port}" if client else self.address
+        auth = {k: v for k, v in self.env.items() if k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        return {"RAY_ADDRESS": address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **auth}
 
-    def _start(self, name: str, args: list[str], timeout: float) -> subprocess.Popen:
+    def _start(
+        self, name: str, args: list[str], timeout: float, extra: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         metrics, agent, agent_grpc, runtime_env, export = _ports(5)
         cmd = [
             sys.executable,
@@ -120,6 +128,7 @@ class RayCluster:
             "AUTOSCALER_METRIC_PORT": str(metrics),
             "DASHBOARD_METRIC_PORT": str(free_port()),
             **self.env,
+            **(extra or {}),
         }
         env.pop("RAY_ADDRESS", None)
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -145,6 +154,7 @@ class RayCluster:
         """Start the head, then the second node; return when both have joined."""
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.client_port = free_port()
         self.head = self._start(
             "head",
             [
@@ -154,9 +164,13 @@ class RayCluster:
                 "--include-dashboard",
                 "false",
                 "--ray-client-server-port",
-                str(free_port()),
+                str(self.client_port),
             ],
             timeout,
+            # The processes the head starts itself (Ray Client's server for each client)
+            # take 127.0.0.1 literally this way; the second node cannot (Ray refuses to
+            # join a cluster in this mode), hence LAUNCHER.
+            {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
         )
         if self.nodes > 1:
             self.restart_node(timeout)

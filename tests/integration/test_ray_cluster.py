@@ -1,17 +1,22 @@
 """The data stages, batch prediction and the by-reference S3 source on a real Ray cluster.
 
 One cluster per session (the `ray_cluster` fixture: a head and a second node, separate
-process groups, one CPU each, everything on 127.0.0.1). The stages run for real: `dvc
-repro` in a temporary git repository, `genderclf predict` against a local S3 server
-(moto), and every output is compared byte for byte with the local process pool's:
+process groups, one CPU each, everything on 127.0.0.1, Ray's token authentication on).
+The stages run for real: `dvc repro` in a temporary git repository, `genderclf predict`
+against a local S3 server (moto), and every output is compared byte for byte with the
+local process pool's:
 
 * the cluster listens on loopback only (`ss -ltnp`, every port of its processes);
 * `dvc repro` of validate, split and augment on the cluster: the same bytes as the local
   run, the same dvc.lock, and `dvc status` finds nothing to do when the engine changes;
 * the second node killed (SIGKILL to its process group) while it runs an augment task:
   Ray runs the lost tasks again on the head and the shards are still the same bytes;
-* `genderclf predict s3://...` through Ray actors: the same rows as the local path, and
-  the S3 secret in no log of the cluster (the nodes use their own credentials);
+* `genderclf predict s3://...` through Ray actors, connected as a Ray Client
+  (`ray://`, as a driver outside the cluster): the same rows as the local path, and
+  neither the S3 secret nor Ray's token in any log of the cluster (the nodes use their
+  own credentials);
+* the drift profile's per-image work as Ray tasks: the same features, embeddings and
+  predictions;
 * the by-reference S3 source: data/raw holds a listing, not the images; the stages read
   the objects on the cluster; an object rewritten after the listing stops the stage with
   one line naming its key.
@@ -212,17 +217,66 @@ def test_predict_on_an_s3_prefix_through_actors_gives_the_local_rows(
     args += ["--params", str(params), "-f", "jsonl", "-q"]
     local = run(tmp_path, *args, env=_env(tmp_path), check=False)
     ray_cluster.ensure_nodes()
-    cluster = run(tmp_path, *args, env=_env(tmp_path, **ray_cluster.driver_env()), check=False)
+    client = ray_cluster.driver_env(client=True)  # a driver outside the cluster: Ray Client
+    cluster = run(tmp_path, *args, env=_env(tmp_path, **client), check=False)
     assert local.returncode == cluster.returncode == 1  # broken.jpg: an error row, exit 1
-    assert f"engine: Ray cluster at {ray_cluster.address}" in cluster.stderr
+    assert f"engine: Ray cluster at {client['RAY_ADDRESS']}" in cluster.stderr
     rows = local.stdout.splitlines()
     assert len(rows) >= 11 and f"s3://{BUCKET}/batch/broken.jpg" in local.stdout
     assert cluster.stdout == local.stdout
     assert "1 non-image files in the folders left out" in cluster.stderr
-    # The nodes read S3 with their own credentials; no log of the cluster holds them.
-    logs = ray_cluster.root / "tmp"
-    leaked = [p for p in logs.rglob("*") if p.is_file() and S3_SECRET.encode() in p.read_bytes()]
-    assert not leaked
+    # The nodes read S3 with their own credentials; no log of the cluster holds them, nor
+    # the cluster's token.
+    secrets = (S3_SECRET.encode(), ray_cluster.env["RAY_AUTH_TOKEN"].encode())
+    logs = [p for p in (ray_cluster.root / "tmp").rglob("*") if p.is_file()]
+    assert not [p for p in logs if any(s in p.read_bytes() for s in secrets)]
+
+
+def test_the_drift_profile_is_the_same_on_the_cluster(
+    tmp_path, s3_server, model_file, ray_cluster, monkeypatch
+):
+    import numpy as np
+
+    from genderclf.data.sample import render
+    from genderclf.inference import ServingConfig, load_local
+    from genderclf.monitor.batch import sources
+    from genderclf.monitor.profile import profile
+
+    client = s3_client(s3_server)
+    names = []
+    for i in range(24):
+        out = render(13, i, i // 3, 0.5, 0.0)
+        client.put_object(
+            Bucket=BUCKET,
+            Key=f"drift/{i:02d}.jpg",
+            Body=_jpeg(out[0] if isinstance(out, tuple) else out),
+        )
+        names.append(f"{i:02d}.jpg")
+    names.append("missing.jpg")  # unreadable: listed in `failed` on both engines
+    for k, v in s3_env().items():
+        monkeypatch.setenv(k, v)
+    clf = load_local(model_file, ServingConfig(48, "center_crop", 0.5))
+
+    def run_profile():
+        items = sources(f"s3://{BUCKET}/drift", names, s3_server, 0)
+        return profile(items, clf, 50_000_000, 8)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    here = run_profile()
+    ray_cluster.ensure_nodes()
+    for k, v in ray_cluster.driver_env().items():
+        monkeypatch.setenv(k, v)
+    import ray
+
+    try:
+        there = run_profile()
+        assert ray.is_initialized()  # it did run as Ray tasks
+    finally:
+        ray.shutdown()
+    assert there.names == here.names and len(here) == 24
+    assert there.failed == here.failed and here.failed[0][0] == "missing.jpg"
+    for field in ("features", "embeddings", "p_male", "male"):
+        assert np.array_equal(getattr(there, field), getattr(here, field)), field
 
 
 # --- the S3 source by reference --------------------------------------------------------------
