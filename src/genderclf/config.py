@@ -16,9 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class GenderclfError(Exception):
-    """Base of every error a user can fix; the CLI prints its message alone, no traceback."""
+# The one list of each kind: the allowed values of `data.source` and `train.backbone` derive
+# from these registries (light modules: no TensorFlow, no boto3, no Kaggle client on import).
+from genderclf.data.sources import SOURCES
+from genderclf.errors import GenderclfError
+from genderclf.model.backbones import BACKBONES
 
 
 class SettingsError(GenderclfError, ValueError):
@@ -141,7 +143,7 @@ class S3Source(_Section):
 
 
 class DataSettings(_Section):
-    source: Literal["sample", "kaggle", "dir", "s3"]
+    source: Literal[tuple(SOURCES)]  # type: ignore[valid-type]  (sample, kaggle, dir, s3)
     layout: Literal["auto", "celeba", "class_folders"]
     sample: SampleSource
     kaggle: KaggleSource
@@ -150,13 +152,13 @@ class DataSettings(_Section):
 
     @model_validator(mode="after")
     def _source_has_location(self) -> DataSettings:
-        where = {
-            "dir": (self.dir.path, "data.dir.path", "a folder"),
-            "s3": (self.s3.uri, "data.s3.uri", "s3://bucket/prefix"),
-        }
-        value, key, what = where.get(self.source, ("-", "", ""))
-        if not value:
-            raise ValueError(f"data.source is {self.source!r} but {key} is empty: set it to {what}")
+        # A source with no default place (dir, s3) needs its location set.
+        src = SOURCES[self.source]
+        if src.required and not getattr(getattr(self, self.source), src.where):
+            raise ValueError(
+                f"data.source is {self.source!r} but data.{self.source}.{src.where} is empty: "
+                f"set it to {src.required}"
+            )
         return self
 
 
@@ -202,7 +204,7 @@ class AugmentSettings(_Section):
 
 
 class TrainSettings(_Section):
-    backbone: Literal["vgg16", "vgg19", "resnet50", "mobilenet_v2", "simple_cnn"]
+    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  (model/backbones.py)
     weights: str | None = Field(
         description="imagenet (Keras downloads it), null (from scratch) or a local weights file"
     )

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from genderclf.config import GenderclfError
+from genderclf.errors import GenderclfError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

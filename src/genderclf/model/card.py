@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from genderclf.config import SPLITS, Paths, Settings
+from genderclf.data.sources import location
 
 
 def _pct(x: float | None) -> str:
@@ -50,8 +51,7 @@ def model_card(
         "",
         "## Data",
         "",
-        f"- Source: `{src.get('source', 'unknown')}` "
-        f"({src.get('slug') or src.get('uri') or src.get('path') or src.get('generator') or '-'})"
+        f"- Source: `{src.get('source', 'unknown')}` ({location(src)[0]})"
         f", checksum `{src.get('checksum', 'unknown')}`, {src.get('file_count', '?')} files.",
         "",
         "| split | images | male fraction |",

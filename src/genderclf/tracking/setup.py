@@ -191,6 +191,8 @@ def git_dirty() -> str:
 
 def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dict[str, str]:
     """Tags that tie a run to its code, data and settings."""
+    from genderclf.data.sources import location
+
     commit = _git("rev-parse", "HEAD")
     source: dict[str, Any] = {}
     if source_file.is_file():
@@ -202,13 +204,7 @@ def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dic
         "dvc_prepared_md5": dvc_out_hash("augment", prepared_dir) or "unknown",
         "params_md5": file_md5(params_file) or "unknown",
         "data_source": str(source.get("source", "unknown")),
-        "data_location": str(
-            source.get("slug")
-            or source.get("uri")
-            or source.get("path")
-            or source.get("generator")
-            or "unknown"
-        ),
+        "data_location": location(source)[0],
         "data_checksum": str(source.get("checksum", "unknown")),
     }
     return {k: redact(v) for k, v in tags.items()}
