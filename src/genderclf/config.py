@@ -16,11 +16,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The one list of each kind: the allowed values of `data.source` and `train.backbone` derive
-# from these registries (light modules: no TensorFlow, no boto3, no Kaggle client on import).
-from genderclf.data.sources import SOURCES
-from genderclf.errors import GenderclfError
-from genderclf.model.backbones import BACKBONES
+# The allowed values of `data.source` and `train.backbone`: the one list of each.
+from genderclf.catalog import BACKBONES, SOURCES
+
+
+class GenderclfError(Exception):
+    """Base of every error a user can fix; the CLI prints its message alone, no traceback."""
 
 
 class SettingsError(GenderclfError, ValueError):
@@ -50,6 +51,9 @@ class Paths:
     prepared: Path = Path("data/prepared")
     augment_preview: Path = Path("reports/augment_preview.png")
     model: Path = Path("models/model.keras")
+    model_info: Path = Path("models/model.json")  # contracts.TrainedModel
+    # Outside DVC's outputs: the MLflow run of the model (contracts.TrainingRun), whose
+    # ids change with every training; keyed by the model's content hash.
     run: Path = Path("models/run.json")
     train_metrics: Path = Path("metrics/train.json")
     history: Path = Path("plots/history.csv")
@@ -204,7 +208,7 @@ class AugmentSettings(_Section):
 
 
 class TrainSettings(_Section):
-    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  (model/backbones.py)
+    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  (genderclf.catalog)
     weights: str | None = Field(
         description="imagenet (Keras downloads it), null (from scratch) or a local weights file"
     )
@@ -472,10 +476,17 @@ def read_params(path: str | os.PathLike[str] = PATHS.params) -> dict[str, Any]:
         raise SettingsError(f"{p}: not valid YAML: {err}") from None
 
 
-def load_settings(path: str | os.PathLike[str] = PATHS.params) -> Settings:
-    """Read and validate `params.yaml`.
+def load_settings(
+    path: str | os.PathLike[str] = PATHS.params, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Read and validate `params.yaml`, with `section.key: value` overrides applied when
+    given (the file itself is not changed).
 
     Raises:
-        SettingsError: the file is missing, is not YAML, or holds an invalid value.
+        SettingsError: the file is missing, is not YAML, or holds an invalid value (an
+            override included).
     """
+    if overrides:
+        raw = with_overrides(read_params(path), overrides)
+        return parse_settings(raw, f"{path} with overrides {overrides}")
     return parse_settings(read_params(path), str(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from genderclf.errors import GenderclfError
+from genderclf.config import GenderclfError
 
 # The image files a dataset or a photo folder may hold, with the format PIL must find.
 IMAGE_FORMATS = {

@@ -154,7 +154,7 @@ def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_pa
     from genderclf.model.backbones import build_model
 
     settings = C.load_settings("params.yaml")
-    run = log_model_run(build_model(settings.train, settings.base.image_size), 32)
+    run = log_model_run(build_model(settings.train, settings.base.image_size), settings, Path())
     client = MlflowClient()
     client.create_registered_model(MODEL_NAME)
     mv = client.create_model_version(MODEL_NAME, run["keras_model_uri"], run["run_id"])

@@ -20,7 +20,7 @@ from tests.helpers.stages import register as run_register
 
 from genderclf import config as C
 from genderclf.config import Settings
-from genderclf.stages.register import decide
+from genderclf.promotion import decide
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME, TrackingError
 
 # --- the policy as a pure function -------------------------------------------------------------
@@ -82,7 +82,6 @@ class Candidates:
 
         from tests.helpers.stages import log_model_run, write_evaluation
 
-        from genderclf.io import write_json
         from genderclf.model.backbones import build_model
         from genderclf.model.scoring import predict_split
 
@@ -91,9 +90,8 @@ class Candidates:
         model = build_model(self.settings.train, self.settings.base.image_size)
         names, y, p = predict_split(model, self.prepared, "test", 64)
         real = float(((p >= threshold).astype(int) == y).mean())
-        run = log_model_run(model, self.settings.base.image_size)
         folder = Path(f"candidate{self.n}")
-        write_json(folder / "run.json", run)
+        log_model_run(model, self.settings, folder)
         write_evaluation(folder, names, y, accuracy, threshold)
         return folder / "run.json", folder / "eval.json", real
 
@@ -256,11 +254,20 @@ def test_min_improvement_keeps_a_champion_that_is_only_slightly_worse(candidates
     assert (r["decision"], r["champion_after"]) == ("promoted", "3")
 
 
+def _trained_model(settings: Settings, folder: Path) -> None:
+    """The train stage's model.json for a model no MLflow run holds."""
+    from genderclf.contracts import ModelInput, TrainedModel
+
+    TrainedModel(ModelInput(32, "center_crop"), "0" * 32, 0, settings.train.model_dump()).write(
+        folder / "model.json"
+    )
+
+
 def test_missing_inputs_name_the_stage_to_run(mlflow_store, reg_settings, prepared, tmp_path):
     run_file, eval_file = tmp_path / "run.json", tmp_path / "eval.json"
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro train`"):
         run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
-    run_file.write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    _trained_model(reg_settings, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro evaluate`"):
         run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
     assert not C.PATHS.register_report.exists()
@@ -277,7 +284,7 @@ def test_unreachable_registry_fails_after_register_retries(
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    (tmp_path / "run.json").write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    _trained_model(reg_settings, tmp_path)
     from tests.helpers.stages import write_evaluation
 
     write_evaluation(tmp_path, ["a.jpg", "b.jpg"], [1, 0], 1.0)

@@ -36,8 +36,8 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     from tests.helpers.stages import log_model_run, write_evaluation
     from tests.helpers.stages import register as run_register
 
+    from genderclf.contracts import ModelInput
     from genderclf.inference import Classifier, ServingConfig, open_rgb
-    from genderclf.io import write_json
     from genderclf.model.backbones import build_model
     from genderclf.model.scoring import predict_split
 
@@ -55,11 +55,10 @@ def champion(mlflow_store, model_settings, prepared, sample_data, tmp_path) -> l
     keras.utils.set_random_seed(11)
     model = build_model(settings.train, size)
     # Threshold at the median score of these images, so both labels occur in the answers.
-    clf = Classifier(model, ServingConfig(size, "center_crop", 0.5))
+    clf = Classifier(model, ServingConfig.of(ModelInput(size, "center_crop")))
     p = clf.p_male([clf.fit(open_rgb(f, 10**8)) for f in files])
     threshold = float(np.median(p))
-    run = log_model_run(model, size)
-    write_json(Path("models/run.json"), {**run, "image_size": size, "resize": "center_crop"})
+    log_model_run(model, settings, Path("models"))
     # the evaluate stage's record: this model's own answers on the test split
     names, y, p_test = predict_split(model, prepared, "test", 64)
     write_evaluation(

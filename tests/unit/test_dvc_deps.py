@@ -6,11 +6,14 @@ project modules its `cmd` brings in two ways, both from the real imports (no han
 * by running it: every stage command runs once, in order, on a tiny sample in a copy of
   the pipeline, with a `sitecustomize` that records the file of every module each process
   (and its worker processes) imported;
-* by reading it: the import statements of the stage's CLI command and, transitively, of
-  every project module they reach (this also sees branches the tiny run did not take).
+* by reading it: the import statements of the stage's command in `genderclf.pipeline`
+  and, transitively, of every project module they reach (this also sees branches the
+  tiny run did not take).
 
-Each file found must be in the stage's deps, itself or through a folder above it. The CLI
-module and config.py count like any other.
+Each file found must be in the stage's deps, itself or through a folder above it. The
+stage-command module and config.py count like any other. And the other way round: no
+stage depends on the tools (`genderclf.tools`, `genderclf.services`, `genderclf.cli`), and
+editing a tool's help text leaves `dvc status` of a pipeline that ran clean.
 """
 
 from __future__ import annotations
@@ -104,26 +107,35 @@ def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
 
 
 def _static(stage: str) -> set[str]:
-    """What `genderclf <stage>` imports: cli.py's top level, the command's body and the
-    `run_<stage>` glue it calls, then everything those reach."""
-    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    """What `python -m genderclf.pipeline <stage>` imports: the stage-command module's top
+    level, the command's body and the `run_<stage>` glue it calls, then everything those
+    reach."""
+    tree = ast.parse((PACKAGE / "pipeline.py").read_text())
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     funcs = [
-        n
-        for n in tree.body
-        if isinstance(n, ast.FunctionDef)
-        and n.name in (stage, f"run_{stage}", "command", "_setup_logging")
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (stage, f"run_{stage}")
     ]
-    assert any(f.name == stage for f in funcs), f"cli.py has no command {stage!r}"
-    # cli.py itself counts, but only the parts of it that this command runs are read
-    return _closure(_imports(top + funcs), seen={"genderclf.cli"}) | {"src/genderclf/cli.py"}
+    assert any(f.name == stage for f in funcs), f"pipeline.py has no command {stage!r}"
+    # pipeline.py itself counts, but only the parts of it that this command runs are read
+    found = _closure(_imports(top + funcs), seen={"genderclf.pipeline"})
+    return found | {"src/genderclf/pipeline.py"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_deps_cover_what_the_code_imports(stage):
-    assert STAGES[stage]["cmd"] == f"genderclf {stage}"
+    assert STAGES[stage]["cmd"] == f"python -m genderclf.pipeline {stage}"
     missing = sorted(f for f in _static(stage) if not _covered(f, _deps(stage)))
     assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
+
+
+# The tools and what only they use: editing them must re-run no stage.
+TOOLS = ("src/genderclf/tools.py", "src/genderclf/services.py", "src/genderclf/cli.py")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_depends_on_the_tools(stage):
+    assert not [f for f in TOOLS if _covered(f, _deps(stage))], STAGES[stage]["deps"]
+    assert not set(TOOLS) & _static(stage), f"{stage}'s command reaches a tool module"
 
 
 def test_every_listed_dep_exists():

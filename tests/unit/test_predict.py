@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 from genderclf import inference as P
 from genderclf.cli import app
 from genderclf.config import PredictSettings
+from genderclf.contracts import ModelInput
 from genderclf.data.sample import render
 from genderclf.faces import BlazeFaceDetector, HaarDetector, make_detector
 from genderclf.tracking.serving import load_classifier
@@ -133,7 +135,7 @@ def model_file(tmp_path_factory, make_settings) -> Path:
 
 @pytest.fixture(scope="module")
 def clf(model_file) -> P.Classifier:
-    return P.load_local(model_file, P.ServingConfig(SIZE, "center_crop", 0.5))
+    return P.load_local(model_file, config=P.ServingConfig.of(ModelInput(SIZE, "center_crop")))
 
 
 # --- detection and cropping ------------------------------------------------------------------
@@ -360,7 +362,8 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
     import shutil
 
     shutil.copy(model_file, tmp_path / "model.keras")
-    P.ServingConfig(SIZE, "center_crop", 0.8).write(tmp_path / P.SERVING_CONFIG)
+    cfg = P.ServingConfig.of(ModelInput(SIZE, "center_crop"))
+    replace(cfg, threshold=0.8).write(tmp_path / P.SERVING_CONFIG)
     assert load_classifier(str(tmp_path / "model.keras")).config.threshold == 0.8
     assert load_classifier(str(tmp_path / "model.keras"), threshold=0.3).config.threshold == 0.3
 
@@ -368,13 +371,11 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
 def test_settings_stored_by_an_older_version_name_what_is_missing(predict_settings):
     old = predict_settings.model_dump()
     del old["detector"], old["blazeface"]  # what a model registered before them carries
-    cfg = P.ServingConfig(SIZE, "center_crop", 0.5, old)
+    cfg = P.ServingConfig.of(ModelInput(SIZE, "center_crop"), predict=old)
     with pytest.raises(P.PredictError, match=r"predict\.blazeface, predict\.detector.*params"):
         cfg.predict_settings()
-    assert (
-        P.ServingConfig(SIZE, "center_crop", 0.5, predict_settings.model_dump()).predict_settings()
-        == predict_settings
-    )
+    current = predict_settings.model_dump()
+    assert replace(cfg, predict=current).predict_settings() == predict_settings
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -521,7 +522,7 @@ def test_jsonl_rows_are_written_and_flushed_as_they_come(
 def test_row_writer_formats_match_the_columns(fmt):
     rows = [
         dict(
-            P._row(
+            P.make_row(
                 "a.jpg",
                 face=0,
                 x=1,
@@ -534,7 +535,7 @@ def test_row_writer_formats_match_the_columns(fmt):
                 status="ok",
             )
         ),
-        dict(P._row("b.jpg", status="error", error="not an image")),
+        dict(P.make_row("b.jpg", status="error", error="not an image")),
     ]
     buf = io.StringIO()
     w = P.RowWriter(fmt, buf)

@@ -1,9 +1,7 @@
 """Backbones and the classifier built on them (the Keras transfer-learning recipe).
 
-`BACKBONES` is the one list of backbones: `train.backbone`'s allowed values in the
-settings derive from it, so a new backbone is one entry here (plus its name in the docs).
-Importing this module imports no Keras (`config.py` reads the names at start-up); Keras
-is imported when a model is built.
+`BACKBONES` holds one `Backbone` per entry of `genderclf.catalog.BACKBONES`, the one list
+of backbones (the settings' allowed `train.backbone` values come from it too).
 
 `build_model` returns a model that takes raw RGB pixels (0..255) and holds everything
 inference needs: online augmentation (active only in training), the backbone's own
@@ -16,15 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from genderclf.errors import GenderclfError
+import keras
 
-if TYPE_CHECKING:
-    import keras
-
-    from genderclf.config import TrainSettings
-    from genderclf.model.layers import FusedAugment
+from genderclf import catalog
+from genderclf.config import GenderclfError, TrainSettings
+from genderclf.model.layers import BackbonePreprocess, FusedAugment
 
 
 class ModelConfigError(GenderclfError, ValueError):
@@ -38,9 +33,8 @@ class ModelConfigError(GenderclfError, ValueError):
 _SIMPLE_CNN_BN_MOMENTUM = 0.9
 
 
-def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
-    import keras
-
+def build_simple_cnn(image_size: int, weights: str | None) -> keras.Model:
+    """A small CNN trained from scratch (the tests' and the demo's backbone)."""
     if weights == "imagenet":
         raise ModelConfigError(
             "train.weights=imagenet is not available for train.backbone=simple_cnn "
@@ -64,13 +58,10 @@ def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
     return model
 
 
-def _app(name: str) -> Callable[[int, str | None], Any]:
-    """A backbone from `keras.applications` by its class name, imported when it is built."""
+def _app(name: str) -> Callable[[int, str | None], keras.Model]:
+    cls = getattr(keras.applications, name)
 
     def make(image_size: int, weights: str | None) -> keras.Model:
-        import keras
-
-        cls = getattr(keras.applications, name)
         return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
 
     return make
@@ -78,10 +69,8 @@ def _app(name: str) -> Callable[[int, str | None], Any]:
 
 @dataclass(frozen=True)
 class Backbone:
-    """One backbone: how to build it, its own input scaling, its smallest input, its blocks."""
-
     name: str
-    factory: Callable[[int, str | None], Any]  # (image size, weights) -> keras.Model
+    factory: Callable[[int, str | None], keras.Model]
     preprocess: str  # BackbonePreprocess mode
     min_size: int
     # Layer-name prefixes of the blocks, top (closest to the head) first.
@@ -89,37 +78,14 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone(
-        "vgg16",
-        _app("VGG16"),
-        "caffe",
-        32,
-        tuple((f"block{i}_",) for i in range(5, 0, -1)),
-    ),
-    "vgg19": Backbone(
-        "vgg19",
-        _app("VGG19"),
-        "caffe",
-        32,
-        tuple((f"block{i}_",) for i in range(5, 0, -1)),
-    ),
-    "resnet50": Backbone(
-        "resnet50",
-        _app("ResNet50"),
-        "caffe",
-        32,
-        tuple((f"conv{i}_",) for i in range(5, 1, -1)),
-    ),
-    "mobilenet_v2": Backbone(
-        "mobilenet_v2",
-        _app("MobileNetV2"),
-        "tf",
-        32,
-        (("Conv_1", "out_relu", "block_16_"), *((f"block_{i}_",) for i in range(15, 0, -1))),
-    ),
-    "simple_cnn": Backbone(
-        "simple_cnn", _simple_cnn, "unit", 16, tuple((f"block{i}_",) for i in range(4, 0, -1))
-    ),
+    name: Backbone(
+        name,
+        _app(spec.keras_application) if spec.keras_application else globals()[f"build_{name}"],
+        spec.preprocess,
+        spec.min_size,
+        spec.blocks,
+    )
+    for name, spec in catalog.BACKBONES.items()
 }
 
 
@@ -160,8 +126,6 @@ def augmentation(train: TrainSettings) -> FusedAugment:
     Flip, rotation, zoom and shift as one affine warp per image, then contrast and
     brightness (`train.aug_*`); written in `keras.ops`, so XLA compiles the training step.
     """
-    from genderclf.model.layers import FusedAugment
-
     return FusedAugment(
         rotation=train.aug_rotation,
         zoom=train.aug_zoom,
@@ -183,15 +147,8 @@ def build_model(
     `training=False`, so its BatchNorm layers stay in inference mode even after the top
     blocks are unfrozen (unfreezing must not wreck the learned statistics). Without
     pretrained weights there is nothing to protect: the backbone trains from the start.
-
-    Args:
-        backbone: what `check_compatible(train, image_size)` returned, when the caller
-            checked already (the train stage checks once, before MLflow is touched).
+    `backbone` is what `check_compatible` returned, when the caller checked already.
     """
-    import keras
-
-    from genderclf.model.layers import BackbonePreprocess
-
     bb = backbone or check_compatible(train, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation(train)(inputs) if train.online_augment else inputs
@@ -222,8 +179,6 @@ def unfreeze_top_blocks(model: keras.Model, train: TrainSettings) -> list[str]:
     Returns:
         Names of the layers made trainable.
     """
-    import keras
-
     bb = BACKBONES[train.backbone]
     base = model.get_layer("backbone")
     if train.weights is None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from genderclf.io import atomic_file
+from genderclf.model.scoring import slice_name
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
@@ -21,7 +22,8 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,11 +39,16 @@ def write_plots(
     calib: pd.DataFrame,
     slices: dict[str, Any] | None,
     plots_dir: Path,
+    raw_threshold: float | None = None,
 ) -> list[Path]:
-    """PNG plots plus the CSV data DVC renders (`dvc plots show`)."""
+    """PNG plots plus the CSV data DVC renders (`dvc plots show`).
+
+    `p` is the calibrated P(male) and `m["threshold"]` the cut on it; `raw_threshold` is
+    the same cut on the model's raw output, named beside it on the confusion matrix.
+    """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     plots_dir.mkdir(parents=True, exist_ok=True)
     files = []
     cm = np.array(m["confusion_matrix"])
@@ -55,8 +62,8 @@ def write_plots(
     ax.set_yticks([0, 1], ["female", "male"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    cut = m.get("calibration", {}).get("cut", m["threshold"])
-    ax.set_title(f"confusion matrix (p(male) >= {cut:.2f})")
+    raw = "" if raw_threshold is None else f"\n= raw output >= {raw_threshold:.3f}"
+    ax.set_title(f"confusion matrix\n(calibrated P(male) >= {m['threshold']:.2f}{raw})")
     files.append(_save(fig, plots_dir / "confusion_matrix.png", plt))
 
     if len(np.unique(y)) > 1:
@@ -84,7 +91,7 @@ def write_plots(
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
     ax.plot(calib["confidence"], calib["observed"], "o-", label=f"model (ECE {m['ece']:.3f})")
-    ax.set_xlabel("predicted probability of male")
+    ax.set_xlabel("calibrated P(male)")
     ax.set_ylabel("observed fraction male")
     ax.set_title("reliability")
     ax.legend()
@@ -92,7 +99,7 @@ def write_plots(
 
     if slices and slices["by_attribute"]:
         rows = [
-            (f"{a}={'1' if k == 'with' else '0'}  (n={e[k]['n']})", e[k])
+            (f"{slice_name(a, k == 'with')}  (n={e[k]['n']})", e[k])
             for a, e in slices["by_attribute"].items()
             for k in ("with", "without")
             if e[k]["accuracy"] is not None
@@ -140,7 +147,7 @@ def _save(fig, path: Path, plt) -> Path:
 
 
 def mistakes_grid(
-    prepared_dir: Path,
+    prepared: Any,
     paths: list[str],
     y: np.ndarray,
     p: np.ndarray,
@@ -148,14 +155,16 @@ def mistakes_grid(
     k: int,
     out_png: Path,
 ) -> int:
-    """A grid of the `k` most confident mistakes on the test split. Returns how many."""
+    """A grid of the `k` most confident mistakes on the test split (`prepared`: the
+    PreparedData, or its folder); `p` is the calibrated P(male), `threshold` the cut on
+    it. Returns how many."""
     from genderclf.data.tfrecords import make_dataset
 
     pred = (p >= threshold).astype(int)
     wrong = np.flatnonzero(pred != y)
     conf = np.abs(p[wrong] - 0.5)
     top = wrong[np.argsort(-conf)][:k]
-    plt = _plt()
+    plt = pyplot()
     if len(top) == 0 or k == 0:
         fig, ax = plt.subplots(figsize=(4, 1.2))
         ax.text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
@@ -164,7 +173,7 @@ def mistakes_grid(
         return 0
     want = {paths[i]: i for i in top}
     images: dict[str, np.ndarray] = {}
-    for batch, _, bp in make_dataset(prepared_dir, "test", 256, with_path=True):
+    for batch, _, bp in make_dataset(prepared, "test", 256, with_path=True):
         for img, pth in zip(np.asarray(batch), np.asarray(bp), strict=True):
             name = pth.decode()
             if name in want:
@@ -184,7 +193,7 @@ def mistakes_grid(
         cmp = ">=" if p[i] >= threshold else "<"
         # Three decimals: at two, p(male)=0.53 against a threshold of 0.53 reads as right.
         ax.set_title(
-            f"true {truth}, said {said}\np(male) {p[i]:.3f} {cmp} {threshold:.3f}", fontsize=6.5
+            f"true {truth}, said {said}\nP(male) {p[i]:.3f} {cmp} {threshold:.3f}", fontsize=6.5
         )
     fig.suptitle("most confident mistakes (test split)", fontsize=9)
     fig.subplots_adjust(hspace=0.45, wspace=0.15)
@@ -193,7 +202,7 @@ def mistakes_grid(
 
 
 def plot_history(history: list[dict[str, Any]], out_png: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):

@@ -8,7 +8,6 @@ experiment says: local by default, S3 when the server or `MLFLOW_S3_ENDPOINT_URL
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from genderclf.config import GenderclfError
-from genderclf.io import retry
+from genderclf.io import md5_file, retry
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +151,8 @@ def _git(*args: str) -> str | None:
 
 
 def file_md5(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+    """The MD5 of a file (as DVC hashes it), or None when there is no such file."""
+    return md5_file(path) if path.is_file() else None
 
 
 def dvc_out_hash(stage: str, out: str, lock_file: Path = Path("dvc.lock")) -> str | None:
@@ -191,7 +189,7 @@ def git_dirty() -> str:
 
 def lineage_tags(params_file: Path, source_file: Path, prepared_dir: str) -> dict[str, str]:
     """Tags that tie a run to its code, data and settings."""
-    from genderclf.data.sources import location
+    from genderclf.catalog import location
 
     commit = _git("rev-parse", "HEAD")
     source: dict[str, Any] = {}
