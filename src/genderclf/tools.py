@@ -138,10 +138,11 @@ def predict(
         )
     s = summary
     note = f"; {s.left_out} non-image files in the folders left out" if s.left_out else ""
+    # Without detection nothing is said about faces (each image is classified whole).
     found = (
-        f"{s.files} images classified"
+        f"{s.faces} images classified"
         if no_detect
-        else (f"{s.faces} faces classified, {s.no_face} without a face")
+        else f"{s.faces} faces classified, {s.no_face} without a face"
     )
     typer.echo(
         f"predict: {s.files} files, {found}, {len(s.failed)} failed{note}"

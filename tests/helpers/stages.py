@@ -215,6 +215,20 @@ def register_champion(
     return file
 
 
+def count_reads(monkeypatch: Any, contract: type) -> list[Any]:
+    """Record every `contract.read(path)` from now on (the reads still happen); returns the
+    list the paths are appended to."""
+    reads: list[Any] = []
+    real = contract.read.__func__
+
+    def read(cls: type, path: Any) -> Any:
+        reads.append(path)
+        return real(cls, path)
+
+    monkeypatch.setattr(contract, "read", classmethod(read))
+    return reads
+
+
 def copy_images(names: list[str], raw: Path, dest: Path, darken: float = 1.0) -> Path:
     """The raw images `names` as JPEGs in `dest` (multiplied by `darken`: a shifted batch)."""
     import numpy as np

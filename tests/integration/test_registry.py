@@ -139,7 +139,7 @@ def _tags(version: str) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_promotion_policy_end_to_end(candidates):
+def test_promotion_policy_end_to_end(candidates, monkeypatch):
     # 1. the first model that meets the floor becomes champion
     run_a, eval_a, real_a = candidates.new(accuracy=0.95)
     r = candidates.register(run_a, eval_a)
@@ -177,8 +177,14 @@ def test_promotion_policy_end_to_end(candidates):
     }
 
     # 2. worse than the champion, measured on the same test split: stays challenger
+    from tests.helpers.stages import count_reads
+
+    from genderclf.contracts import PreparedData
+
     run_b, eval_b, _ = candidates.new(accuracy=real_a - 0.04)
+    reads = count_reads(monkeypatch, PreparedData)
     r = candidates.register(run_b, eval_b)
+    assert len(reads) == 1  # meta.json once, though the champion is scored on its data too
     assert (r["version"], r["decision"], r["champion_after"]) == ("2", "rejected", "1")
     assert r["champion_before"] == {"version": "1", "accuracy": pytest.approx(real_a)}
     assert "does not beat the champion's" in r["reasons"][0]

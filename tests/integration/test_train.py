@@ -72,12 +72,14 @@ def _fast_http_retries(monkeypatch) -> None:
 
 
 def test_smoke_training_learns_the_sample_and_records_it(
-    mlflow_store, model_settings, prepared_augmented, sample_data
+    mlflow_store, model_settings, prepared_augmented, sample_data, monkeypatch
 ):
     import mlflow
     from mlflow import MlflowClient
+    from tests.helpers.stages import count_reads
     from tests.helpers.stages import evaluate as run_evaluate
 
+    from genderclf.contracts import PreparedData, TrainedModel
     from genderclf.model.saving import load_model
 
     raw, splits = sample_data
@@ -89,7 +91,9 @@ def test_smoke_training_learns_the_sample_and_records_it(
     _git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "params")
     commit = _git("rev-parse", "HEAD")
 
+    reads = count_reads(monkeypatch, PreparedData)
     metrics = run_train(settings, prepared_augmented, params, raw / "SOURCE.json")
+    assert reads == [prepared_augmented]  # meta.json: read once per process, then handed on
 
     # the stage contract
     for out in (
@@ -117,7 +121,10 @@ def test_smoke_training_learns_the_sample_and_records_it(
     # accuracy on the test split of people never seen in training), against the accuracy of
     # always answering the majority class. Measured (4 runs): accuracy 0.73-0.81 against a
     # majority rate of 0.5, ROC AUC 0.85-0.90.
+    reads.clear()
+    model_reads = count_reads(monkeypatch, TrainedModel)
     ev = run_evaluate(settings, prepared_augmented, splits, raw)
+    assert reads == [prepared_augmented] and model_reads == [C.PATHS.model_info]
     tn, fp, fn, tp = np.array(ev["confusion_matrix"]).ravel()
     majority = max(tn + fp, fn + tp) / ev["n"]
     assert ev["accuracy"] >= majority + 0.1, (ev["accuracy"], majority)

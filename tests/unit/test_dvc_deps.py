@@ -26,7 +26,16 @@ import pytest
 import yaml
 from tests.helpers import REPO_ROOT
 from tests.helpers.params import pipeline_params
-from tests.helpers.workspace import copy_pipeline, pipeline_env, run, write_params
+from tests.helpers.workspace import (
+    copy_pipeline,
+    dvc,
+    git_init,
+    nothing_stale,
+    pipeline_env,
+    run,
+    status_stages,
+    write_params,
+)
 
 PACKAGE = REPO_ROOT / "src" / "genderclf"
 TRACE_SITE = REPO_ROOT / "tests" / "helpers" / "trace"
@@ -149,8 +158,9 @@ def test_every_listed_dep_exists():
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory) -> dict[str, set[str]]:
-    """{stage: project files its processes imported}, from one tiny run of every stage."""
+def ran(tmp_path_factory) -> tuple[Path, dict[str, set[str]]]:
+    """A copy of the pipeline after one tiny run of every stage's command, and {stage:
+    project files its processes imported}."""
     root = tmp_path_factory.mktemp("traced")
     repo = copy_pipeline(root / "repo")
     write_params(
@@ -158,6 +168,7 @@ def traced(tmp_path_factory) -> dict[str, set[str]]:
         pipeline_params(
             {
                 "data.sample.num_images": 60,
+                "split.strategy": "stratified",  # both classes in test: every plot is made
                 "base.image_size": 16,
                 "train.batch_size": 16,
                 "train.epochs_finetune": 0,
@@ -185,7 +196,12 @@ def traced(tmp_path_factory) -> dict[str, set[str]]:
             if Path(f).is_relative_to(repo / "src") or Path(f).is_relative_to(repo / "flows")
         }
         assert f"src/genderclf/stages/{stage}.py" in out[stage], (stage, sorted(out[stage]))
-    return out
+    return repo, out
+
+
+@pytest.fixture(scope="module")
+def traced(ran) -> dict[str, set[str]]:
+    return ran[1]
 
 
 @pytest.mark.integration
@@ -195,3 +211,33 @@ def test_deps_cover_what_the_command_imports_when_it_runs(traced, stage):
     assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
     # what a run imports, reading the code finds too (so the static check is no weaker)
     assert traced[stage] <= _static(stage), sorted(traced[stage] - _static(stage))
+
+
+@pytest.mark.integration
+def test_editing_a_tool_re_runs_no_stage(ran):
+    """Edit `genderclf predict`'s help text in a pipeline whose every stage ran: `dvc status`
+    stays clean. The same kind of edit in the stage commands' module makes every stage
+    stale (so the check can fail)."""
+    repo, _ = ran
+    env = pipeline_env(repo, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    git_init(repo, env=env)
+    dvc(repo, "commit", "--force", env=env)  # dvc.lock of what the stages made, as `repro` would
+    assert nothing_stale(dvc(repo, "status", env=env).stdout)
+
+    tools = repo / "src" / "genderclf" / "tools.py"
+    before = tools.read_text()
+    assert "table (console) | json" in before  # predict --format's help
+    tools.write_text(before.replace("table (console) | json", "table (on the console) | json"))
+    status = dvc(repo, "status", env=env).stdout
+    assert nothing_stale(status), status
+
+    commands = repo / "src" / "genderclf" / "pipeline.py"
+    text = commands.read_text()
+    commands.write_text(
+        text.replace("Split the manifest into", "Split the validated manifest into")
+    )
+    try:
+        assert status_stages(dvc(repo, "status", env=env).stdout) == set(STAGES)
+    finally:
+        commands.write_text(text)
+        tools.write_text(before)

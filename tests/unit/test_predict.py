@@ -428,6 +428,8 @@ def test_cli_continues_past_bad_files_and_exits_1_with_a_summary(tmp_path, faces
     assert [r["status"] for r in rows] == ["error", "ok", "ok", "ok"]
     assert "1 failed" in result.output and "broken.jpg" in result.output
     assert "1 non-image files in the folders left out" in result.output
+    # whole images, no detection: nothing to say about faces
+    assert "3 images classified" in result.output and "a face" not in result.output
 
 
 def test_cli_table_and_csv_and_success_exit(tmp_path, faces, model_file):
