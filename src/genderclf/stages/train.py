@@ -66,13 +66,15 @@ def prepare(settings: Settings, paths: Paths) -> TrainPlan:
             missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
     data = PreparedData.read(paths.prepared)
+    # The settings first (a backbone that cannot take base.image_size is named as such),
+    # then the data: from here on the image size is the prepared data's.
+    backbone = check_compatible(settings.train, settings.base.image_size)
+    check_jit_settings(settings.train)
     if data.image_size != settings.base.image_size:
         raise PreparedDataError(
             f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
-    backbone = check_compatible(settings.train, data.image_size)
-    check_jit_settings(settings.train)
     return TrainPlan(data, backbone, backup_dir_for(paths.train_backups, settings, data.to_json()))
 
 
