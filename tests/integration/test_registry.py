@@ -338,3 +338,36 @@ def test_compare_marks_the_champion_and_lists_every_alias(candidates):
     assert lines[-1] == "(* = champion)"
     runs = CliRunner().invoke(app, ["compare", "--runs", "5"])
     assert runs.exit_code == 0 and len(runs.output.splitlines()) == 1 + 3, runs.output
+
+
+def test_the_training_run_is_found_by_the_models_hash(mlflow_store, reg_settings, tmp_path):
+    """models/run.json is outside DVC's outputs (issue 21): where it is missing (a fresh
+    clone after `dvc pull`) or names another model (after `dvc checkout`), the run that
+    holds the model is found in MLflow by the model's MD5; no run, one clear error."""
+    from tests.helpers.stages import log_model_run
+
+    from genderclf.contracts import TrainedModel, TrainingRun
+    from genderclf.model.backbones import build_model
+    from genderclf.tracking.runs import training_run
+    from genderclf.tracking.setup import configure
+
+    def model(seed: int, folder: Path) -> tuple[TrainedModel, dict[str, Any]]:
+        keras.utils.set_random_seed(seed)
+        net = build_model(reg_settings.train, reg_settings.base.image_size)
+        run = log_model_run(net, reg_settings, folder)
+        return TrainedModel.read(folder / "model.json"), run
+
+    a, run_a = model(1, tmp_path / "a")
+    b, run_b = model(2, tmp_path / "b")
+    configure(0)
+    record = tmp_path / "a" / "run.json"
+    assert training_run(a, record) == TrainingRun.read(record)  # the record of this model
+    record.unlink()
+    assert training_run(a, record).run_id == run_a["run_id"]  # no record: the tag
+    found = training_run(b, record.with_name("other.json"))
+    assert (found.run_id, found.keras_model_uri) == (run_b["run_id"], run_b["keras_model_uri"])
+    # a record of another model is never used
+    assert training_run(a, tmp_path / "b" / "run.json").run_id == run_a["run_id"]
+    stranger = TrainedModel(a.input, "f" * 32, a.seed, a.train)
+    with pytest.raises(TrackingError, match=r"no MLflow run .* holds the trained model \(md5 f+\)"):
+        training_run(stranger, record)

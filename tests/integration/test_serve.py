@@ -223,7 +223,8 @@ def test_registered_model_carries_the_evaluated_threshold(
 
     from genderclf.tracking.serving import load_classifier
 
-    evaluated = json.loads(Path("metrics/eval.json").read_text())["threshold"]
+    # the cut on the raw output (eval.json names both scales: issue 21)
+    evaluated = json.loads(Path("metrics/eval.json").read_text())["threshold_raw"]
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     with monkeypatch.context() as m:
