@@ -43,9 +43,12 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Fetch even if the sourc
 
 
 def _setup_logging() -> None:
+    # The time only on a terminal: whatever reads a pipe (the Prefect flow, CI) stamps each
+    # line itself, and a second time inside its prefix is noise.
+    stamp = "%(asctime)s " if sys.stderr.isatty() else ""
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=stamp + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
@@ -168,7 +171,7 @@ def download(
     what = "files from" if report.fetched else "files kept, unchanged:"
     typer.echo(
         f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
-        f"({rec['checksum'][:19]}...){refused}"
+        f"({rec['checksum'][:19]}...){refused} in {report.seconds:.1f}s"
     )
 
 

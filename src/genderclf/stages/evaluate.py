@@ -105,7 +105,7 @@ def run(settings: Settings, paths: Paths) -> EvaluateReport:
     write_predictions(names, y, p, cut, paths.plots / "predictions.csv")
     write_reference(settings, paths, model, m["threshold"], platt)
     write_json(paths.eval_metrics, m)
-    log.info("evaluate: %d test images, %d mistakes shown", len(y), shown)
+    log.debug("evaluate: %d test images, %d mistakes shown", len(y), shown)  # CLI says it
     return EvaluateReport(m, plots)
 
 
