@@ -76,10 +76,11 @@ def _fetch_failed(message: str) -> WeightsDownloadError:
 
     found = re.search(r"URL fetch failure on (\S+): (.*)", message)
     url, why = (found.group(1), found.group(2)) if found else ("the Keras weights URL", message)
+    why = why.strip().removeprefix("None -- ")  # Keras' "<errno> -- <reason>", errno unset
     name = url.rsplit("/", 1)[-1]
     return WeightsDownloadError(
         f"train.weights=imagenet: could not fetch the ImageNet weights {name} from {url} "
-        f"({why.strip()}). Without a route to it, copy that file from a machine with a "
+        f"({why}). Without a route to it, copy that file from a machine with a "
         f"network (where Keras keeps it in ~/.keras/models/, or $KERAS_HOME/models/ once it "
         f"has downloaded it) and set train.weights: /path/to/{name}"
     )
