@@ -45,8 +45,9 @@ MONITOR_DESCRIPTION = (
     "its drift/ metrics linked to the champion's LoggedModel, drift.json, summary.md and "
     "drift.png as artifacts."
 )
-# MLflow 3 opens an experiment without this tag in its GenAI view (traces, "Detect issues");
-# with it, in the model-training view (runs, metrics, models).
+# What the experiment is for, in MLflow's own tag (its experiment-kind selector shows it):
+# model development, not a GenAI app. MLflow 3.17's UI still picks the view (GenAI or model
+# training) from its global switch, so the links we print say the view (`ui_link`).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 UI_VIEW = "workflowType=machine_learning"  # the UI's model-training view (see ui_link)
@@ -169,8 +170,8 @@ def _ensure_experiment(uri: str) -> None:
 
 
 def ensure_experiment(name: str, description: str, uri: str | None = None) -> str:
-    """The id of experiment `name`, created if needed, with its description and the tag
-    that makes MLflow open it in the model-training view (`EXPERIMENT_KIND`).
+    """The id of experiment `name`, created if needed, with its description and its kind,
+    model development (`EXPERIMENT_KIND`).
 
     With a SQLite store the artifacts go next to the database file (`mlruns/` beside it),
     not into whatever folder the first process happened to run in.
