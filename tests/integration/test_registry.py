@@ -210,7 +210,8 @@ def test_promotion_policy_end_to_end(candidates):
     # the registered model's page: the last move as one line of text
     last = _client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"]
     assert last.startswith("version 4 (was version 1), by ") and "\n" not in last
-    assert moved_in["at"] in last and moved_in["reason"] in last
+    assert moved_in["at"] in last and moved_in["reason"].split("; ")[0][:100] in last
+    assert len(last) < 250
 
     # 5. registering the same run again creates no second version
     r = candidates.register(run_d, eval_d)
