@@ -312,20 +312,10 @@ def promotion_markdown(reg: Decision) -> str:
     )
 
 
-def mlflow_ui() -> str:
-    from genderclf.tracking.setup import redact, tracking_uri
-
-    uri = tracking_uri()
-    base = (
-        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    )
-    return redact(base).rstrip("/")
-
-
 def registry_url(version: str) -> str:
-    from genderclf.tracking.setup import MODEL_NAME
+    from genderclf.tracking.setup import MODEL_NAME, ui_link
 
-    return f"{mlflow_ui()}/#/models/{MODEL_NAME}/versions/{version}"
+    return ui_link(f"models/{MODEL_NAME}/versions/{version}")
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str | None:

@@ -30,9 +30,12 @@ DEFAULT_PARAMS = PATHS.params
 
 def setup_logging() -> None:
     """INFO and above on stderr, one line each; the chattiest libraries at WARNING."""
+    # The time only on a terminal: whatever reads a pipe (the Prefect flow, CI) stamps each
+    # line itself, and a second time inside its prefix is noise.
+    stamp = "%(asctime)s " if sys.stderr.isatty() else ""
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=stamp + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )

@@ -100,7 +100,7 @@ def download(
     what = "files from" if report.fetched else "files kept, unchanged:"
     typer.echo(
         f"download: {rec['file_count']} {what} {rec['source']} -> {PATHS.raw}/ "
-        f"({rec['checksum'][:19]}...){refused}"
+        f"({rec['checksum'][:19]}...){refused} in {report.seconds:.1f}s"
     )
 
 

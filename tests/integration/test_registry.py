@@ -211,8 +211,11 @@ def test_promotion_policy_end_to_end(candidates, monkeypatch):
     assert moved_in == moved_out and (moved_in["from"], moved_in["to"]) == ("1", "4")
     # version 1 keeps the record of its own promotion
     assert json.loads(_tags("1")[f"alias.{CHAMPION}.set"])["to"] == "1"
-    last = json.loads(_client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"])
-    assert last == moved_in
+    # the registered model's page: the last move as one line of text
+    last = _client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"]
+    assert last.startswith("version 4 (was version 1), by ") and "\n" not in last
+    assert moved_in["at"] in last and moved_in["reason"].split("; ")[0][:100] in last
+    assert len(last) < 250
 
     # 5. registering the same run again creates no second version
     r = candidates.register(run_d, eval_d)

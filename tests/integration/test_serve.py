@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -189,6 +190,9 @@ def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tm
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+    # The server's log: TensorFlow started quietly by the served model's code.
+    noise = re.findall(r".*(?:\b[IEW]0000 |cuInit|absl::InitializeLog|oneDNN).*", log.read_text())
+    assert noise == [], noise
     got = answer["predictions"]
     assert len(got) == len(files) + 1
     for e, g in zip(expected, got, strict=False):

@@ -316,6 +316,37 @@ def test_backbone_that_cannot_take_the_image_size_fails_before_training(
     assert not BACKUP_ROOT.exists()
 
 
+def test_imagenet_weights_out_of_reach_fail_in_one_line(
+    mlflow_store, model_settings, prepared, tmp_path
+):
+    """No route to the weights (a proxy on a closed loopback port, an empty Keras cache):
+    `genderclf train` says what it could not fetch, from where, and the offline way."""
+    settings = model_settings({"train.backbone": "vgg16", "train.weights": "imagenet"})
+    _write_params(settings)
+    C.PATHS.prepared.parent.mkdir(parents=True, exist_ok=True)
+    C.PATHS.prepared.symlink_to(prepared)
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(
+        {p: proxy for p in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}
+        | {"KERAS_HOME": str(tmp_path / "keras-home"), "NO_PROXY": "", "no_proxy": ""}
+    )
+    proc = subprocess.run(
+        [str(BIN / "genderclf"), "train"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    for said in (
+        "could not fetch the ImageNet weights vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "from https://storage.googleapis.com/",
+        "~/.keras/models/",
+        "train.weights: /path/to/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ):
+        assert said in line, line
+    assert not C.PATHS.model.exists()
+
+
 def test_unreachable_tracking_server_fails_before_training(
     mlflow_store, model_settings, prepared, monkeypatch
 ):

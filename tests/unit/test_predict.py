@@ -555,3 +555,20 @@ def test_row_writer_formats_match_the_columns(fmt):
     empty = io.StringIO()
     P.RowWriter(fmt, empty).close()
     assert fmt != "json" or json.loads(empty.getvalue()) == []
+
+
+@pytest.mark.parametrize("command", [["predict", "photo.jpg"], ["compare"]])
+def test_a_folder_without_a_tracking_store_gets_one_line_and_no_store(
+    command, tmp_path, monkeypatch
+):
+    """Looking up the champion where no pipeline ran: a clear line, and no empty
+    mlflow.db left behind in that folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.jpg")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error")]
+    assert f"no MLflow tracking store at {tmp_path / 'mlflow.db'}" in line
+    assert "MLFLOW_TRACKING_URI" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]

@@ -58,13 +58,39 @@ def build_simple_cnn(image_size: int, weights: str | None) -> keras.Model:
     return model
 
 
+class WeightsDownloadError(ModelConfigError):
+    """`train.weights: imagenet` and the weights file could not be fetched."""
+
+
 def _app(name: str) -> Callable[[int, str | None], keras.Model]:
     cls = getattr(keras.applications, name)
 
     def make(image_size: int, weights: str | None) -> keras.Model:
-        return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+        try:
+            return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+        except Exception as err:
+            # Keras' get_file raises a bare Exception("URL fetch failure on <url>: ...").
+            if weights != "imagenet" or "URL fetch failure" not in str(err):
+                raise
+            raise _fetch_failed(str(err)) from None
 
     return make
+
+
+def _fetch_failed(message: str) -> WeightsDownloadError:
+    """One line: what could not be fetched, from where, why, and the offline alternative."""
+    import re
+
+    found = re.search(r"URL fetch failure on (\S+): (.*)", message)
+    url, why = (found.group(1), found.group(2)) if found else ("the Keras weights URL", message)
+    why = why.strip().removeprefix("None -- ")  # Keras' "<errno> -- <reason>", errno unset
+    name = url.rsplit("/", 1)[-1]
+    return WeightsDownloadError(
+        f"train.weights=imagenet: could not fetch the ImageNet weights {name} from {url} "
+        f"({why}). Without a route to it, copy that file from a machine with a "
+        f"network (where Keras keeps it in ~/.keras/models/, or $KERAS_HOME/models/ once it "
+        f"has downloaded it) and set train.weights: /path/to/{name}"
+    )
 
 
 @dataclass(frozen=True)

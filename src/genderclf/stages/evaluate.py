@@ -145,7 +145,7 @@ def run(settings: Settings, paths: Paths) -> EvaluateReport:
     write_predictions(names, y, p, cut, paths.plots / "predictions.csv")
     write_reference(settings, paths, model, ServingConfig.of(trained.input, evaluation))
     evaluation.write(paths.eval_metrics)
-    log.info("evaluate: %d test images, %d mistakes shown", len(y), shown)
+    log.debug("evaluate: %d test images, %d mistakes shown", len(y), shown)  # CLI says it
     return EvaluateReport(evaluation, plots, trained)
 
 

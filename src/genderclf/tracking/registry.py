@@ -120,8 +120,18 @@ def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
         client.set_model_version_tag(
             MODEL_NAME, prev_version, f"alias.{alias}.removed", json.dumps(move)
         )
-    client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", json.dumps(move))
+    client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", move_text(move))
     return move
+
+
+def move_text(move: dict[str, Any]) -> str:
+    """The registered model's `last_move.<alias>` tag: one short line (the first reason).
+    The whole record (JSON, what rollback reads) stays on the versions' `alias.<alias>.set`
+    tags."""
+    was = f"was version {move['from']}" if move["from"] else "first"
+    why = move["reason"].split("; ")[0]  # the first reason; all of them are on the version
+    why = why if len(why) <= 120 else why[:119] + "…"
+    return f"version {move['to']} ({was}), by {move['by']} at {move['at']}: {why}"
 
 
 LOCK_MODEL = f"{MODEL_NAME}.promotion-lock"

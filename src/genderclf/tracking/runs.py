@@ -419,6 +419,8 @@ def start_flow_run(
     from mlflow import MlflowClient
     from mlflow.tracking.context.registry import resolve_tags
 
+    from genderclf.tracking.setup import ui_link
+
     configure()
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -430,11 +432,7 @@ def start_flow_run(
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     run = client.create_run(exp.experiment_id, run_name=flow_run_name, tags=tags)
-    uri = tracking_uri()
-    base = (
-        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    )
-    url = f"{redact(base).rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    url = ui_link(f"experiments/{exp.experiment_id}/runs/{run.info.run_id}")
     return run.info.run_id, url
 
 

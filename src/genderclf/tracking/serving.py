@@ -213,8 +213,10 @@ def load_classifier(
         )
     from mlflow.exceptions import MlflowException
 
-    from genderclf.tracking.setup import configure, redact
+    from genderclf.tracking.setup import configure, redact, require_store
 
+    if uri.startswith(("models:/", "runs:/")):  # answered by the tracking store
+        require_store(f"{uri} (or pass a .keras file)")
     configure(0)
     # The download is read into memory and removed: a loaded model keeps no file open.
     with tempfile.TemporaryDirectory(prefix="genderclf-model-") as tmp:
