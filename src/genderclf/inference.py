@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from genderclf.config import GenderclfError, PredictSettings
+from genderclf.contracts import Evaluation, ModelInput, TrainedModel
 from genderclf.data.labels import LABEL_NAMES
 from genderclf.faces import Box, Detector, DetectorError, make_detector
 from genderclf.images import IMAGE_EXTENSIONS, ImageError, fit_square, load_rgb
@@ -46,9 +47,11 @@ class PredictError(GenderclfError):
 class ServingConfig:
     """What inference must repeat from training, stored with the model (`serving.json`).
 
-    image_size and resize come from the training data, threshold from evaluation, and
-    `predict` is the `predict` section of params.yaml at registration (detection and
-    cropping), so a registered model predicts the same way without a params.yaml.
+    Made in one place, `ServingConfig.of`, from the hand-off contracts: image_size and
+    resize from the trained model (`TrainedModel.input`, i.e. the prepared data),
+    threshold and calibration from the evaluation, and `predict` the `predict` section of
+    params.yaml at registration (detection and cropping), so a registered model predicts
+    the same way without a params.yaml. `read` loads the stored one.
     """
 
     image_size: int
@@ -56,6 +59,26 @@ class ServingConfig:
     threshold: float  # the cut on the model's raw output
     predict: dict[str, Any] | None = None
     calibration: tuple[float, float] = (1.0, 0.0)  # Platt (a, b): P = sigmoid(a*logit(p)+b)
+
+    @classmethod
+    def of(
+        cls,
+        model: ModelInput,
+        evaluation: Evaluation | None = None,
+        predict: dict[str, Any] | None = None,
+    ) -> ServingConfig:
+        """The serving config of a model: its input, the operating point its evaluation
+        chose (the cut on the raw output, the Platt calibration; a model never evaluated
+        cuts its raw output at `DEFAULT_THRESHOLD`), and the `predict` settings to store."""
+        if evaluation is None:
+            return cls(model.image_size, model.resize, DEFAULT_THRESHOLD, predict)
+        return cls(
+            model.image_size,
+            model.resize,
+            evaluation.threshold_raw,
+            predict,
+            evaluation.calibration.platt,
+        )
 
     def write(self, path: Path) -> Path:
         return atomic_write(path, json.dumps(asdict(self), indent=2) + "\n")
@@ -236,33 +259,44 @@ def model_files(path: Path, source: str = "") -> tuple[Path, Path | None]:
 
 
 def load_local(
-    path: str | Path, fallback: ServingConfig | None = None, source: str | None = None
+    path: str | Path,
+    source: str | None = None,
+    *,
+    config: ServingConfig | None = None,
+    bare_resize: str | None = None,
 ) -> Classifier:
     """A classifier from a `.keras` file or a model folder (an MLflow model, downloaded).
 
-    The serving config is the model's `serving.json` (beside the file, or anywhere in the
-    folder); a bare `.keras` file without one takes `fallback` with the model's own input
-    size.
+    The serving config is `config` when given, else the model's `serving.json` (beside the
+    file, or anywhere in the folder). A bare `.keras` file without one is served as
+    trained, cut at `DEFAULT_THRESHOLD`: its input from the `model.json` beside it (the
+    train stage's `TrainedModel`), else its own input size fitted the `bare_resize` way.
 
     Raises:
-        PredictError: no loadable genderclf model there, or no serving config at all.
+        PredictError: no loadable genderclf model there, or nothing says how to fit an
+            image to it.
     """
     path = Path(path)
     source = source or str(path)
     keras_file, config_file = model_files(path, source)
     model = load_keras(keras_file)
-    if config_file is not None:
-        cfg = ServingConfig.read(config_file)
-    elif fallback is not None:
-        cfg = ServingConfig(
-            int(model.input_shape[1]), fallback.resize, fallback.threshold, fallback.predict
-        )
-    else:
+    if config is None and config_file is not None:
+        config = ServingConfig.read(config_file)
+    if config is None:
+        config = ServingConfig.of(_bare_input(keras_file, model, bare_resize, source))
+    return Classifier(model, config, source)
+
+
+def _bare_input(keras_file: Path, model: Any, resize: str | None, source: str) -> ModelInput:
+    info = keras_file.with_name("model.json")
+    if info.is_file():
+        return TrainedModel.read(info).input
+    if resize is None:
         raise PredictError(
             f"{source} has no {SERVING_CONFIG} (threshold, resize mode): use a "
             "registered model, or run from the project with its params.yaml"
         )
-    return Classifier(model, cfg, source)
+    return ModelInput(int(model.input_shape[1]), resize)
 
 
 def with_threshold(clf: Classifier, threshold: float | None) -> Classifier:
@@ -272,6 +306,52 @@ def with_threshold(clf: Classifier, threshold: float | None) -> Classifier:
 
         clf.config = replace(clf.config, threshold=threshold)
     return clf
+
+
+def model_payload(path: Path) -> dict[str, bytes]:
+    """The files that describe a model, by name relative to its `.keras` file's folder: the
+    `.keras` file, its serving config and the train stage's `model.json` beside it (each if
+    there), so that `load_local` on a folder of them loads the same classifier.
+
+    Raises:
+        PredictError: no `.keras` file there.
+    """
+    keras_file, config = model_files(path)
+    out = {keras_file.name: keras_file.read_bytes()}
+    for extra in (config, keras_file.with_name("model.json")):
+        if extra is not None and extra.is_file():
+            out[extra.name] = extra.read_bytes()
+    return out
+
+
+class Predictor:
+    """A classifier that lives in a worker process (a Ray actor on a cluster): the model
+    loaded once from `model_payload`'s files, then chunks of images in, rows out."""
+
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        source: str,
+        bare_resize: str | None,
+        threshold: float | None,
+        settings: dict[str, Any],
+        detect: bool,
+    ):
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="genderclf-actor-model-")
+        root = Path(self._dir.name)
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        clf = load_local(root, source, bare_resize=bare_resize)
+        self.clf = with_threshold(clf, threshold)
+        self.settings = PredictSettings.model_validate(settings)
+        self.detector = make_detector(self.settings) if detect else None
+
+    def rows(self, chunk: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """The rows of one chunk of (name, source) pairs, in their order."""
+        return list(predict_images(chunk, self.clf, self.detector, self.settings))
 
 
 # --- batch prediction ------------------------------------------------------------------------
@@ -301,7 +381,8 @@ class Summary:
             self.failed.append((row["file"], row["error"]))
 
 
-def _row(file: str, **kw: Any) -> dict[str, Any]:
+def make_row(file: str, **kw: Any) -> dict[str, Any]:
+    """One output row for `file`: every column of `COLUMNS`, None unless given."""
     row = dict.fromkeys(COLUMNS)
     row.update(file=file, **kw)
     return row
@@ -360,14 +441,14 @@ def predict_images(
                     for b in boxes
                 ]
         except ImageError as err:
-            ready.append(_row(name, status="error", error=str(err)))
+            ready.append(make_row(name, status="error", error=str(err)))
             continue
         if not crops:
-            ready.append(_row(name, status="no_face", error="no face found"))
+            ready.append(make_row(name, status="no_face", error="no face found"))
             continue
         for i, (b, crop) in enumerate(crops):
             box = asdict(b) if b else {}
-            row = _row(name, face=i if b else None, status="ok", **box)
+            row = make_row(name, face=i if b else None, status="ok", **box)
             ready.append(row)
             pending.append((row, crop))
         if len(pending) >= settings.batch_size:

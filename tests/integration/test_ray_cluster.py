@@ -255,7 +255,7 @@ def test_the_drift_profile_is_the_same_on_the_cluster(
     names.append("missing.jpg")  # unreadable: listed in `failed` on both engines
     for k, v in s3_env().items():
         monkeypatch.setenv(k, v)
-    clf = load_local(model_file, ServingConfig(48, "center_crop", 0.5))
+    clf = load_local(model_file, config=ServingConfig(48, "center_crop", 0.5))
 
     def run_profile():
         items = sources(f"s3://{BUCKET}/drift", names, s3_server, 0)

@@ -82,7 +82,7 @@ def test_ray_is_not_imported_without_ray_address(tmp_path):
         "import sys\n"
         "from genderclf.io import parallel_map\n"
         "from genderclf.stages import validate, split, augment\n"
-        "from genderclf import batch_predict\n"
+        "from genderclf import tools\n"
         "assert list(parallel_map(max, range(5), workers=2, context=2)) == [2, 2, 2, 3, 4]\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )

@@ -32,6 +32,7 @@ from PIL import Image
 
 from genderclf.config import AugmentSettings, Settings
 from genderclf.console import Progress
+from genderclf.contracts import SplitShards
 from genderclf.data.remote import LISTING_NAME, Pin, RawSource, is_by_reference
 from genderclf.data.scratch import Scratch
 from genderclf.data.tfrecords import ShardWriter
@@ -165,9 +166,9 @@ def write_split(
     source: RawSource,
     out_dir: Path,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> SplitShards:
     """Write one split's shards into `out_dir`: originals, plus `augment.copies` variants
-    of each train image. Returns the split's entry of `meta.json`.
+    of each train image. Returns the split's entry of the prepared data (`meta.json`).
 
     The images are processed in chunks of `CHUNK` in local processes, or as Ray tasks on
     the cluster RAY_ADDRESS names (same bytes either way); this process writes the shards.
@@ -206,13 +207,7 @@ def write_split(
                     males += label
                 bar.update(len(chunk))
         records = writer.close()
-    return {
-        "images": n,
-        "records": records,
-        "copies": copies,
-        "male": males,
-        "shards": writer.files,
-    }
+    return SplitShards(images=n, records=records, copies=copies, male=males, shards=writer.files)
 
 
 def preview(

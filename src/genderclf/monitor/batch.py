@@ -108,6 +108,20 @@ def _walk_s3(
         raise BatchError(f"{location}: cannot list the prefix: {err}") from None
 
 
+def walk_objects(
+    location: str, left_out: list[int], endpoint_url: str | None = None, retries: int = 3
+) -> Iterator[tuple[str, S3Object]]:
+    """The image objects under the S3 prefix `location`, streamed in key order as
+    (`s3://bucket/key`, an `S3Object` that fetches it); `left_out[0]` counts the others.
+
+    Raises:
+        BatchError: the prefix cannot be listed.
+    """
+    where = S3Location.of(location, endpoint_url, retries)
+    for e in walk_images(location, left_out, endpoint_url, retries):
+        yield where.uri(e.name), S3Object(where, e.name)
+
+
 def sources(
     location: str, names: list[str], endpoint_url: str | None = None, retries: int = 3
 ) -> list[tuple[str, Path | Callable[[], bytes]]]:
