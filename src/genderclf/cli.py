@@ -27,7 +27,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="Retraining pipeline for a face-image gender classifier. Stages run in order: "
-    "download -> validate -> split -> augment -> train -> evaluate -> register "
+    "download -> validate -> split -> augment -> tune -> train -> evaluate -> register "
     "(`dvc repro` runs them; each command here runs one).",
     no_args_is_help=True,
     add_completion=False,
@@ -53,7 +53,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
+STAGES = ("download", "validate", "split", "augment", "tune", "train", "evaluate", "register")
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,12 +81,30 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --- the stages, as functions -----------------------------------------------------------------
 
 
+def run_tune(settings: Settings, paths: Paths = PATHS) -> Any:
+    """Search (or, with tune.enabled false, pass the params through) and log to MLflow."""
+    from genderclf.stages import tune
+
+    if not settings.tune.enabled:
+        return tune.passthrough(settings, paths)  # seconds: no TensorFlow, no MLflow
+    quiet_tensorflow()
+    from genderclf.tracking.tune import SearchRun
+
+    plan = tune.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
+    with SearchRun(settings, paths, plan) as run:
+        report = tune.run(settings, paths, plan, run)
+        run.log_search(report)
+    return report
+
+
 def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
     """Train and log the run to MLflow; the backup is dropped once both are done."""
     quiet_tensorflow()
+    from genderclf.model.tuned import effective_settings
     from genderclf.stages import train
     from genderclf.tracking.runs import TrainingRun
 
+    settings = effective_settings(settings, paths)  # tune.enabled: the search's train values
     backup = train.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
     with TrainingRun(settings, paths, backup) as run:
         report = train.run(settings, paths, on_epoch=run.log_epoch)
@@ -109,9 +127,11 @@ def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:
 def run_register(settings: Settings, paths: Paths = PATHS) -> dict[str, Any]:
     """Register against the configured MLflow registry; returns register.json's content."""
     quiet_tensorflow()
+    from genderclf.model.tuned import effective_settings
     from genderclf.stages import register
     from genderclf.tracking.registry import MlflowRegistry
 
+    settings = effective_settings(settings, paths)  # the model card states what was trained
     registry = MlflowRegistry(settings.registry.retries)  # connects on first use
     with registry.failures_explained(paths):
         return register.run(settings, paths, registry)
@@ -221,6 +241,50 @@ def augment(params: ParamsOpt = PATHS.params, quiet: QuietOpt = False) -> None:
     )
     typer.echo(
         f"augment: {counts} at {r.meta['image_size']}px -> {r.prepared}/; preview {r.preview}"
+    )
+
+
+@app.command()
+@command
+def tune(
+    params: ParamsOpt = PATHS.params,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="Write the search's winner (params/tuned.yaml) into params.yaml and set "
+            "tune.enabled: false, keeping the file's comments and layout. Runs no search.",
+        ),
+    ] = False,
+) -> None:
+    """Search train.* hyperparameters on the validation split (Optuna): params/tuned.yaml.
+
+    With `tune.enabled: false` (the demo) it writes params.yaml's own values of the
+    searched keys, in seconds. With true: a seeded TPE search over `tune.space`, pruning on
+    the per-epoch validation metric, `tune.trials` trials (on a Ray cluster when
+    RAY_ADDRESS is set); each trial is an MLflow run nested under the search's run. A
+    killed search continues where it stopped when run again. Train uses the winner.
+    """
+    if apply:
+        from genderclf.stages import tune as stage
+
+        changed = stage.apply(PATHS)
+        for key, (old, new) in changed.items():
+            typer.echo(f"  train.{key}: {old} -> {new}")
+        typer.echo(
+            f"tune --apply: {len(changed)} train value(s) changed in {PATHS.params}; "
+            "tune.enabled set to false (set it back to true to search again)"
+        )
+        return
+    r = run_tune(load_settings(params))
+    if not r.enabled:
+        typer.echo(f"tune: off (tune.enabled: false); train.* as they are -> {PATHS.tuned_params}")
+        return
+    m = r.metrics
+    chosen = ", ".join(f"{k}={v}" for k, v in sorted(r.tuned.train.items()))
+    typer.echo(
+        f"tune: best trial {m['best_trial']} {m['metric']} {m['best_value']} (params.yaml's "
+        f"values: {m['start_value']}); trials {m['trials']} -> {PATHS.tuned_params}: {chosen}"
     )
 
 
@@ -504,8 +568,35 @@ def compare(
     runs: Annotated[
         int, typer.Option("--runs", help="Compare the N most recent runs instead.")
     ] = 0,
+    backbones: Annotated[
+        bool,
+        typer.Option(
+            "--backbones",
+            help="Compare the backbones instead: parameters, size on disk, predict latency "
+            "on this machine, and the validation accuracy of those trained (logged to MLflow).",
+        ),
+    ] = False,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="--backbones: the input size (default: base.image_size).", min=16),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="--backbones: timed predict calls per figure.", min=1)
+    ] = 10,
+    plot: Annotated[
+        Path | None, typer.Option(help="--backbones: also save the plot (PNG) here.")
+    ] = None,
+    params: ParamsOpt = PATHS.params,
 ) -> None:
     """Table of registered versions (metrics, differing params, data, aliases)."""
+    if backbones:
+        quiet_tensorflow()
+        from genderclf.tracking.tune import compare_backbones
+
+        settings = load_settings(params)
+        size = image_size or settings.base.image_size
+        typer.echo(compare_backbones(settings, size, repeats, plot))
+        return
     from genderclf.tracking.compare import compare_runs, compare_versions
 
     typer.echo(compare_runs(runs) if runs else compare_versions())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import Paths, Settings
+from genderclf.data.tfrecords import read_meta
 from genderclf.io import write_json
 from genderclf.tracking.setup import (
     EXPERIMENT,
@@ -85,6 +86,9 @@ class TrainingRun:
             run_file.write_text(self.run_id)
             if resumed is None:
                 mlflow.log_params({k: str(v)[:500] for k, v in self.settings.flat().items()})
+                # the size of the validation split: `compare --backbones` gives an interval
+                val = read_meta(self.paths.prepared)["splits"]["val"]["images"]
+                mlflow.log_param("data.val_images", str(val))
             t = self.settings.train
             mlflow.set_tags(
                 {
