@@ -173,6 +173,7 @@ class TrialOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    node: str | None = None  # the Ray node it ran on (None: in the search's own process)
 
 
 class StudyHost:
@@ -251,11 +252,14 @@ class StudyHost:
         trial.report(value, step)
         return bool(trial.should_prune())
 
-    def tell(self, number: int, state: str, value: float | None) -> None:
-        """Close a trial: complete (with its value), pruned or failed."""
+    def tell(self, number: int, state: str, value: float | None, node: str | None = None) -> None:
+        """Close a trial: complete (with its value), pruned or failed; `node`: the Ray node
+        it ran on, kept with the trial."""
         from optuna.trial import TrialState
 
-        self._live.pop(number, None)
+        trial = self._live.pop(number, None)
+        if node is not None and trial is not None:
+            trial.set_user_attr("node", node)
         if state == "complete":
             self.study.tell(number, value)
         else:
@@ -277,6 +281,7 @@ class StudyHost:
                     "curve": {int(k): float(v) for k, v in sorted(t.intermediate_values.items())},
                     "start": bool(t.user_attrs.get("start")),
                     "repeats": t.user_attrs.get("repeats"),
+                    "node": t.user_attrs.get("node"),
                 }
             )
         return out
@@ -451,7 +456,7 @@ def ray_trial(
         prepared.mkdir()
         for name, data in files.items():
             (prepared / name).write_bytes(data)
-        return run_trial(
+        outcome = run_trial(
             settings,
             prepared,
             Path(tmp) / "backup",
@@ -459,6 +464,8 @@ def ray_trial(
             params,
             lambda step, value: ray.get(host.report.remote(number, step, value)),
         )
+    outcome.node = ray.get_runtime_context().get_node_id()
+    return outcome
 
 
 # --- plots -------------------------------------------------------------------------------------

@@ -243,7 +243,16 @@ def _search_on_ray(
     from genderclf.model.tune import StudyHost, TrialOutcome, pack_trial_data, ray_trial
 
     if not ray.is_initialized():
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        import genderclf
+
+        # the driver's own code runs in the trials: the code DVC hashed for the stage
+        package = str(Path(genderclf.__file__).parent)
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            namespace="genderclf",
+            runtime_env={"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]},
+            logging_level=logging.WARNING,
+        )
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     host = (
         ray.remote(StudyHost)
@@ -255,8 +264,8 @@ def _search_on_ray(
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // parallel))
     # one process per trial (TensorFlow's memory goes with it), its threads fitted to its CPUs
     threads = {"OMP_NUM_THREADS": str(cpus), "TF_NUM_INTRAOP_THREADS": str(cpus)}
-    task = ray.remote(ray_trial).options(
-        num_cpus=cpus, max_calls=1, runtime_env={"env_vars": threads}
+    task = ray.remote(max_calls=1)(ray_trial).options(
+        num_cpus=cpus, runtime_env={"env_vars": threads}
     )
     files = ray.put(pack_trial_data(paths.prepared))
     in_flight: dict[Any, int] = {}
@@ -275,7 +284,7 @@ def _search_on_ray(
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         in_flight.pop(ready[0])
         outcome: TrialOutcome = ray.get(ready[0])
-        ray.get(host.tell.remote(outcome.number, outcome.state, outcome.value))
+        ray.get(host.tell.remote(outcome.number, outcome.state, outcome.value, outcome.node))
         for row in outcome.history:  # a task's epochs reach MLflow when it returns
             trial_log.trial_epoch(outcome.number, row)
         _say_trial(outcome, settings)

@@ -203,6 +203,8 @@ class SearchRun:
         metrics = [Metric(k, rounded(v), now, 0) for k, v in values.items() if v is not None]
         self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, STATE_TAG, outcome.state)
+        if outcome.node:
+            self.client.set_tag(run_id, "tune.node", outcome.node)
         if outcome.error:
             self.client.set_tag(run_id, "tune.error", redact(outcome.error)[:500])
         self.client.set_terminated(run_id, "FAILED" if outcome.state == "failed" else "FINISHED")
