@@ -311,3 +311,64 @@ def test_on_a_ray_cluster_trials_run_at_once_on_both_nodes(
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val/loss")] == [1], n
     # the cluster's processes listen on loopback only
     assert {host for host, _, _ in cluster.listening()} <= {"127.0.0.1", "[::ffff:127.0.0.1]"}
+
+
+# --- the backbone comparison -------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_compare_backbones_measures_every_backbone_with_the_accuracy_of_those_trained(
+    mlflow_store, model_settings, tmp_path
+):
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from PIL import Image
+
+    from genderclf.model.backbones import BACKBONES, build_model
+    from genderclf.model.stats import wilson
+    from genderclf.tracking.setup import configure
+    from genderclf.tracking.tune import compare_backbones
+
+    configure()
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    # a trial of a search (simple_cnn) and a training run (mobilenet_v2), as they log
+    trial = client.create_run(exp, tags={"genderclf.kind": "trial", "tune.trial": "0"})
+    client.log_batch(
+        trial.info.run_id,
+        metrics=[Metric("tune/val_accuracy", 0.8, 0, 0)],
+        params=[Param("train.backbone", "simple_cnn"), Param("data.val_images", "100")],
+    )
+    training = client.create_run(exp)
+    curve = [(1, 0.6, 0.70), (2, 0.4, 0.78), (3, 0.5, 0.80)]  # (epoch, val loss, val acc)
+    client.log_batch(
+        training.info.run_id,
+        metrics=[Metric("val/loss", loss, 0, e) for e, loss, _ in curve]
+        + [Metric("val/accuracy", acc, 0, e) for e, _, acc in curve],
+        params=[Param("train.backbone", "mobilenet_v2"), Param("data.val_images", "50")],
+    )
+
+    settings = model_settings()
+    plot = tmp_path / "backbones.png"
+    out = compare_backbones(settings, 32, 1, plot)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.split()}
+    assert set(BACKBONES) <= set(rows)
+    simple = build_model(settings.train.model_copy(update={"weights": None}), 32)
+    assert f"{simple.count_params() / 1e6:.2f}M" in rows["simple_cnn"]
+    lo, hi = wilson(80, 100)
+    assert f"0.8000 [{lo:.3f}, {hi:.3f}]" in rows["simple_cnn"]
+    # a training run counts with the epoch train keeps (lowest val loss: epoch 2)
+    lo, hi = wilson(39, 50)
+    assert f"0.7800 [{lo:.3f}, {hi:.3f}]" in rows["mobilenet_v2"]
+    assert "not trained" in rows["vgg16"] and "not trained" in rows["resnet50"]
+    assert Image.open(plot).size[0] > 800
+
+    (run,) = client.search_runs([exp], "tags.`genderclf.kind` = 'backbones'")
+    for name in BACKBONES:
+        assert run.data.metrics[f"cost/{name}/latency_ms"] > 0
+        assert run.data.metrics[f"cost/{name}/size_mb"] > 0
+    assert run.data.metrics["cost/vgg16/params"] > run.data.metrics["cost/simple_cnn/params"]
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert files == {"plots/backbones.png", "plots/backbones.csv"}
+    # measurements of this machine: nothing of them in the pipeline's outputs
+    assert not Path("metrics").exists() and not Path("params").exists()

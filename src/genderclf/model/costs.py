@@ -55,7 +55,7 @@ def measure(train: TrainSettings, backbone: str, image_size: int, batch: int, re
     one = rng.uniform(0, 255, (1, image_size, image_size, 3)).astype("float32")
     many = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32")
     latency = _median_seconds(model, one, repeats) * 1000
-    per_image = _median_seconds(model, many, max(1, repeats // 2)) * 1000 / batch
+    per_image = _median_seconds(model, many, repeats) * 1000 / batch
     params = int(model.count_params())
     keras.backend.clear_session()
     return BackboneCost(
@@ -74,45 +74,35 @@ def _median_seconds(model: Any, x: Any, repeats: int) -> float:
 
 
 def plot_costs(costs: list[BackboneCost], accuracy: dict[str, dict[str, Any]], out: Path) -> Path:
-    """Two panels: cost per backbone (latency per image and size on disk, log scales), and
-    validation accuracy with its 95% interval against latency for the trained backbones."""
+    """Two panels: each backbone's latency against its size on disk (log scales, labelled
+    with its parameters), and validation accuracy with its 95% interval against latency
+    for the backbones some run trained."""
+    from matplotlib.ticker import FuncFormatter
+
     from genderclf.io import atomic_file
     from genderclf.model.plots import _plt
 
     plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = [c.backbone for c in costs]
-    xs = range(len(costs))
-    width = 0.38
-    left.bar(
-        [x - width / 2 for x in xs],
-        [c.latency_ms for c in costs],
-        width,
-        color="tab:blue",
-        label="latency (ms per image, batch 1)",
-    )
-    size_ax = left.twinx()
-    size_ax.bar(
-        [x + width / 2 for x in xs],
-        [c.size_bytes / 1e6 for c in costs],
-        width,
-        color="tab:orange",
-        label="size on disk (MB)",
-    )
-    left.set_yscale("log")
-    size_ax.set_yscale("log")
-    left.set_xticks(list(xs), names, rotation=15)
-    left.set_ylabel("ms per image (batch 1)", color="tab:blue")
-    size_ax.set_ylabel("MB on disk (.keras)", color="tab:orange")
-    for x, c in zip(xs, costs, strict=True):
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    color = {c.backbone: f"C{i}" for i, c in enumerate(costs)}  # the same in both panels
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for c in costs:
+        left.scatter(c.size_bytes / 1e6, c.latency_ms, s=40, zorder=3, color=color[c.backbone])
         left.annotate(
-            f"{c.params / 1e6:.2f}M params",
-            (x, c.latency_ms),
+            f"{c.backbone}\n{c.params / 1e6:.2f}M params",
+            (c.size_bytes / 1e6, c.latency_ms),
             textcoords="offset points",
-            xytext=(0, 3),
-            ha="center",
-            fontsize=7,
+            xytext=(6, -4),
+            fontsize=8,
         )
+    left.set_xscale("log")
+    left.set_yscale("log")
+    for axis in (left.xaxis, left.yaxis):
+        axis.set_major_formatter(plain)
+    left.set_xlabel("size on disk (MB, .keras, log scale)")
+    left.set_ylabel("predict latency (ms per image, batch 1, log scale)")
+    left.grid(alpha=0.3, which="both")
+    left.margins(x=0.35, y=0.2)
     left.set_title(f"cost at {costs[0].image_size}px on this machine")
 
     trained = [c for c in costs if c.backbone in accuracy]
@@ -120,13 +110,18 @@ def plot_costs(costs: list[BackboneCost], accuracy: dict[str, dict[str, Any]], o
         a = accuracy[c.backbone]
         ci = a.get("interval")
         err = [[a["accuracy"] - ci[0]], [ci[1] - a["accuracy"]]] if ci else None
-        right.errorbar(c.latency_ms, a["accuracy"], yerr=err, fmt="o", capsize=4)
+        right.errorbar(
+            c.latency_ms, a["accuracy"], yerr=err, fmt="o", capsize=4, color=color[c.backbone]
+        )
         right.annotate(
             c.backbone, (c.latency_ms, a["accuracy"]), textcoords="offset points", xytext=(6, 4)
         )
     untrained = [c.backbone for c in costs if c.backbone not in accuracy]
     if trained:
         right.set_xscale("log")
+        right.xaxis.set_major_formatter(plain)
+        right.xaxis.set_minor_formatter(plain)
+        right.margins(x=0.3)
         right.set_xlabel("ms per image (batch 1, log scale)")
         right.set_ylabel("validation accuracy (95% interval)")
         right.grid(alpha=0.3)

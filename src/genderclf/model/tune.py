@@ -141,14 +141,20 @@ def data_digest(prepared: Path) -> str:
     return h.hexdigest()
 
 
+# What decides how many trials run, for how long and how many at once: not what a trial
+# computes or what the sampler proposes. Raising the budget continues the same study.
+NOT_IN_KEY = {"trials", "timeout_minutes", "parallel_trials"}
+
+
 def study_key(settings: Settings, digest: str) -> str:
-    """A study per search: the tune, train and base settings and the data's digest.
+    """A study per search: the tune settings (but the budget, the time guard and the
+    parallelism), the train and base settings, and the data's digest.
 
     A journal left by other settings or data is never continued by mistake.
     """
     key = json.dumps(
         {
-            "tune": settings.tune.model_dump(),
+            "tune": settings.tune.model_dump(exclude=NOT_IN_KEY),
             "train": settings.train.model_dump(),
             "base": settings.base.model_dump(),
             "data": digest,

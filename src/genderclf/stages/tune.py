@@ -237,22 +237,41 @@ def _search_on_ray(
 ) -> dict[str, Any]:
     """Trials as Ray tasks, `tune.parallel_trials` at once; the study is an actor pinned to
     this machine (its journal stays in .cache/tune/ here), which every trial reports to."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from genderclf.model.tune import (
+        StudyHost,
+        TrialOutcome,
+        TuneError,
+        pack_trial_data,
+        ray_trial,
+    )
 
-    from genderclf.model.tune import StudyHost, TrialOutcome, pack_trial_data, ray_trial
-
+    address = os.environ["RAY_ADDRESS"]
+    try:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    except ImportError:
+        raise TuneError(
+            "RAY_ADDRESS is set but Ray is not installed here: `uv sync --extra cluster` "
+            "(make setup does), or unset RAY_ADDRESS to search on this machine"
+        ) from None
     if not ray.is_initialized():
         import genderclf
 
         # the driver's own code runs in the trials: the code DVC hashed for the stage
         package = str(Path(genderclf.__file__).parent)
-        ray.init(
-            address=os.environ["RAY_ADDRESS"],
-            namespace="genderclf",
-            runtime_env={"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]},
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=address,
+                namespace="genderclf",
+                runtime_env={"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]},
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TuneError(
+                f"cannot use the Ray cluster at RAY_ADDRESS={address}: {first[:300]}; start "
+                "it or fix the address, or unset RAY_ADDRESS to search on this machine"
+            ) from None
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     host = (
         ray.remote(StudyHost)
