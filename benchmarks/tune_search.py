@@ -96,7 +96,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--trials", type=int, default=24, help="the search's budget (tune.trials)")
-    ap.add_argument("--minutes", type=float, default=45.0, help="the search's time guard")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=44.0,
+        help="the search's time guard (a running trial stops after its epoch past it)",
+    )
     ap.add_argument("--num-images", type=int, default=HARDER["data.sample.num_images"])
     ap.add_argument("--seed", type=int, default=None, help="base.seed (default: params.yaml's)")
     ap.add_argument("--json", type=Path, help="also write the results here")

@@ -240,6 +240,21 @@ def test_importances_come_from_complete_trials(tmp_path):
     assert imp == StudyHost(str(tmp_path / "journal.log"), "s", s).importances()  # seeded
 
 
+def test_the_time_guard_and_failures_stop_the_search_with_what_to_do():
+    import time as clock
+
+    from genderclf.model.tune import TuneError
+    from genderclf.stages.tune import _guard
+
+    s = _settings({"tune.trials": 4})
+    ok = {"complete": 1, "pruned": 1, "failed": 4}
+    _guard(s, clock.time() + 60, ok)  # within the guard, failures not above the budget
+    with pytest.raises(TuneError, match=r"timeout_minutes=.* reached after 2 of 4 trials"):
+        _guard(s, clock.time() - 1, ok)
+    with pytest.raises(TuneError, match="5 trials failed"):
+        _guard(s, clock.time() + 60, {**ok, "failed": 5})
+
+
 # --- the tuned params file -----------------------------------------------------------------------
 
 

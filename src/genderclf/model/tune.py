@@ -49,6 +49,13 @@ class Pruned(Exception):  # a signal, like optuna.TrialPruned
     """Raised inside a trial's fit when the pruner stops it."""
 
 
+class TimeUp(Exception):  # a signal
+    """Raised inside a trial's fit when the search's time guard has passed."""
+
+
+TIME_UP = "stopped by the time guard (tune.timeout_minutes)"
+
+
 # --- the search space ------------------------------------------------------------------------
 
 
@@ -354,6 +361,7 @@ def run_trial(
     params: dict[str, Any],
     report: Callable[[int, float], bool],
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    deadline: float | None = None,
 ) -> TrialOutcome:
     """Fit the model with a trial's params on train, score every epoch on val.
 
@@ -365,6 +373,8 @@ def run_trial(
     Args:
         workdir: the trial's backup folder (emptied before and after).
         on_epoch: called with each epoch's history row (e.g. to log it).
+        deadline: the time guard (`time.time()`): past it the trial stops after its epoch
+            and fails (`TIME_UP`), so a search never runs more than an epoch past it.
     """
     import keras
 
@@ -388,6 +398,8 @@ def run_trial(
         value = objective_so_far(history, metric)
         if value is not None and report(int(row["epoch"]), value):
             raise Pruned
+        if deadline is not None and time.time() > deadline:
+            raise TimeUp
 
     def outcome(state: str, value: float | None, error: str | None = None) -> TrialOutcome:
         return TrialOutcome(
@@ -418,6 +430,8 @@ def run_trial(
             )
     except Pruned:
         return outcome("pruned", objective_so_far(history, metric))
+    except TimeUp:
+        return outcome("failed", None, TIME_UP)
     except ModelConfigError as err:
         return outcome("failed", None, str(err))
     finally:
@@ -450,6 +464,7 @@ def ray_trial(
     number: int,
     params: dict[str, Any],
     host: Any,
+    deadline: float | None = None,
 ) -> TrialOutcome:
     """One trial in a Ray worker: the shipped data in a temporary folder, epochs reported
     to the study's actor (`host`), which answers whether to prune."""
@@ -469,6 +484,7 @@ def ray_trial(
             number,
             params,
             lambda step, value: ray.get(host.report.remote(number, step, value)),
+            deadline=deadline,
         )
     outcome.node = ray.get_runtime_context().get_node_id()
     return outcome

@@ -185,13 +185,13 @@ def _rounded(v: float | None) -> float | None:
     return None if v is None else float(f"{v:.6g}")
 
 
-def _guard(settings: Settings, started: float, counts: dict[str, int]) -> None:
+def _guard(settings: Settings, deadline: float, counts: dict[str, int]) -> None:
     """Stop on the time guard, or when failures outnumber the budget."""
     from genderclf.model.tune import TuneError
 
     t = settings.tune
     done = counts["complete"] + counts["pruned"]
-    if time.monotonic() - started > t.timeout_minutes * 60:
+    if time.time() > deadline:
         raise TuneError(
             f"tune.timeout_minutes={t.timeout_minutes} reached after {done} of {t.trials} "
             "trials; the study is kept in .cache/tune/: run the stage again to continue "
@@ -212,9 +212,9 @@ def _search_here(
 
     host = StudyHost(str(plan.journal), plan.name, settings)
     _opened(host.opening(), plan, trial_log)
-    started = time.monotonic()
+    deadline = time.time() + settings.tune.timeout_minutes * 60
     while host.finished() < settings.tune.trials:
-        _guard(settings, started, host.counts())
+        _guard(settings, deadline, host.counts())
         number, params = host.ask()
         trial_log.trial_started(number, params)
         outcome = run_trial(
@@ -225,6 +225,7 @@ def _search_here(
             params,
             lambda step, value, n=number: host.report(n, step, value),
             lambda row, n=number: trial_log.trial_epoch(n, row),
+            deadline,
         )
         host.tell(number, outcome.state, outcome.value)
         _say_trial(outcome, settings)
@@ -288,16 +289,17 @@ def _search_on_ray(
     )
     files = ray.put(pack_trial_data(paths.prepared))
     in_flight: dict[Any, int] = {}
-    started = time.monotonic()
+    # wall-clock time: the trials compare it on their own nodes
+    deadline = time.time() + settings.tune.timeout_minutes * 60
     print(f"tune: on the Ray cluster, {parallel} trials at once, {cpus} CPUs each", flush=True)
     while True:
         counts = ray.get(host.counts.remote())
         done = counts["complete"] + counts["pruned"]
         while len(in_flight) < parallel and done + len(in_flight) < settings.tune.trials:
-            _guard(settings, started, counts)
+            _guard(settings, deadline, counts)
             number, params = ray.get(host.ask.remote())
             trial_log.trial_started(number, params)
-            in_flight[task.remote(settings, files, number, params, host)] = number
+            in_flight[task.remote(settings, files, number, params, host, deadline)] = number
         if not in_flight:
             break
         ready, _ = ray.wait(list(in_flight), num_returns=1)
