@@ -80,15 +80,15 @@ def _train_and_evaluate(settings, paths, label: str) -> dict:
     report = train.run(settings, paths)
     train.discard_backup(report)
     trained = time.perf_counter() - t
-    metrics = evaluate.run(settings, paths).metrics
-    scores = evaluated_scores(paths, metrics)
+    evaluation = evaluate.run(settings, paths).evaluation
+    scores = evaluated_scores(paths, evaluation)
     print(
-        f"{label}: test accuracy {metrics['accuracy']:.4f} {metrics.get('accuracy_ci')} "
+        f"{label}: test accuracy {evaluation.accuracy:.4f} {evaluation.accuracy_ci} "
         f"(val accuracy {report.metrics['val_accuracy']}, {report.metrics['epochs']} epochs, "
         f"trained in {trained / 60:.1f} min)",
         flush=True,
     )
-    return {"metrics": metrics, "scores": scores, "train": report.metrics, "seconds": trained}
+    return {"evaluation": evaluation, "scores": scores, "train": report.metrics, "seconds": trained}
 
 
 def main() -> None:
@@ -138,11 +138,11 @@ def main() -> None:
         download.run(settings, data, progress=False)
         validate.run(settings, data, progress=False)
         split.run(settings, data)
-        meta = augment.run(settings, data, progress=False).meta
-        sizes = {s: meta["splits"][s]["images"] for s in ("train", "val", "test")}
+        prepared = augment.run(settings, data, progress=False).data
+        sizes = {s: prepared.split(s).images for s in ("train", "val", "test")}
         print(
             f"data: {args.num_images} sample images, cue_flip_fraction 0.08, split by person "
-            f"{sizes}, {meta['splits']['train']['records']} train records at 64 px "
+            f"{sizes}, {prepared.split('train').records} train records at 64 px "
             f"({time.perf_counter() - t:.0f}s)",
             flush=True,
         )

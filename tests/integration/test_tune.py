@@ -112,9 +112,9 @@ def test_a_trial_below_the_median_is_pruned_and_only_train_and_val_are_read(
 ):
     from mlflow import MlflowClient
 
-    from genderclf.cli import run_tune
     from genderclf.data import tfrecords
     from genderclf.model.tune import StudyHost
+    from genderclf.pipeline import run_tune
     from genderclf.stages import tune as stage
 
     settings = model_settings({**TINY_SEARCH, "tune.trials": 2})
@@ -326,8 +326,8 @@ def test_compare_backbones_measures_every_backbone_with_the_accuracy_of_those_tr
 
     from genderclf.model.backbones import BACKBONES, build_model
     from genderclf.model.stats import wilson
+    from genderclf.tracking.compare import compare_backbones
     from genderclf.tracking.setup import configure
-    from genderclf.tracking.tune import compare_backbones
 
     configure()
     client = MlflowClient(mlflow_store)

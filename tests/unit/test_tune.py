@@ -326,7 +326,7 @@ def test_tuning_off_passes_params_through_in_seconds_without_tensorflow(tmp_path
 
 
 def test_apply_writes_the_winner_into_params_yaml_keeping_its_comments(tmp_path):
-    from genderclf.stages.tune import apply
+    from genderclf.services import apply_tuned
 
     paths = Paths().under(tmp_path)
     original = (REPO_ROOT / "params.yaml").read_text()
@@ -334,7 +334,7 @@ def test_apply_writes_the_winner_into_params_yaml_keeping_its_comments(tmp_path)
     TunedParams({**_defaults_of_space(), "lr_head": 0.0042, "optimizer": "sgd"}).write(
         paths.tuned_params, searched=True
     )
-    changed = apply(paths)
+    changed = apply_tuned(paths.tuned_params, paths.params)
     assert changed == {"lr_head": (0.001, 0.0042), "optimizer": ("adam", "sgd")}
     text = paths.params.read_text()
     assert "  lr_head: 0.0042\n" in text
@@ -356,12 +356,12 @@ def _defaults_of_space() -> dict:
 
 
 def test_apply_without_a_search_says_what_to_run(tmp_path):
-    from genderclf.stages.tune import apply
+    from genderclf.services import apply_tuned
 
     paths = Paths().under(tmp_path)
     paths.params.write_text((REPO_ROOT / "params.yaml").read_text())
     with pytest.raises(TunedParamsError, match="run `dvc repro tune`"):
-        apply(paths)
+        apply_tuned(paths.tuned_params, paths.params)
     assert paths.params.read_text() == (REPO_ROOT / "params.yaml").read_text()
 
 
@@ -370,8 +370,10 @@ def test_paths_of_the_stage_are_in_dvc_yaml():
     p = Paths()
     assert {next(iter(o)) for o in stage["tune"]["outs"]} == {p.tuned_params.as_posix()}
     assert {next(iter(o)) for o in stage["tune"]["metrics"]} == {p.tune_metrics.as_posix()}
-    for reader in ("train", "register"):
-        files = [d for d in stage[reader]["params"] if isinstance(d, dict)]
-        assert files == [{p.tuned_params.as_posix(): ["train"]}], reader
-        assert "tune.enabled" in stage[reader]["params"]
+    files = [d for d in stage["train"]["params"] if isinstance(d, dict)]
+    assert files == [{p.tuned_params.as_posix(): ["train"]}]
+    assert "tune.enabled" in stage["train"]["params"]
+    # the later stages read what the model was trained with from models/model.json
+    for reader in ("evaluate", "register"):
+        assert not [d for d in stage[reader]["params"] if isinstance(d, dict)], reader
     assert Path(p.tune_studies).parts[0] == ".cache"  # outside DVC's outputs

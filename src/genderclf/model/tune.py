@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import GenderclfError, SearchRange, Settings, TrainSettings, TuneSettings
-from genderclf.data.tfrecords import META_FILE, read_meta
+from genderclf.contracts import PreparedData
 from genderclf.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,10 @@ def make_pruner(tune: TuneSettings):
 
 def data_digest(prepared: Path) -> str:
     """sha256 over meta.json and the train and validation shards (the data a trial sees)."""
-    meta = read_meta(prepared)
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    data = PreparedData.read(prepared)
+    h = hashlib.sha256(json.dumps(data.to_json(), sort_keys=True).encode())
     for split in TRIAL_SPLITS:
-        for shard in meta["splits"][split]["shards"]:
+        for shard in data.split(split).shards:
             h.update(f"{split}/{shard}:{sha256_file(prepared / shard)}".encode())
     return h.hexdigest()
 
@@ -326,14 +326,16 @@ class StudyHost:
 # --- one trial ---------------------------------------------------------------------------------
 
 
-def trial_datasets(prepared: Path, batch_size: int, seed: int, deterministic: bool):
+def trial_datasets(prepared: PreparedData | Path, batch_size: int, seed: int, deterministic: bool):
     """(train, val) datasets for a trial: the only split files a trial opens."""
     from genderclf.data.tfrecords import make_dataset
+
+    data = PreparedData.of(prepared)
 
     def split(name: str, **kw: Any):
         if name not in TRIAL_SPLITS:  # the search is scored on val; test stays unseen
             raise TuneError(f"a trial may read {TRIAL_SPLITS} only, not {name!r}")
-        return make_dataset(prepared, name, batch_size, **kw)
+        return make_dataset(data, name, batch_size, **kw)
 
     train = split("train", shuffle=True, seed=seed, deterministic=deterministic)
     return train, split("val")
@@ -410,22 +412,23 @@ def run_trial(
     try:
         s = trial_settings(settings, params)
         t = s.train
-        meta = read_meta(prepared)
-        tr = meta["splits"]["train"]
+        data = PreparedData.read(prepared)
+        tr = data.split("train")
         deterministic = use_deterministic(t.deterministic)
         keras.mixed_precision.set_global_policy(
             "mixed_float16" if use_mixed_precision(t.mixed_precision) else "float32"
         )
         with reproducible(s.base.seed, deterministic):
-            train_ds, val_ds = trial_datasets(prepared, t.batch_size, s.base.seed, deterministic)
+            train_ds, val_ds = trial_datasets(data, t.batch_size, s.base.seed, deterministic)
             fit_phases(
                 s,
                 train_ds,
                 val_ds,
                 workdir,
-                weights=class_weights(tr["male"], tr["images"], t.class_weights),
+                image_size=data.image_size,
+                weights=class_weights(tr.male, tr.images, t.class_weights),
                 on_epoch=epoch_done,
-                train_records=tr["records"],
+                train_records=tr.records,
                 deterministic=deterministic,
             )
     except Pruned:
@@ -449,11 +452,12 @@ def run_trial(
 def pack_trial_data(prepared: Path) -> dict[str, bytes]:
     """The files a trial reads (train and val shards, and a meta.json listing only those),
     for the Ray object store: the test split is not even shipped."""
-    meta = read_meta(prepared)
+    data = PreparedData.read(prepared)
+    meta = data.to_json()
     meta["splits"] = {s: meta["splits"][s] for s in TRIAL_SPLITS}
-    files = {META_FILE: json.dumps(meta, sort_keys=True).encode()}
+    files = {PreparedData.FILE: json.dumps(meta, sort_keys=True).encode()}
     for split in TRIAL_SPLITS:
-        for shard in meta["splits"][split]["shards"]:
+        for shard in data.split(split).shards:
             files[shard] = (prepared / shard).read_bytes()
     return files
 

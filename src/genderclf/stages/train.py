@@ -1,8 +1,9 @@
 """The train stage: fine-tune the backbone on the prepared data, resumable after a crash.
 
-Writes `models/model.keras`, `metrics/train.json`, `plots/history.csv` and the training
-curves. A backup folder outside DVC's outputs (keyed by the settings and the data) keeps
-every completed epoch until the run is logged, so a killed run resumes.
+Writes `models/model.keras` with `models/model.json` (`contracts.TrainedModel`: its input
+size and resize mode, from the prepared data), `metrics/train.json`, `plots/history.csv`
+and the training curves. A backup folder outside DVC's outputs (keyed by the settings and
+the data) keeps every completed epoch until the run is logged, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import Paths, Settings
-from genderclf.data.tfrecords import (
-    PreparedDataError,
-    make_dataset,
-    read_meta,
-    reader_on_cpu_only,
-)
-from genderclf.io import atomic_file, write_json
-from genderclf.model.backbones import check_compatible
+from genderclf.contracts import ModelInput, PreparedData, PreparedDataError, TrainedModel
+from genderclf.data.tfrecords import make_dataset, reader_on_cpu_only
+from genderclf.io import md5_file, write_json
+from genderclf.model.backbones import Backbone, check_compatible
 from genderclf.model.fit import (
     backup_dir_for,
     check_jit_settings,
@@ -32,60 +29,91 @@ from genderclf.model.fit import (
     reproducible,
     use_deterministic,
     use_mixed_precision,
+    write_history,
 )
 from genderclf.model.plots import plot_history
 from genderclf.model.saving import save_model
+from genderclf.model.tuned import effective_settings
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """What `prepare` checked before anything starts."""
+
+    # the settings this training uses: params.yaml's, or with `tune.enabled` its train.*
+    # values replaced by the search's (params/tuned.yaml); models/model.json records them
+    settings: Settings
+    data: PreparedData  # data/prepared/meta.json, read once
+    backbone: Backbone  # train.backbone, checked against the data's image size
+    backup: Path  # this run's backup folder (resumes a killed run of the same settings)
+
+
 @dataclass
 class TrainReport:
-    metrics: dict[str, Any]  # what metrics/train.json holds
+    metrics: dict[str, Any]  # what metrics/train.json holds (no timings)
+    timings: dict[str, float | None]  # training rates: for MLflow and the console only
     history: list[dict[str, Any]]
     model: Any  # the trained keras.Model (also saved to `paths.model`)
+    trained: TrainedModel  # what models/model.json holds
     example: Any  # one test image, (1, size, size, 3) float32 RGB 0..255: an input example
     backup: Path
-    image_size: int
-    resize: str
 
 
-def prepare(settings: Settings, paths: Paths) -> Path:
-    """Check the inputs before anything starts; returns this run's backup folder.
+def prepare(settings: Settings, paths: Paths) -> TrainPlan:
+    """Check the inputs before anything starts (once per training).
+
+    With `tune.enabled` the train values are the tune stage's (`params/tuned.yaml`): the
+    plan's `settings` are what the training uses.
 
     Raises:
+        TunedParamsError: tuning is on and params/tuned.yaml is missing or does not fit.
         PreparedDataError: prepared data missing or at another image size.
         ModelConfigError: the backbone cannot take these settings (or the weights file is
             missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
-    meta = read_meta(paths.prepared)
-    check_compatible(settings.train, settings.base.image_size)
+    settings = effective_settings(settings, paths)
+    data = PreparedData.read(paths.prepared)
+    # The settings first (a backbone that cannot take base.image_size is named as such),
+    # then the data: from here on the image size is the prepared data's.
+    backbone = check_compatible(settings.train, settings.base.image_size)
     check_jit_settings(settings.train)
-    if int(meta["image_size"]) != settings.base.image_size:
+    if data.image_size != settings.base.image_size:
         raise PreparedDataError(
-            f"prepared data is {meta['image_size']}px but base.image_size="
+            f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
-    return backup_dir_for(paths.train_backups, settings, meta)
+    return TrainPlan(
+        settings, data, backbone, backup_dir_for(paths.train_backups, settings, data.to_json())
+    )
 
 
 def run(
-    settings: Settings, paths: Paths, on_epoch: Callable[[dict[str, Any]], None] | None = None
+    settings: Settings,
+    paths: Paths,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    plan: TrainPlan | None = None,
 ) -> TrainReport:
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
     Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
-    the `tf.data` reader feeds either.
+    the `tf.data` reader feeds either. Every output DVC hashes (the model, model.json,
+    train.json, history.csv, the curves) is the same for the same inputs when
+    `train.deterministic` is on: timings go to the report, not to the files.
 
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
             val_loss, val_accuracy, lr, seconds, images_per_second), e.g. to log it.
+        plan: what `prepare` returned (it runs here when the caller did not); its
+            `settings` (with the tuned train values when `tune.enabled`) are the ones used.
     """
     import keras
 
+    plan = plan or prepare(settings, paths)
+    settings = plan.settings
     t = settings.train
-    backup = prepare(settings, paths)
-    meta = read_meta(paths.prepared)
+    data = plan.data
     deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
     if keras.config.backend() != "tensorflow":
         reader_on_cpu_only()
@@ -93,64 +121,70 @@ def run(
         keras.mixed_precision.set_global_policy("mixed_float16")
     deterministic = use_deterministic(t.deterministic)
     for other in paths.train_backups.glob("*"):  # backups of other settings or data
-        if other != backup:
+        if other != plan.backup:
             shutil.rmtree(other, ignore_errors=True)
-    tr = meta["splits"]["train"]
-    weights = class_weights(tr["male"], tr["images"], t.class_weights)
+    tr = data.split("train")
+    weights = class_weights(tr.male, tr.images, t.class_weights)
     with reproducible(settings.base.seed, deterministic):
         train_ds = make_dataset(
-            paths.prepared,
+            data,
             "train",
             t.batch_size,
             shuffle=True,
             seed=settings.base.seed,
             deterministic=deterministic,
         )
-        val_ds = make_dataset(paths.prepared, "val", t.batch_size)
+        val_ds = make_dataset(data, "val", t.batch_size)
         result = fit_phases(
             settings,
             train_ds,
             val_ds,
-            backup,
+            plan.backup,
+            image_size=data.image_size,
+            backbone=plan.backbone,
             weights=weights,
             on_epoch=on_epoch,
-            train_records=tr["records"],
+            train_records=tr.records,
             deterministic=deterministic,
         )
     save_model(result.model, paths.model)
+    trained = TrainedModel(
+        input=ModelInput(data.image_size, data.resize),
+        model_md5=md5_file(paths.model),
+        seed=settings.base.seed,
+        train=t.model_dump(),
+    )
+    trained.write(paths.model_info)
 
     hist = result.history
     best = min(
         (r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"], default={}
     )
-    rate = tr["records"] * result.epochs_run_now / result.seconds if result.epochs_run_now else None
+    rate = tr.records * result.epochs_run_now / result.seconds if result.epochs_run_now else None
     # The training rate per epoch, compilation and validation excluded (history rows).
     rates = sorted(r["images_per_second"] for r in hist if r.get("images_per_second"))
-    steady = rates[len(rates) // 2] if rates else None
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
         "val_loss": best.get("val_loss"),
         "val_accuracy": best.get("val_accuracy"),
         "epochs": len(hist),
-        "train_images_per_second": round(rate, 1) if rate else None,  # whole fit, wall clock
-        "images_per_second": steady,  # median epoch: training steps only, no compilation
         "resumed": result.resumed_from or "no",
         "class_weights": weights or "none",
     }
+    timings = {
+        "train_images_per_second": round(rate, 1) if rate else None,  # whole fit, wall clock
+        "images_per_second": rates[len(rates) // 2] if rates else None,  # median epoch
+    }
     write_json(paths.train_metrics, metrics)
-    with atomic_file(paths.history) as tmp:
-        shutil.copyfile(backup / "history.csv", tmp)
+    write_history(plan.backup / "history.csv", paths.history)
     plot_history(hist, paths.curves)
-    example = next(iter(make_dataset(paths.prepared, "test", 1)))[0].numpy()
-    return TrainReport(
-        metrics,
-        hist,
-        result.model,
-        example,
-        backup,
-        settings.base.image_size,
-        settings.augment.resize,
+    example = next(iter(make_dataset(data, "test", 1)))[0].numpy()
+    log.info(
+        "train: %s images/s over the whole fit, %s per epoch (median)",
+        timings["train_images_per_second"],
+        timings["images_per_second"],
     )
+    return TrainReport(metrics, timings, hist, result.model, trained, example, plan.backup)
 
 
 def discard_backup(report: TrainReport) -> None:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from genderclf.config import Paths, Settings, parse_settings, set_dotted
-from genderclf.data.tfrecords import PreparedDataError, read_meta
-from genderclf.io import atomic_file, write_json
+from genderclf.config import Paths, Settings
+from genderclf.contracts import PreparedData, PreparedDataError
+from genderclf.io import write_json
 from genderclf.model.tuned import TunedParams, as_they_are
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ def prepare(settings: Settings, paths: Paths) -> StudyPlan:
     from genderclf.model.fit import check_jit_settings
     from genderclf.model.tune import data_digest, study_key
 
-    meta = read_meta(paths.prepared)
-    if int(meta["image_size"]) != settings.base.image_size:
+    data = PreparedData.read(paths.prepared)
+    if data.image_size != settings.base.image_size:
         raise PreparedDataError(
-            f"prepared data is {meta['image_size']}px but base.image_size="
+            f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
     space = settings.tune.space
@@ -165,7 +165,7 @@ def run(
     }
     tuned.write(paths.tuned_params, searched=True)
     write_json(paths.tune_metrics, metrics)
-    meta = read_meta(paths.prepared)
+    val_images = PreparedData.read(paths.prepared).split("val").images
     direction_word = direction(settings.tune)
     log.info("tune: best trial %d (%s %s)", best["number"], direction_word, best["value"])
     return TuneReport(
@@ -177,7 +177,7 @@ def run(
         best,
         host["importances"],
         host["resumed"],
-        int(meta["splits"]["val"]["images"]),
+        val_images,
     )
 
 
@@ -339,36 +339,3 @@ def _say_trial(outcome: Any, settings: Settings) -> None:
 
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def apply(paths: Paths) -> dict[str, tuple[Any, Any]]:
-    """`genderclf tune --apply`: write the tuned values into params.yaml and turn tuning off.
-
-    The file keeps its comments and layout (ruamel.yaml round trip, as `dvc exp run -S`
-    writes it). The result is validated before the file is replaced.
-
-    Returns:
-        {train key: (old value, new value)} for the keys that changed.
-
-    Raises:
-        TunedParamsError: params/tuned.yaml is missing or unreadable.
-        SettingsError: the result would not be valid settings (the file is left as it was).
-    """
-    import yaml as pyyaml
-    from ruamel.yaml import YAML
-
-    tuned = TunedParams.read(paths.tuned_params)
-    ry = YAML()
-    ry.preserve_quotes = True
-    doc = ry.load(paths.params.read_text(encoding="utf-8"))
-    changed = {
-        k: (doc["train"][k], v) for k, v in sorted(tuned.train.items()) if doc["train"][k] != v
-    }
-    for key, value in tuned.train.items():
-        set_dotted(doc, f"train.{key}", value)
-    set_dotted(doc, "tune.enabled", False)
-    with atomic_file(paths.params) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            ry.dump(doc, f)
-        parse_settings(pyyaml.safe_load(tmp.read_text(encoding="utf-8")), str(paths.params))
-    return changed
