@@ -80,9 +80,9 @@ def plot_costs(costs: list[BackboneCost], accuracy: dict[str, dict[str, Any]], o
     from matplotlib.ticker import FuncFormatter
 
     from genderclf.io import atomic_file
-    from genderclf.model.plots import _plt
+    from genderclf.model.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     color = {c.backbone: f"C{i}" for i, c in enumerate(costs)}  # the same in both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))

@@ -501,9 +501,9 @@ def plot_history(trials: list[dict[str, Any]], metric: str, maximize: bool, out:
     """The optimisation history: each trial's value (pruned ones at their last reported
     value), and the best so far."""
     from genderclf.io import atomic_file
-    from genderclf.model.plots import _plt
+    from genderclf.model.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     style = {"complete": ("o", "tab:blue"), "pruned": ("x", "tab:gray")}
     for state, (marker, color) in style.items():
@@ -542,9 +542,9 @@ def plot_history(trials: list[dict[str, Any]], metric: str, maximize: bool, out:
 def plot_importances(importances: dict[str, float], out: Path) -> Path:
     """Optuna's parameter importances (fANOVA) as horizontal bars."""
     from genderclf.io import atomic_file
-    from genderclf.model.plots import _plt
+    from genderclf.model.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(6.4, 0.4 * max(len(names), 3) + 1.2))
     if names:
