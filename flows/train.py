@@ -4,7 +4,8 @@ The parent flow (`gender-pipeline` with `train_on="train/gpu"`) and the worker e
 data through the DVC remote, never through a shared disk:
 
 1. the parent pushes the prepared data (`dvc push augment`) and calls this flow with
-   `run_deployment`, passing its params.yaml and the lock entries of the upstream stages;
+   `run_deployment`, passing its params.yaml, the lock entries of the upstream stages and
+   their small uncached outputs (the tune stage's params/tuned.yaml, which train reads);
 2. the worker (in its own clone) writes those, pulls the prepared data, runs
    `dvc repro --single-item train`, pushes the model, and returns the train lock entry
    plus the small uncached outputs (run id, metrics, history);
@@ -44,8 +45,11 @@ def train_flow(
     upstream_lock: dict[str, Any],
     repo: str | None = None,
     mlflow_run_id: str | None = None,
+    upstream_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train on this worker with the parent's params and data (see module docstring).
+
+    `upstream_files`: {path: text} of the upstream stages' uncached outputs.
 
     Returns:
         {"lock": the train stage's dvc.lock entry, "files": {path: base64 content}}
@@ -53,6 +57,9 @@ def train_flow(
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
     (root / "params.yaml").write_text(params_yaml)
+    for path, text in (upstream_files or {}).items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
     lock = dvc.read_lock(root)
     lock.setdefault("stages", {}).update(upstream_lock)
     dvc.write_lock(root, lock)
@@ -82,12 +89,21 @@ def train_remotely(
 
     logger = get_run_logger()
     lock = dvc.read_lock(root)["stages"]
-    upstream = {k: v for k, v in lock.items() if k in ("download", "validate", "split", "augment")}
+    stages = ("download", "validate", "split", "augment", "tune")
+    upstream = {k: v for k, v in lock.items() if k in stages}
+    files = {
+        p: (root / p).read_text()
+        for s in stages
+        if s in lock
+        for p in dvc.uncached_outs(root, s)
+        if (root / p).is_file()
+    }
     dvc.run(root, "push", "augment")
     logger.info("prepared data pushed; running deployment %s", deployment)
     params = {
         "params_yaml": (root / "params.yaml").read_text(),
         "upstream_lock": upstream,
+        "upstream_files": files,
         "mlflow_run_id": mlflow_run_id,
     }
     fr = run_deployment(deployment, parameters=params, timeout=timeout_s)

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # The allowed values of `data.source` and `train.backbone`: the one list of each.
 from genderclf.catalog import BACKBONES, SOURCES
@@ -66,8 +75,14 @@ class Paths:
     # reference of `genderclf drift`, written by evaluate, logged by register.
     reference: Path = Path("reports/reference.npz")
     drift: Path = Path("reports/drift")
+    # The tune stage's answer: the train.* values train uses when tune.enabled (a params
+    # file DVC reads, so `dvc exp show` and `dvc params diff` show them), and its numbers.
+    tuned_params: Path = Path("params/tuned.yaml")
+    tune_metrics: Path = Path("metrics/tune.json")
     # Training backups live outside DVC's outputs, so `dvc repro` never deletes them.
     train_backups: Path = Path(".cache/train")
+    # The hyperparameter searches' Optuna journals (resumable), also outside DVC's outputs.
+    tune_studies: Path = Path(".cache/tune")
 
     @property
     def source_file(self) -> Path:
@@ -268,6 +283,110 @@ class TrainSettings(_Section):
         return v
 
 
+class SearchRange(_Section):
+    """`tune.space.<key>: {low, high, log}`: a number between two bounds (an integer for an
+    integer key), sampled on a log scale when `log` (learning rates)."""
+
+    low: float
+    high: float
+    log: bool
+
+
+class SearchChoices(_Section):
+    """`tune.space.<key>: {choices: [...]}`: one of the listed values."""
+
+    choices: list[Any] = Field(min_length=1)
+
+
+def _dimension_kind(v: Any) -> str:
+    # a mapping when validating, the model itself when serialising
+    return (
+        "choices"
+        if isinstance(v, SearchChoices) or (isinstance(v, dict) and "choices" in v)
+        else "range"
+    )
+
+
+# A `{choices}` entry or a `{low, high, log}` one, told apart by its keys (so an error names
+# what is wrong with the one meant, not with both).
+SearchDimension = Annotated[
+    Annotated[SearchRange, Tag("range")] | Annotated[SearchChoices, Tag("choices")],
+    Discriminator(_dimension_kind),
+]
+
+# Train keys that change speed or reproducibility, not what the model learns: not searchable.
+UNSEARCHABLE = ("mixed_precision", "jit_compile", "deterministic")
+
+
+class TuneSettings(_Section):
+    """`tune`: the hyperparameter search over `train.*` keys (`genderclf tune`)."""
+
+    enabled: bool = Field(description="false: the stage passes train.* through as they are")
+    trials: int = Field(ge=1, le=10_000, description="budget: finished (complete + pruned) trials")
+    timeout_minutes: float = Field(gt=0.0, le=1_000_000.0, description="a guard, not the budget")
+    metric: Literal["val_accuracy", "val_loss"]
+    startup_trials: int = Field(ge=0, le=10_000, description="random trials before TPE models")
+    pruner: Literal["median", "successive_halving", "none"]
+    warmup_epochs: int = Field(ge=0, le=1000, description="no trial is pruned in its first epochs")
+    reduction_factor: int = Field(ge=2, le=100, description="successive halving's")
+    parallel_trials: int = Field(ge=1, le=1024, description="on a Ray cluster (RAY_ADDRESS)")
+    space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _train_keys_only(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        for key in v:
+            if "." in str(key) or key not in TrainSettings.model_fields:
+                raise ValueError(
+                    f"tune.space.{key}: not a train.* key; the search varies train.* keys only "
+                    "(written without `train.`, e.g. lr_head; base.image_size and augment.* "
+                    "would re-run the augment stage)"
+                )
+            if key in UNSEARCHABLE:
+                raise ValueError(
+                    f"tune.space.{key}: train.{key} changes speed, not what the model learns; "
+                    "leave it out of the search"
+                )
+        return v
+
+
+def check_search_space(train: TrainSettings, tune: TuneSettings) -> None:
+    """Every value the search may give a train key must be one the key accepts.
+
+    Ranges need `low < high`, a numeric key (integers for an integer key) and `low > 0`
+    with `log`; both bounds and every choice are validated as `train.<key>` itself is.
+
+    Raises:
+        ValueError: naming `tune.space.<key>` and what is wrong.
+    """
+    base = train.model_dump()
+    for key, dim in tune.space.items():
+        where = f"tune.space.{key}"
+        if isinstance(dim, SearchRange):
+            kind = TrainSettings.model_fields[key].annotation
+            if kind not in (int, float):
+                raise ValueError(
+                    f"{where}: train.{key} is not a number: give {{choices: [...]}} instead"
+                )
+            if kind is int and not (dim.low.is_integer() and dim.high.is_integer()):
+                raise ValueError(f"{where}: train.{key} is an integer: low and high must be too")
+            if not dim.low < dim.high:
+                raise ValueError(f"{where}: low ({dim.low}) must be below high ({dim.high})")
+            if dim.log and dim.low <= 0:
+                raise ValueError(f"{where}: a log range needs low > 0 (got {dim.low})")
+            values = [kind(dim.low), kind(dim.high)]
+        else:
+            values = dim.choices
+        for value in values:
+            try:
+                TrainSettings.model_validate({**base, key: value})
+            except ValidationError as err:
+                why = "; ".join(e["msg"] for e in err.errors())
+                raise ValueError(f"{where}: {value!r} is not a valid train.{key} ({why})") from None
+
+
 class EvaluateSettings(_Section):
     slices: list[str]
     min_slice_n: int = Field(ge=1, le=1_000_000)
@@ -355,12 +474,18 @@ class Settings(_Section):
     split: SplitSettings
     augment: AugmentSettings
     train: TrainSettings
+    tune: TuneSettings
     evaluate: EvaluateSettings
     register_: RegisterSettings = Field(alias="register")
     predict: PredictSettings
     drift: DriftSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _search_space_fits_train(self) -> Settings:
+        check_search_space(self.train, self.tune)
+        return self
 
     @property
     def validation(self) -> ValidateSettings:
@@ -434,8 +559,15 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "missing (every key must be set; copy it from the project's params.yaml)"
         elif e["type"] == "literal_error" and "expected" in ctx:
             msg = f"allowed values are {ctx['expected']}"
+        elif e["type"] == "value_error":
+            # the validators' messages name the key and the value themselves
+            msg = msg.removeprefix("Value error, ")
+            head, _, rest = msg.partition(": ")
+            if rest and " " not in head and (not key or head.startswith(f"{key}.")):
+                key, msg = head, rest
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        quiet = ("extra_forbidden", "missing", "value_error")
+        shown = "" if e["type"] in quiet else f" (got {got!r})"
         lines.append(f"  - {key or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
 

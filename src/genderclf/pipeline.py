@@ -21,11 +21,12 @@ from genderclf.command import DEFAULT_PARAMS, ParamsOpt, QuietOpt, command
 from genderclf.config import PATHS, Paths, Settings, load_settings
 from genderclf.console import quiet_tensorflow
 
-STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
+STAGES = ("download", "validate", "split", "augment", "tune", "train", "evaluate", "register")
 
 app = typer.Typer(
     help="The pipeline's stages, in order: download -> validate -> split -> augment -> "
-    "train -> evaluate -> register (`dvc repro` runs them; each command here runs one).",
+    "tune -> train -> evaluate -> register (`dvc repro` runs them; each command here runs "
+    "one).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,16 +37,37 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Fetch even if the sourc
 # --- the stages with their tracking, as functions ---------------------------------------------
 
 
+def run_tune(settings: Settings, paths: Paths = PATHS) -> Any:
+    """Search (or, with tune.enabled false, pass the params through) and log the search to
+    MLflow. Returns the stage's TuneReport."""
+    from genderclf.stages import tune
+
+    if not settings.tune.enabled:
+        return tune.passthrough(settings, paths)  # seconds: no TensorFlow, no MLflow
+    quiet_tensorflow()
+    from genderclf.tracking.tune import SearchRun
+
+    plan = tune.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
+    with SearchRun(settings, paths, plan) as run:
+        report = tune.run(settings, paths, plan, run)
+        run.log_search(report)
+    return report
+
+
 def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
     """Train and log the run to MLflow; the backup is dropped once both are done.
-    Returns the stage's TrainReport."""
+    Returns the stage's TrainReport.
+
+    With `tune.enabled` the train values are the search's (params/tuned.yaml): the model's
+    `TrainedModel.train` and the run's params record those, so every later stage reads
+    what the model was trained with from the model, not from params.yaml."""
     quiet_tensorflow()
     from genderclf.stages import train
     from genderclf.tracking.runs import TrainingTracker
 
     plan = train.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
-    with TrainingTracker(settings, paths, plan.backup) as tracker:
-        report = train.run(settings, paths, on_epoch=tracker.log_epoch, plan=plan)
+    with TrainingTracker(plan.settings, paths, plan.backup) as tracker:
+        report = train.run(plan.settings, paths, on_epoch=tracker.log_epoch, plan=plan)
         tracker.log_training(report)
     train.discard_backup(report)
     return report
@@ -152,6 +174,30 @@ def augment(params: ParamsOpt = DEFAULT_PARAMS, quiet: QuietOpt = False) -> None
         f"{s} {m.records} records/{len(m.shards)} shards" for s, m in r.data.splits.items()
     )
     typer.echo(f"augment: {counts} at {r.data.image_size}px -> {r.prepared}/; preview {r.preview}")
+
+
+@app.command()
+@command(stage=True)
+def tune(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Search train.* hyperparameters on the validation split (Optuna): params/tuned.yaml.
+
+    With `tune.enabled: false` (the demo) it writes params.yaml's own values of the
+    searched keys, in seconds. With true: a seeded TPE search over `tune.space`, pruning on
+    the per-epoch validation metric, `tune.trials` trials (on a Ray cluster when
+    RAY_ADDRESS is set); each trial is an MLflow run nested under the search's run. A
+    killed search continues where it stopped when run again. Train uses the winner;
+    `genderclf tune --apply` copies it into params.yaml.
+    """
+    r = run_tune(load_settings(params))
+    if not r.enabled:
+        typer.echo(f"tune: off (tune.enabled: false); train.* as they are -> {PATHS.tuned_params}")
+        return
+    m = r.metrics
+    chosen = ", ".join(f"{k}={v}" for k, v in sorted(r.tuned.train.items()))
+    typer.echo(
+        f"tune: best trial {m['best_trial']} {m['metric']} {m['best_value']} (params.yaml's "
+        f"values: {m['start_value']}); trials {m['trials']} -> {PATHS.tuned_params}: {chosen}"
+    )
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """What the tools and the flows both do, written once: promote a version through the
-gate, record a person's approval, roll back, check a batch for drift.
+gate, record a person's approval, roll back, check a batch for drift; and the work behind
+`genderclf tune --apply` (the search's winner into params.yaml).
 
 `genderclf promote`, `rollback` and `drift` (`genderclf.tools`) and the Prefect flows
 (`flows/`) call these; each opens the registry through `tracking.registry.open_registry`,
@@ -129,3 +130,44 @@ def check_drift(
     report = check(location, clf, ref, settings, paths.drift, champ.describe())
     log_drift(report.result, report.files, champ)
     return report
+
+
+def apply_tuned(tuned_file: Path, params_file: Path) -> dict[str, tuple[Any, Any]]:
+    """`genderclf tune --apply`: write the tuned values into params.yaml and turn tuning off.
+
+    The file keeps its comments and layout (ruamel.yaml round trip, as `dvc exp run -S`
+    writes it). The result is validated before the file is replaced.
+
+    Args:
+        tuned_file: the tune stage's params/tuned.yaml.
+        params_file: the params.yaml to edit.
+
+    Returns:
+        {train key: (old value, new value)} for the keys that changed.
+
+    Raises:
+        TunedParamsError: params/tuned.yaml is missing or unreadable.
+        SettingsError: the result would not be valid settings (the file is left as it was).
+    """
+    import yaml as pyyaml
+    from ruamel.yaml import YAML
+
+    from genderclf.config import parse_settings, set_dotted
+    from genderclf.io import atomic_file
+    from genderclf.model.tuned import TunedParams
+
+    tuned = TunedParams.read(tuned_file)
+    ry = YAML()
+    ry.preserve_quotes = True
+    doc = ry.load(params_file.read_text(encoding="utf-8"))
+    changed = {
+        k: (doc["train"][k], v) for k, v in sorted(tuned.train.items()) if doc["train"][k] != v
+    }
+    for key, value in tuned.train.items():
+        set_dotted(doc, f"train.{key}", value)
+    set_dotted(doc, "tune.enabled", False)
+    with atomic_file(params_file) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            ry.dump(doc, f)
+        parse_settings(pyyaml.safe_load(tmp.read_text(encoding="utf-8")), str(params_file))
+    return changed

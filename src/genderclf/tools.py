@@ -1,4 +1,5 @@
-"""The tools of `genderclf`: `predict`, `drift`, `promote`, `rollback`, `compare`.
+"""The tools of `genderclf`: `predict`, `drift`, `promote`, `rollback`, `compare`, and
+`tune --apply` (`apply_tuned`: `genderclf.cli` puts it on the tune stage's command).
 
 Commands a person runs on a trained pipeline, apart from the stage commands
 (`genderclf.pipeline`): no `dvc.yaml` stage runs or depends on this module, so editing a
@@ -448,11 +449,69 @@ def compare(
     runs: Annotated[
         int, typer.Option("--runs", help="Compare the N most recent runs instead.")
     ] = 0,
+    backbones: Annotated[
+        bool,
+        typer.Option(
+            "--backbones",
+            help="Compare the backbones instead: parameters, size on disk, predict latency "
+            "on this machine, and the validation accuracy of those trained (logged to MLflow).",
+        ),
+    ] = False,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="--backbones: the input size (default: base.image_size).", min=16),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="--backbones: timed predict calls per figure.", min=1)
+    ] = 10,
+    plot: Annotated[
+        Path | None, typer.Option(help="--backbones: also save the plot (PNG) here.")
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Table of registered versions (metrics, differing params, data, aliases)."""
+    if backbones:
+        quiet_tensorflow()
+        from genderclf.tracking.compare import compare_backbones
+
+        settings = load_settings(params)
+        size = image_size or settings.base.image_size
+        typer.echo(compare_backbones(settings, size, repeats, plot))
+        return
     from genderclf.tracking.compare import compare_runs, compare_versions
 
     typer.echo(compare_runs(runs) if runs else compare_versions())
+
+
+ApplyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--apply",
+        help="Write the search's winner (params/tuned.yaml) into params.yaml and set "
+        "tune.enabled: false, keeping the file's comments and layout. Runs no search.",
+    ),
+]
+
+
+@command()
+def apply_tuned(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """`genderclf tune --apply`: the search's winner (params/tuned.yaml) into params.yaml.
+
+    Not a command of its own: `genderclf.cli` offers it as the `--apply` option of the tune
+    stage's command, so that the stage (`python -m genderclf.pipeline tune`, what dvc.yaml
+    runs) never depends on this module.
+
+    Raises:
+        TunedParamsError: params/tuned.yaml is missing or unreadable.
+        SettingsError: the result would not be valid settings (params.yaml is left as it was).
+    """
+    changed = services.apply_tuned(PATHS.tuned_params, params)
+    for key, (old, new) in changed.items():
+        typer.echo(f"  train.{key}: {old} -> {new}")
+    typer.echo(
+        f"tune --apply: {len(changed)} train value(s) changed in {params}; "
+        "tune.enabled set to false (set it back to true to search again)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ from tests.helpers import REPO_ROOT
 from tests.helpers.params import pipeline_params as tiny_pipeline_params
 from tests.helpers.workspace import copy_pipeline, write_params
 
-STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
+STAGES = ("download", "validate", "split", "augment", "tune", "train", "evaluate", "register")
 IMAGE_UID = 1000  # the `genderclf` user of both images
 
 

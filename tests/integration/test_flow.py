@@ -25,7 +25,7 @@ from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGES = ["download", "validate", "split", "augment", "train", "evaluate", "register"]
+STAGES = ["download", "validate", "split", "augment", "tune", "train", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_valid_override_is_written_back_and_reruns_training_only(harness, flow_e
     result = gender_pipeline(repo=str(flow_env), overrides={"train.lr_head": 0.002})
     assert yaml.safe_load((flow_env / "params.yaml").read_text())["train"]["lr_head"] == 0.002
     ran = [s for s in STAGES if result[s] == "ran"]
-    assert ran == ["train", "evaluate", "register"]  # download checked the source: unchanged
+    assert ran == ["tune", "train", "evaluate", "register"]  # download: the source unchanged
     lock = yaml.safe_load((flow_env / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr_head"] == 0.002
 

@@ -29,8 +29,10 @@ from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGES = ("download", "validate", "split", "augment", "train", "evaluate", "register")
-MODEL_STAGES = {"train", "evaluate", "register"}
+STAGES = ("download", "validate", "split", "augment", "tune", "train", "evaluate", "register")
+# tune depends on every train param (they are the base of its trials; with tuning off, as
+# here, it passes them through to params/tuned.yaml in a second)
+MODEL_STAGES = {"tune", "train", "evaluate", "register"}
 # download runs on every `dvc repro` (`always_changed`; it keeps an unchanged source's data)
 ALWAYS = {"download"}
 
@@ -80,6 +82,14 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
         C.PATHS.history,
     ):
         assert (repo / out).is_file(), out
+    # tune (off): params.yaml's own values of the searched keys, which train depends on
+    tuned = yaml.safe_load((repo / C.PATHS.tuned_params).read_text())
+    space = yaml.safe_load((repo / "params.yaml").read_text())["tune"]["space"]
+    assert tuned == {
+        "train": {k: yaml.safe_load((repo / "params.yaml").read_text())["train"][k] for k in space}
+    }
+    assert json.loads((repo / C.PATHS.tune_metrics).read_text()) == {"enabled": False}
+    assert lock["stages"]["train"]["params"]["params/tuned.yaml"] == tuned
     # evaluate: the metric keys users rely on, and slices (the sample has attributes)
     ev = json.loads((repo / C.PATHS.eval_metrics).read_text())
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
@@ -176,8 +186,9 @@ def test_changing_a_train_param_reruns_exactly_train_evaluate_register(pipeline,
     status = _dvc(repo, "status").stdout
     assert "train:" in status and "params.yaml" in status
     # evaluate follows through train's outputs; register also reads the train params (the
-    # model card states them, and it re-scores the champion at train.batch_size)
-    for stage in set(STAGES) - {"train", "register"} - ALWAYS:
+    # model card states them, and it re-scores the champion at train.batch_size); tune
+    # reads them all
+    for stage in set(STAGES) - {"tune", "train", "register"} - ALWAYS:
         assert f"{stage}:" not in status
 
     again = _dvc(repo, "repro")
@@ -218,6 +229,10 @@ def test_dvc_exp_run_with_a_train_param_reruns_train_evaluate_register(pipeline)
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert eval_metrics[key] == pytest.approx(ev[key]), key
     assert data["params"]["params.yaml"]["data"]["train"]["lr_head"] == 0.0005
+    # the values train used, from the tune stage's params file (tuning off: passed through)
+    assert data["params"]["params/tuned.yaml"]["data"]["train"]["lr_head"] == 0.0005
+    diff = json.loads(_dvc(repo, "params", "diff", "HEAD", "--json").stdout)
+    assert diff["params/tuned.yaml"]["train.lr_head"]["new"] == 0.0005
     table = _dvc(repo, "exp", "show", "--no-pager", "--md").stdout
     assert "lr-head-0.0005" in table and "accuracy" in table and "roc_auc" in table
 

@@ -24,7 +24,7 @@ from genderclf import config as C
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGES = ["download", "validate", "split", "augment", "train", "evaluate", "register"]
+STAGES = ["download", "validate", "split", "augment", "tune", "train", "evaluate", "register"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -142,7 +142,7 @@ def test_parent_trains_on_the_gpu_pool_worker_through_the_dvc_remote(setup):
     parent, clone, env, logs = setup
     result = gender_pipeline(repo=str(parent), train_on="train/gpu")
     assert result["train"] == "ran (remote)"
-    assert [result[s] for s in STAGES if s != "train"] == ["ran"] * 6
+    assert [result[s] for s in STAGES if s != "train"] == ["ran"] * 7
 
     # the worker trained, in its own clone, and pushed the model to the shared remote
     assert (clone / C.PATHS.model).is_file()

@@ -341,7 +341,17 @@ _SECTION_KEYS = sorted(
         "workers",
     }
 )
-_SECTIONS = ["base", "data", "validate", "split", "augment", "train", "evaluate", "register"]
+_SECTIONS = [
+    "base",
+    "data",
+    "validate",
+    "split",
+    "augment",
+    "train",
+    "tune",
+    "evaluate",
+    "register",
+]
 
 _scalars = st.one_of(
     st.none(),

@@ -33,6 +33,7 @@ from genderclf.model.fit import (
 )
 from genderclf.model.plots import plot_history
 from genderclf.model.saving import save_model
+from genderclf.model.tuned import effective_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 class TrainPlan:
     """What `prepare` checked before anything starts."""
 
+    # the settings this training uses: params.yaml's, or with `tune.enabled` its train.*
+    # values replaced by the search's (params/tuned.yaml); models/model.json records them
+    settings: Settings
     data: PreparedData  # data/prepared/meta.json, read once
     backbone: Backbone  # train.backbone, checked against the data's image size
     backup: Path  # this run's backup folder (resumes a killed run of the same settings)
@@ -60,11 +64,16 @@ class TrainReport:
 def prepare(settings: Settings, paths: Paths) -> TrainPlan:
     """Check the inputs before anything starts (once per training).
 
+    With `tune.enabled` the train values are the tune stage's (`params/tuned.yaml`): the
+    plan's `settings` are what the training uses.
+
     Raises:
+        TunedParamsError: tuning is on and params/tuned.yaml is missing or does not fit.
         PreparedDataError: prepared data missing or at another image size.
         ModelConfigError: the backbone cannot take these settings (or the weights file is
             missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
+    settings = effective_settings(settings, paths)
     data = PreparedData.read(paths.prepared)
     # The settings first (a backbone that cannot take base.image_size is named as such),
     # then the data: from here on the image size is the prepared data's.
@@ -75,7 +84,9 @@ def prepare(settings: Settings, paths: Paths) -> TrainPlan:
             f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
-    return TrainPlan(data, backbone, backup_dir_for(paths.train_backups, settings, data.to_json()))
+    return TrainPlan(
+        settings, data, backbone, backup_dir_for(paths.train_backups, settings, data.to_json())
+    )
 
 
 def run(
@@ -94,12 +105,14 @@ def run(
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
             val_loss, val_accuracy, lr, seconds, images_per_second), e.g. to log it.
-        plan: what `prepare` returned (it runs here when the caller did not).
+        plan: what `prepare` returned (it runs here when the caller did not); its
+            `settings` (with the tuned train values when `tune.enabled`) are the ones used.
     """
     import keras
 
-    t = settings.train
     plan = plan or prepare(settings, paths)
+    settings = plan.settings
+    t = settings.train
     data = plan.data
     deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
     if keras.config.backend() != "tensorflow":

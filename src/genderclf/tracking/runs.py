@@ -23,7 +23,13 @@ from typing import Any
 
 from genderclf.catalog import location
 from genderclf.config import Paths, Settings
-from genderclf.contracts import ContractError, Evaluation, TrainedModel, TrainingRun
+from genderclf.contracts import (
+    ContractError,
+    Evaluation,
+    PreparedData,
+    TrainedModel,
+    TrainingRun,
+)
 from genderclf.model.scoring import slice_name
 from genderclf.tracking.setup import (
     EXPERIMENT,
@@ -103,6 +109,9 @@ class TrainingTracker:
             run_file.write_text(self.run_id)
             if resumed is None:
                 mlflow.log_params({k: str(v)[:500] for k, v in self.settings.flat().items()})
+                # the size of the validation split: `compare --backbones` gives an interval
+                val = PreparedData.read(self.paths.prepared).split("val").images
+                mlflow.log_param("data.val_images", str(val))
             t = self.settings.train
             mlflow.set_tags(
                 {
