@@ -14,7 +14,7 @@ help: ## Show this help
 
 setup: ## Install the locked environment into .venv (uv, from uv.lock)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
-	$(UV) sync --frozen --compile-bytecode
+	$(UV) sync --frozen --compile-bytecode --extra cluster --extra jax
 
 demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over DVC; no network, no GPU)
 	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "make demo needs a git checkout (DVC tracks runs in git)"; exit 1)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,13 +82,25 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --- the stages, as functions -----------------------------------------------------------------
 
 
-def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
-    """Train and log the run to MLflow; the backup is dropped once both are done."""
+def run_train(settings: Settings, paths: Paths = PATHS, params: Path = PATHS.params) -> Any:
+    """Train and log the run to MLflow; the backup is dropped once both are done.
+
+    With `train.processes` > 1 this process launches that many (`model.launch`) and
+    returns their report; as one of them, it trains and only process 0 logs and writes.
+    """
     quiet_tensorflow()
+    from genderclf.model import distributed, launch
     from genderclf.stages import train
     from genderclf.tracking.runs import TrainingRun
 
+    paths = replace(paths, train_backups=distributed.backup_root(paths.train_backups))
     backup = train.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
+    cluster = distributed.from_env()
+    distributed.check(settings.train, cluster)
+    if settings.train.processes > 1 and cluster is None:
+        return launch.run(settings, paths, params, backup)
+    if cluster is not None and not cluster.is_chief:
+        return train.run(settings, paths)  # writes nothing: process 0 does
     with TrainingRun(settings, paths, backup) as run:
         report = train.run(settings, paths, on_epoch=run.log_epoch)
         run.log_training(report)
@@ -234,7 +247,10 @@ def train(params: ParamsOpt = PATHS.params) -> None:
     last completed epoch when run again. Writes models/model.keras, models/run.json,
     metrics/train.json and plots/history.csv, and logs the run to MLflow.
     """
-    m = run_train(load_settings(params)).metrics
+    report = run_train(load_settings(params), params=params)
+    if report is None:  # one of several training processes, not the first
+        return
+    m = report.metrics
     typer.echo(
         f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} -> {PATHS.model}"
     )

@@ -130,6 +130,8 @@ def make_dataset(
     with_path: bool = False,
     drop_remainder: bool = False,
     deterministic: bool = False,
+    shards: list[str] | None = None,
+    limit: int | None = None,
 ):
     """A `tf.data` pipeline over the prepared shards of one split.
 
@@ -140,6 +142,9 @@ def make_dataset(
     soon as they are decoded (fastest, order varies) unless `deterministic`: then the
     order is a function of `seed` alone. It feeds any Keras backend (`model.fit` on JAX
     takes a `tf.data.Dataset` too).
+
+    `shards` (file names of the split, with `limit`, the records to keep of them) reads a
+    part of the split: one process's share in distributed training.
     """
     import tensorflow as tf
 
@@ -147,7 +152,9 @@ def make_dataset(
     meta = read_meta(prepared_dir)
     if split not in meta["splits"]:
         raise PreparedDataError(f"{prepared_dir}: split {split!r} not in {list(meta['splits'])}")
-    files = [str(prepared_dir / f) for f in meta["splits"][split]["shards"]]
+    names = meta["splits"][split]["shards"] if shards is None else shards
+    files = [str(prepared_dir / f) for f in names]
+    records = int(meta["splits"][split]["records"]) if limit is None else limit
     size = int(meta["image_size"])
     spec = {
         "image": tf.io.FixedLenFeature([], tf.string),
@@ -177,10 +184,12 @@ def make_dataset(
         deterministic=deterministic or not shuffle,
     )
     if shuffle:
-        ds = ds.shuffle(min(10_000, max(1, meta["splits"][split]["records"])), seed=seed)
+        ds = ds.shuffle(min(10_000, max(1, records)), seed=seed)
     ds = ds.map(parse, num_parallel_calls=auto, deterministic=deterministic or not shuffle)
+    if limit is not None:
+        ds = ds.take(limit)
     # Tell Keras how many records there are, so it knows the steps per epoch up front.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(int(meta["splits"][split]["records"])))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(records))
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 
 from genderclf.config import Settings, TrainSettings
+from genderclf.model import distributed
 from genderclf.model.backbones import ModelConfigError, build_model, unfreeze_top_blocks
 
 log = logging.getLogger(__name__)
@@ -285,6 +286,15 @@ def distribution_scope():
     return contextlib.nullcontext()
 
 
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that restores and never writes: the callback of processes other
+    than the chief in distributed training (their weights are the chief's; N writers of one
+    file on a share would corrupt it)."""
+
+    def _save_model(self) -> None:
+        return None
+
+
 def class_weights(male: int, total: int, setting: str) -> dict[int, float] | None:
     """Balanced class weights when the minority class is under 45% (`train.class_weights`)."""
     if setting == "off" or total == 0 or male in (0, total):
@@ -330,7 +340,8 @@ def fit_phases(
         meta = backup_dir / "phase2" / "training_metadata.json"
         if meta.exists():
             resumed = f"phase 2 after epoch {t.epochs_head + json.loads(meta.read_text())['epoch']}"
-    if resumed:
+    chief = distributed.is_chief()  # only the chief writes in backup_dir
+    if resumed and chief:
         log.info("resuming training from %s (backup in %s)", resumed, backup_dir)
         print(f"train: resuming from {resumed}", flush=True)
 
@@ -352,16 +363,22 @@ def fit_phases(
     t0 = time.monotonic()
 
     def callbacks(phase: int, offset: int) -> list[keras.callbacks.Callback]:
-        return [
-            keras.callbacks.BackupAndRestore(
-                str(backup_dir / f"phase{phase}"), delete_checkpoint=False
-            ),
+        backup = keras.callbacks.BackupAndRestore if chief else RestoreOnly
+        # Every process runs these alike (the logs are the all-reduced metrics), so early
+        # stopping and the learning rate agree everywhere.
+        same_everywhere = [
+            backup(str(backup_dir / f"phase{phase}"), delete_checkpoint=False),
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=t.early_stopping_patience, restore_best_weights=True
             ),
             keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.3, patience=t.reduce_lr_patience, min_lr=1e-7
             ),
+        ]
+        if not chief:
+            return same_everywhere
+        return [
+            *same_everywhere,
             checkpoint_best,
             EpochLog(phase, offset, history_csv, on_epoch, train_records, t.batch_size),
         ]
@@ -381,7 +398,8 @@ def fit_phases(
             verbose=0,
         )
         epochs_now += len(h.epoch)
-        model.save_weights(str(phase1_done))
+        if chief:
+            model.save_weights(str(phase1_done))
     elif phase1_done.exists():
         model.load_weights(str(phase1_done))
 
@@ -400,7 +418,8 @@ def fit_phases(
                 jit_compile=jit,
             )
         # Carry the best validation loss of phase 1 so phase 2 only checkpoints real gains.
-        prev = [r["val_loss"] for r in read_history(history_csv) if r.get("val_loss") is not None]
+        rows = read_history(history_csv) if chief else []  # the chief may still be writing it
+        prev = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
         if prev:
             checkpoint_best.best = min(prev)
         h = model.fit(
@@ -414,7 +433,7 @@ def fit_phases(
         )
         epochs_now += len(h.epoch)
 
-    if best.exists():
+    if best.exists() and chief:  # the others end here: they write nothing
         model.load_weights(str(best))
     return TrainResult(model, read_history(history_csv), resumed, epochs_now, time.monotonic() - t0)
 

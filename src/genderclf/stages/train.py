@@ -22,6 +22,7 @@ from genderclf.data.tfrecords import (
     reader_on_cpu_only,
 )
 from genderclf.io import atomic_file, write_json
+from genderclf.model import distributed
 from genderclf.model.backbones import check_compatible
 from genderclf.model.fit import (
     backup_dir_for,
@@ -71,11 +72,13 @@ def prepare(settings: Settings, paths: Paths) -> Path:
 
 def run(
     settings: Settings, paths: Paths, on_epoch: Callable[[dict[str, Any]], None] | None = None
-) -> TrainReport:
+) -> TrainReport | None:
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
     Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
-    the `tf.data` reader feeds either.
+    the `tf.data` reader feeds either. Started as one of `train.processes` processes (by
+    `genderclf.model.launch`), it trains on its share of the data and only process 0
+    writes the outputs; the others return None.
 
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
@@ -87,26 +90,40 @@ def run(
     backup = prepare(settings, paths)
     meta = read_meta(paths.prepared)
     deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
+    cluster = distributed.from_env()
+    distributed.check(t, cluster, keras.config.backend())
+    distributed.initialize(cluster or distributed.Cluster())  # a no-op for one process
     if keras.config.backend() != "tensorflow":
         reader_on_cpu_only()
     if use_mixed_precision(t.mixed_precision):
         keras.mixed_precision.set_global_policy("mixed_float16")
     deterministic = use_deterministic(t.deterministic)
+    chief = distributed.is_chief()
     for other in paths.train_backups.glob("*"):  # backups of other settings or data
-        if other != backup:
+        if other != backup and chief:
             shutil.rmtree(other, ignore_errors=True)
     tr = meta["splits"]["train"]
     weights = class_weights(tr["male"], tr["images"], t.class_weights)
     with reproducible(settings.base.seed, deterministic):
+        share: dict[str, Any] = {}
+        batch, records = t.batch_size, tr["records"]
+        if distributed.current().distributed:  # this process's shards, as many steps as all
+            plan = distributed.shard_plan(meta, "train", distributed.current(), t.batch_size)
+            share = {"shards": plan.shards, "limit": plan.records_per_epoch}
+            batch, records = plan.batch, plan.records_per_epoch * t.processes
         train_ds = make_dataset(
             paths.prepared,
             "train",
-            t.batch_size,
+            batch,
             shuffle=True,
             seed=settings.base.seed,
             deterministic=deterministic,
+            drop_remainder=bool(share),
+            **share,
         )
-        val_ds = make_dataset(paths.prepared, "val", t.batch_size)
+        # Validation is not split: every process scores the whole split (its metrics are the
+        # one-process ones), with the same batches, so the processes stay in step.
+        val_ds = make_dataset(paths.prepared, "val", batch)
         result = fit_phases(
             settings,
             train_ds,
@@ -114,9 +131,11 @@ def run(
             backup,
             weights=weights,
             on_epoch=on_epoch,
-            train_records=tr["records"],
+            train_records=records,
             deterministic=deterministic,
         )
+    if not chief:  # process 0 holds the same weights and writes every output
+        return None
     save_model(result.model, paths.model)
 
     hist = result.history
