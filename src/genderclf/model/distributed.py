@@ -45,6 +45,10 @@ ENV_BACKUPS = "GENDERCLF_TRAIN_BACKUPS"
 # in an all-reduce.
 JOIN_TIMEOUT_S = 300
 HEARTBEAT_TIMEOUT_S = 10
+# At exit the processes wait for each other (JAX's shutdown barrier) while the chief saves
+# the model and logs it to MLflow (an upload that may take minutes); a dead process is
+# still caught by the heartbeat.
+SHUTDOWN_TIMEOUT_S = 3600
 
 
 class DistributedError(GenderclfError):
@@ -169,7 +173,7 @@ def initialize(cluster: Cluster) -> None:
             coordinator_bind_address=os.environ.get(ENV_BIND) or cluster.coordinator,
             initialization_timeout=JOIN_TIMEOUT_S,
             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-            shutdown_timeout_seconds=JOIN_TIMEOUT_S,
+            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
         )
     except Exception as err:  # jaxlib raises XlaRuntimeError (a RuntimeError) or ValueError
         raise DistributedError(
@@ -189,6 +193,30 @@ def initialize(cluster: Cluster) -> None:
         jax.device_count(),
         jax.local_device_count(),
     )
+
+
+def local_model(model: Any) -> Any:
+    """The chief's copy of the trained `model` on its own devices, outside the distribution.
+
+    In a distributed run, making or assigning a variable is a collective (JAX's
+    `device_put` checks the value is the same in every process), so a save, a load or a
+    prediction that only the chief makes would wait for the others for ever. The copy is
+    made from the weights (reading them is local), compiled from the same compile config
+    (the optimizer's state is not carried over: nothing after training needs it). In a
+    one-process run, `model` itself.
+    """
+    if not _current.distributed:
+        return model
+    import keras
+
+    weights = model.get_weights()
+    keras.distribution.set_distribution(None)
+    local = keras.models.clone_model(model)
+    local.set_weights(weights)
+    config = model.get_compile_config()
+    if config:
+        local.compile_from_config(config)
+    return local
 
 
 def shard_records(meta: dict[str, Any], split: str) -> list[int]:

@@ -136,6 +136,7 @@ def run(
         )
     if not chief:  # process 0 holds the same weights and writes every output
         return None
+    result.model = distributed.local_model(result.model)  # saved and logged by process 0 alone
     save_model(result.model, paths.model)
 
     hist = result.history
