@@ -99,13 +99,14 @@ def run_train(settings: Settings, paths: Paths = PATHS, params: Path = PATHS.par
     distributed.check(settings.train, cluster)
     if settings.train.processes > 1 and cluster is None:
         return launch.run(settings, paths, params, backup)
-    if cluster is not None and not cluster.is_chief:
-        return train.run(settings, paths)  # writes nothing: process 0 does
-    with TrainingRun(settings, paths, backup) as run:
-        report = train.run(settings, paths, on_epoch=run.log_epoch)
-        run.log_training(report)
-    train.discard_backup(report)
-    return report
+    with distributed.exit_on_error() if cluster else contextlib.nullcontext():
+        if cluster is not None and not cluster.is_chief:
+            return train.run(settings, paths)  # writes nothing: process 0 does
+        with TrainingRun(settings, paths, backup) as run:
+            report = train.run(settings, paths, on_epoch=run.log_epoch)
+            run.log_training(report)
+        train.discard_backup(report)
+        return report
 
 
 def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:

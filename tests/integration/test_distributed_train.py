@@ -73,9 +73,13 @@ class Run:
             start_new_session=True,  # the test kills by process id, never by group or name
         )
 
-    def train(self, timeout: float = 420, **env: str) -> subprocess.CompletedProcess[str]:
+    def train(self, timeout: float = 900, **env: str) -> subprocess.CompletedProcess[str]:
         proc = self.popen(**env)
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:  # the launcher stops its processes when it goes
+                proc.kill()
         assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}\n{err[-6000:]}"
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -19,9 +19,12 @@ launchers set (`genderclf.model.launch`); a Kubernetes indexed Job gives the pro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +220,31 @@ def local_model(model: Any) -> Any:
     if config:
         local.compile_from_config(config)
     return local
+
+
+@contextlib.contextmanager
+def exit_on_error():
+    """In a process of a distributed training: any error ends the process at once.
+
+    Python's normal exit runs JAX's shutdown, which waits for the other processes; if
+    they are inside a collective waiting for this one (an error in the chief's own work:
+    a full disk, a broken pipe), both would wait until the shutdown timeout. `os._exit`
+    skips it: the others see the heartbeat stop and abort within HEARTBEAT_TIMEOUT_S, and
+    the launcher reports this process's error line.
+    """
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        if isinstance(err, GenderclfError):
+            message = str(err)
+        else:
+            traceback.print_exc()
+            message = f"{type(err).__name__}: {err}"
+        with contextlib.suppress(Exception):
+            print(f"error (train): {message}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def shard_records(meta: dict[str, Any], split: str) -> list[int]:
