@@ -12,6 +12,7 @@ session's prepared data (32 px, simple_cnn, one epoch per phase).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -33,7 +34,14 @@ from genderclf import config as C
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 pytest.importorskip("jax", reason="the `jax` extra (make setup installs it)")
 
-TWO = {"train.processes": 2, "train.deterministic": "on", "train.batch_size": 16}
+# One epoch of phase 1 (each phase compiles its own step: the kill test covers phase 2).
+TWO = {
+    "train.processes": 2,
+    "train.deterministic": "on",
+    "train.batch_size": 16,
+    "train.epochs_head": 1,
+    "train.epochs_finetune": 0,
+}
 
 
 def _params(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -110,12 +118,12 @@ def two_processes(workspace, prepared) -> tuple[Run, subprocess.CompletedProcess
     return run, done, time.monotonic() - t0
 
 
-def test_two_processes_train_one_model_like_one_process(workspace, prepared, two_processes):
+def test_two_processes_train_one_model(two_processes):
     from mlflow import MlflowClient
 
     two, done, _ = two_processes
     assert "train: 2 processes on the JAX backend" in done.stdout
-    assert two.history() == [(1, 1), (2, 2)]
+    assert two.history() == [(1, 1)]
     for out in (C.PATHS.model, C.PATHS.run, C.PATHS.train_metrics, C.PATHS.curves):
         assert two.path(out).is_file(), out
     assert not list((two.dir / C.PATHS.train_backups).glob("*"))  # the chief dropped it
@@ -128,30 +136,76 @@ def test_two_processes_train_one_model_like_one_process(workspace, prepared, two
     assert run.data.params["train.processes"] == "2"
     models = client.search_logged_models([exp.experiment_id])
     assert [(m.name, m.source_run_id) for m in models] == [("keras_model", run.info.run_id)]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
 
-    # The same global batch (16) and seed in one process, on the same backend.
-    one = Run(workspace, "one", prepared, {"train.processes": 1})
-    one.train(KERAS_BACKEND="jax")
-    a, b = two.weights(), one.weights()
-    assert [w.shape for w in a] == [w.shape for w in b]
-    # Not equal: each process reads its own shards (another order than one process, and
-    # the remainder dropped), and the sums are reduced in another order. Both start from
-    # the same initial weights (same seed) and take the same number of steps over
-    # nearly the same images, so they end close: measured (docs/model.md) the relative
-    # distance is about 0.05, where a different seed (another initialisation) gives ~1.4.
-    distance = np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True)))
-    norm = np.sqrt(sum((y**2).sum() for y in b))
-    assert distance / norm < 0.25, distance / norm
-    m2 = json.loads(two.path(C.PATHS.train_metrics).read_text())
-    m1 = json.loads(one.path(C.PATHS.train_metrics).read_text())
-    assert abs(m2["val_accuracy"] - m1["val_accuracy"]) <= 0.1, (m2, m1)
+
+def test_two_processes_all_reduce_exactly_like_one_process(workspace, prepared):
+    """The all-reduce itself: the project's model on the same global batches (each process
+    its slice, tests/helpers/data_parallel_check.py) in two processes and in one."""
+    from tests.helpers import REPO_ROOT
+
+    from genderclf.model import distributed as D
+    from genderclf.model import launch
+
+    folder = workspace / "all-reduce"
+    folder.mkdir()
+    params = folder / "params.yaml"
+    params.write_text(yaml.safe_dump(_params({}), sort_keys=False))
+    script = [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "data_parallel_check.py")]
+    coordinator = f"127.0.0.1:{launch.free_port()}"
+    procs = [
+        launch.spawn(
+            [*script, str(params), str(prepared), str(folder / "two.npy")],
+            launch.rank_env(D.Cluster(2, r, coordinator), folder),
+            folder / f"process-{r}.log",
+            chief=False,
+        )
+        for r in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        launch.stop(procs)
+    assert codes == [0, 0], [(folder / f"process-{r}.log").read_text()[-3000:] for r in (0, 1)]
+    one = subprocess.run(
+        [*script, str(params), str(prepared), str(folder / "one.npy")],
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two0, two1 = np.load(folder / "two.0.npy"), np.load(folder / "two.1.npy")
+    single = np.load(folder / "one.0.npy")
+    np.testing.assert_array_equal(two0, two1)  # every process holds the same weights
+    # Same batches, seeds and draws: only the order of the gradient sums differs (each
+    # process sums its half, then the halves are added), float32 rounding of ~1e-7 per
+    # step, compounded over 6 Adam steps. Measured: see docs/model.md.
+    relative = np.linalg.norm(two0 - single) / np.linalg.norm(single)
+    assert relative < 1e-4, relative
 
 
 def _children(pid: int) -> list[int]:
     import psutil
 
     return [c.pid for c in psutil.Process(pid).children(recursive=False)]
+
+
+def _epoch(folder: Path) -> int:
+    return json.loads((folder / "training_metadata.json").read_text())["epoch"]
+
+
+def _h5_arrays(path: Path) -> dict[str, bytes]:
+    import h5py
+
+    out: dict[str, bytes] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()].tobytes()) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
 
 
 def _rows(folder: Path) -> int:
@@ -166,7 +220,7 @@ def test_a_killed_process_fails_the_step_in_one_line_and_a_rerun_resumes(workspa
         workspace,
         "killed",
         prepared,
-        {"train.epochs_head": 3, "train.epochs_finetune": 1, "train.early_stopping_patience": 10},
+        {"train.epochs_head": 2, "train.epochs_finetune": 1, "train.early_stopping_patience": 10},
     )
     backups = run.dir / C.PATHS.train_backups
     proc = run.popen()
@@ -187,13 +241,18 @@ def test_a_killed_process_fails_the_step_in_one_line_and_a_rerun_resumes(workspa
     assert "run `genderclf train` (or `dvc repro train`) again to resume on 2 processes" in line
     assert stopped < 60  # no hang: the heartbeat timeout (10 s) stops process 0
     done_before = _rows(backups)
-    assert 1 <= done_before < 4
+    assert 1 <= done_before < 3
     assert not run.path(C.PATHS.model).exists()
+    # The processes held the same weights: the backups of the last epoch both saved match.
+    (backup,) = backups.glob("*")
+    chief, other = backup / "phase1", backup / "process-1" / "phase1"
+    if _epoch(chief) == _epoch(other):
+        assert _h5_arrays(chief / "latest.weights.h5") == _h5_arrays(other / "latest.weights.h5")
 
     again = run.train()
     assert f"train: resuming from phase 1 after epoch {done_before}" in again.stdout
-    assert run.history() == [(1, 1), (2, 1), (3, 1), (4, 2)]
-    assert again.stdout.count("phase 1 epoch") == 3 - done_before  # no epoch twice
+    assert run.history() == [(1, 1), (2, 1), (3, 2)]
+    assert again.stdout.count("phase 1 epoch") == 2 - done_before  # no epoch twice
     metrics = json.loads(run.path(C.PATHS.train_metrics).read_text())
     assert metrics["resumed"] == f"phase 1 after epoch {done_before}"
     client = MlflowClient(f"sqlite:///{run.dir / 'mlflow.db'}")
@@ -201,10 +260,22 @@ def test_a_killed_process_fails_the_step_in_one_line_and_a_rerun_resumes(workspa
     (mlrun,) = client.search_runs([exp.experiment_id])  # the re-run logged into the same run
     assert mlrun.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")]
-    assert sorted(steps) == [1, 2, 3, 4]
+    assert sorted(steps) == [1, 2, 3]
 
 
 # --- the Ray launcher ---------------------------------------------------------------------
+
+
+# Ray turns "127.0.0.1" into the machine's outward address (resolve_ip_for_localhost, meant
+# for real clusters): the nodes start through this launcher, which keeps the address as
+# given, and the driver gets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-machine mode,
+# local address 127.0.0.1). The same technique as issue 23's tests/helpers/ray_cluster.py.
+RAY_LAUNCHER = (
+    "import sys; import ray._private.services as s; "
+    "s.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
+)
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -219,17 +290,20 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _ray_node(ray: Path, temp: Path, head: str | None, env: dict[str, str]) -> subprocess.Popen:
-    """`ray start --block` for one node on 127.0.0.1, one CPU, every port chosen here (two
-    nodes share this host); stopped by its process id (SIGTERM stops its daemons)."""
-    p = _free_ports(8)
+def _ray_node(temp: Path, head: str | None) -> tuple[subprocess.Popen, int]:
+    """`ray start --block` for one node on 127.0.0.1 with one CPU, every port chosen here
+    (two nodes share this host), in a session of its own; stopped by its process id."""
+    p = _free_ports(10)
     args = [
-        str(ray),
+        sys.executable,
+        "-c",
+        RAY_LAUNCHER,
         "start",
         "--block",
         "--node-ip-address=127.0.0.1",
         "--num-cpus=1",
         "--num-gpus=0",
+        f"--object-store-memory={256 * 1024 * 1024}",
         "--disable-usage-stats",
         f"--node-manager-port={p[0]}",
         f"--object-manager-port={p[1]}",
@@ -237,53 +311,91 @@ def _ray_node(ray: Path, temp: Path, head: str | None, env: dict[str, str]) -> s
         f"--dashboard-agent-grpc-port={p[3]}",
         f"--runtime-env-agent-port={p[4]}",
         f"--metrics-export-port={p[5]}",
-        f"--min-worker-port={p[6]}",
-        f"--max-worker-port={p[6] + 20}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
     ]
     if head is None:
-        args += ["--head", f"--port={p[7]}", "--include-dashboard=false", f"--temp-dir={temp}"]
+        args += [
+            "--head",
+            f"--port={p[6]}",
+            f"--ray-client-server-port={p[7]}",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+        ]
     else:
         args += [f"--address={head}"]
-    log = open(temp.parent / f"ray-{'head' if head is None else 'worker'}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.port = p[7]  # type: ignore[attr-defined]
-    return proc
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # fixed by default (44217, 44227): two nodes on one machine would collide
+        "AUTOSCALER_METRIC_PORT": str(p[8]),
+        "DASHBOARD_METRIC_PORT": str(p[9]),
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = open(temp.parent / f"ray-{'head' if head is None else 'node'}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return proc, p[6]
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    import psutil
+
+    return [
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+
+
+def _tree(pid: int) -> set[int]:
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    return set()
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(workspace) -> str:
-    """A two-node Ray cluster on 127.0.0.1 (head + one worker node, one CPU each)."""
+    """A two-node Ray cluster on 127.0.0.1 (head + one more node, one CPU each)."""
     pytest.importorskip("ray", reason="the `cluster` extra (make setup installs it)")
-    ray = Path(sys.executable).with_name("ray")
-    temp = workspace / "ray" / "t"  # short: Ray's socket paths must stay under 107 bytes
+    temp = workspace / "ray" / "t"  # short: Ray's socket paths must stay under 108 bytes
     temp.mkdir(parents=True)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    nodes = [_ray_node(ray, temp, None, env)]
-    address = f"127.0.0.1:{nodes[0].port}"
+    head, port = _ray_node(temp, None)
+    nodes = [head]
+    address = f"127.0.0.1:{port}"
     try:
-        nodes.append(_ray_node(ray, temp, address, env))
+        nodes.append(_ray_node(temp, address)[0])
         probe = (
             "import ray, time\n"
             f"ray.init(address='{address}')\n"
             "t = time.time()\n"
-            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 120:\n"
+            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 180:\n"
             "    time.sleep(0.5)\n"
             "print(len([n for n in ray.nodes() if n['Alive']]))\n"
         )
+        env = {**os.environ, "RAY_ADDRESS": address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         alive = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
         )
-        assert alive.stdout.strip().endswith("2"), alive.stdout + alive.stderr
+        assert alive.stdout.strip().endswith("2"), alive.stdout + alive.stderr[-3000:]
         yield address
     finally:
-        for node in reversed(nodes):
+        pids = set().union(*(_tree(n.pid) for n in nodes))
+        outward = [a for a in _listening(pids) if a[0] not in LOOPBACK]
+        for node in reversed(nodes):  # SIGTERM: `ray start --block` stops its daemons
             node.terminate()
             try:
                 node.wait(60)
             except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
+        for pid in pids:  # anything of the nodes that outlived them, by process id
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not outward, f"Ray listened beyond loopback: {outward}"
 
 
 def test_the_ray_launcher_trains_on_two_nodes_with_the_same_weights(
@@ -291,9 +403,9 @@ def test_the_ray_launcher_trains_on_two_nodes_with_the_same_weights(
 ):
     local, _, _ = two_processes
     run = Run(workspace, "ray", prepared, {})
-    done = run.train(RAY_ADDRESS=ray_cluster)
+    done = run.train(RAY_ADDRESS=ray_cluster, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     assert f"launched on the Ray cluster at {ray_cluster}" in done.stdout
-    assert run.history() == [(1, 1), (2, 2)]
+    assert run.history() == [(1, 1)]
     # train.deterministic: on, the same machine: two distributed runs, the same weights.
     for a, b in zip(run.weights(), local.weights(), strict=True):
         np.testing.assert_array_equal(a, b)
