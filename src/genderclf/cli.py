@@ -88,6 +88,8 @@ def run_train(settings: Settings, paths: Paths = PATHS, params: Path = PATHS.par
     With `train.processes` > 1 this process launches that many (`model.launch`) and
     returns their report; as one of them, it trains and only process 0 logs and writes.
     """
+    if settings.train.processes > 1:  # trained on JAX: the checks below see that backend
+        os.environ.setdefault("KERAS_BACKEND", "jax")
     quiet_tensorflow()
     from genderclf.model import distributed, launch
     from genderclf.stages import train

@@ -9,8 +9,8 @@ N processes, or without them as one process. The train split is read in its file
 process i taking its i-th slice of it (what `keras.distribution.DataParallel` puts
 together again). So two processes and one see the same global batches, seeds,
 augmentation and dropout draws, and their weights may differ only by the order in which
-the gradients are summed (plain SGD, so a rounding difference stays one). Each process
-saves its final weights (flattened) to OUT.npy with `.<process id>` before the suffix.
+the gradients are summed. Each process saves its weights (flattened) after the first step
+and at the end, to OUT.npy with `.step1.<process id>` / `.<process id>` before the suffix.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-STEPS = 6
+STEPS = 3
 
 
 def main(params: Path, prepared: Path, out: Path) -> None:
@@ -42,13 +42,20 @@ def main(params: Path, prepared: Path, out: Path) -> None:
     ds = ds.map(lambda x, y: (x[i * local : (i + 1) * local], y[i * local : (i + 1) * local]))
     keras.utils.set_random_seed(settings.base.seed)
     model = build_model(t, settings.base.image_size)
-    # Plain SGD: an update proportional to the gradient. Adam divides by the gradient's
-    # running scale, which turns float rounding in a near-zero gradient into a whole
-    # learning-rate step of either sign (measured: 2.7e-4 relative, 1.2e-3 at most).
+    # Plain SGD: an update proportional to the gradient (Adam divides by the gradient's
+    # running scale, turning rounding in a near-zero gradient into a whole step).
     model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", jit_compile=True)
-    model.fit(ds, epochs=1, verbose=0)
-    weights = np.concatenate([np.asarray(w, dtype="float64").ravel() for w in model.get_weights()])
-    np.save(out.with_suffix(f".{i}.npy"), weights)
+
+    def flat() -> np.ndarray:
+        return np.concatenate([np.asarray(w, dtype="float64").ravel() for w in model.get_weights()])
+
+    class AfterFirstStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if batch == 0:
+                np.save(out.with_suffix(f".step1.{i}.npy"), flat())
+
+    model.fit(ds, epochs=1, verbose=0, callbacks=[AfterFirstStep()])
+    np.save(out.with_suffix(f".{i}.npy"), flat())
 
 
 if __name__ == "__main__":
