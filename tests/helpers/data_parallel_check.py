@@ -46,16 +46,16 @@ def main(params: Path, prepared: Path, out: Path) -> None:
     # running scale, turning rounding in a near-zero gradient into a whole step).
     model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", jit_compile=True)
 
-    def flat() -> np.ndarray:
-        return np.concatenate([np.asarray(w, dtype="float64").ravel() for w in model.get_weights()])
+    def flat(m: keras.Model) -> np.ndarray:
+        return np.concatenate([np.asarray(w, dtype="float64").ravel() for w in m.get_weights()])
 
     class AfterFirstStep(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if batch == 0:
-                np.save(out.with_suffix(f".step1.{i}.npy"), flat())
+                np.save(out.with_suffix(f".step1.{i}.npy"), flat(self.model))
 
     model.fit(ds, epochs=1, verbose=0, callbacks=[AfterFirstStep()])
-    np.save(out.with_suffix(f".{i}.npy"), flat())
+    np.save(out.with_suffix(f".{i}.npy"), flat(model))
 
 
 if __name__ == "__main__":
