@@ -22,7 +22,8 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo ""
 	@$(RUN) genderclf compare
 	@echo ""
-	@echo "Next: make ui        MLflow UI http://127.0.0.1:5000 (runs, models, registry) + Prefect UI :4200"
+	@echo "Next: make ui        MLflow UI http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
+	@echo "                     (runs, models, registry; in MLflow's UI pick \"Model training\" at the top left) + Prefect UI :4200"
 	@echo "      plots/*.png    curves, confusion matrix, ROC, calibration, slices, mistakes"
 	@echo "      reports/       validation/report.html, augment_preview.png, register.json"
 	@echo "      uv run dvc metrics show   every metric; README.md: experiments with dvc exp"
@@ -60,12 +61,17 @@ format: setup ## Apply ruff fixes and formatting
 docs: setup ## Build the documentation site (MkDocs Material) into site/, failing on any warning
 	NO_MKDOCS_2_WARNING=1 $(RUN) mkdocs build --strict
 
-ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on loopback (Ctrl-C stops both)
-	@echo "Prefect UI: http://127.0.0.1:4200   (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it)"
-	@echo "MLflow UI:  http://127.0.0.1:5000"
+# The Prefect UI asks the API at PREFECT_SERVER_API_PORT (4200 unless set), not at --port:
+# both are set from PREFECT_PORT, so `make ui PREFECT_PORT=4300` works.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+
+ui: setup ## Start a local Prefect server (:4200) and the MLflow UI (:5000) on loopback (Ctrl-C stops both; PREFECT_PORT=, MLFLOW_PORT= to move them)
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api to use it)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)/#/experiments/1?workflowType=machine_learning   (the model-training view)"
 	@trap 'kill 0' INT TERM EXIT; \
-	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(RUN) prefect server start --host 127.0.0.1 --port 4200 & \
-	  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000 --workers 1 & \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(RUN) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 & \
 	  wait
 
 # CI retraining (.github/workflows/retrain.yml; docs/ci.md). No `setup` prerequisite: the

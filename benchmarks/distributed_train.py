@@ -90,7 +90,7 @@ def main() -> None:
             env.pop("RAY_ADDRESS", None)
             t = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "genderclf.cli", "train"],
+                [sys.executable, "-m", "genderclf.pipeline", "train"],
                 cwd=folder,
                 env=env,
                 check=True,

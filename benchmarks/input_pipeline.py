@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -70,8 +71,9 @@ def prepare(work: Path, num_images: int, copies: int) -> None:
             raise SystemExit(f"{stage} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
-def time_augment_stage(work: Path) -> tuple[float, dict]:
-    """Run the augment stage's function in-process (no CLI start-up); return (seconds, meta)."""
+def time_augment_stage(work: Path) -> tuple[float, Any]:
+    """Run the augment stage's function in-process (no CLI start-up); return (seconds, the
+    PreparedData it wrote)."""
     from genderclf.config import PATHS, load_settings
     from genderclf.stages import augment
 
@@ -79,7 +81,7 @@ def time_augment_stage(work: Path) -> tuple[float, dict]:
     paths = PATHS.under(work)
     shutil.rmtree(paths.prepared, ignore_errors=True)
     t = time.perf_counter()
-    meta = augment.run(settings, paths, progress=False).meta
+    meta = augment.run(settings, paths, progress=False).data
     return time.perf_counter() - t, meta
 
 
@@ -287,7 +289,7 @@ def main() -> None:
                     f"(load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
-        assert meta["splits"]["train"]["records"] == n_records
+        assert meta.split("train").records == n_records
 
         best = {k: max(v) for k, v in rates.items()}
         prep = min(stage_s)

@@ -376,6 +376,7 @@ def report(name: str, r: dict[str, float]) -> None:
 
 
 def speed_table(detectors: dict, photos, settings, args) -> None:
+    from genderclf.contracts import ModelInput
     from genderclf.inference import Classifier, ServingConfig
     from genderclf.model.backbones import build_model
 
@@ -392,7 +393,7 @@ def speed_table(detectors: dict, photos, settings, args) -> None:
             f"load average {os.getloadavg()[0]:.1f} at the start"
         )
         demo = Classifier(
-            build_model(settings.train, size), ServingConfig(size, "center_crop", 0.5)
+            build_model(settings.train, size), ServingConfig.of(ModelInput(size, "center_crop"))
         )
         results = {}
         for name, det in detectors.items():
@@ -402,7 +403,9 @@ def speed_table(detectors: dict, photos, settings, args) -> None:
         report(f"{settings.train.backbone} {size}px, --no-detect", no_det)
         if not args.skip_vgg16:
             vgg16 = settings.train.model_copy(update={"backbone": "vgg16"})
-            vgg = Classifier(build_model(vgg16, 224), ServingConfig(224, "center_crop", 0.5))
+            vgg = Classifier(
+                build_model(vgg16, 224), ServingConfig.of(ModelInput(224, "center_crop"))
+            )
             first = next(iter(detectors))
             report(f"vgg16 224px, {first}", run(files, vgg, detectors[first], settings.predict))
         for name, r in results.items():

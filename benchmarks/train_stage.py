@@ -130,8 +130,8 @@ def main() -> None:
         download.run(settings, paths, progress=False)
         parts = split_manifest(read_layout(paths.raw).rows, settings.split, settings.base.seed)
         write_splits(parts, paths.splits)
-        meta = augment.run(settings, paths, progress=False).meta
-        records = meta["splits"]["train"]["records"]
+        data = augment.run(settings, paths, progress=False).data
+        records = data.split("train").records
         print(
             f"data: {args.num_images} sample images -> {records} train records at "
             f"{args.image_size} px in {time.perf_counter() - t:.0f}s",

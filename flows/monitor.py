@@ -17,6 +17,12 @@
 The deployments in `prefect.yaml` wire them with triggers: `monitor` runs on each
 `genderclf.data.arrived`, and `gender-pipeline/on-demand` on each `genderclf.drift.detected`.
 Events carry the resource id `genderclf.dataset.<location>`.
+
+A watch refuses a location that would show it the pipeline's own files (`check_location`):
+none, the workspace or a folder above it, a folder the pipeline manages (`data/`,
+`reports/`, `mlruns/`, ...), or one that holds the MLflow artifacts. Else each drift check
+(its `reports/drift/drift.png`, its artifacts) would be "new images" for the next watch,
+which would start another check: a loop.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
+from prefect.states import Failed
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (REPO, REPO / "src"):  # run as a script from a checkout without installing
@@ -43,12 +50,70 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
 
 from genderclf import config as C  # noqa: E402
 from genderclf.io import write_json  # noqa: E402
-from genderclf.monitor.batch import is_s3, list_images  # noqa: E402
+from genderclf.monitor.batch import BatchError, is_s3, list_images  # noqa: E402
 from genderclf.monitor.drift import DRIFT_EXIT_CODE  # noqa: E402
+from genderclf.tracking.setup import local_artifact_root, tracking_uri  # noqa: E402
 
 DATA_ARRIVED = "genderclf.data.arrived"
 DRIFT_DETECTED = "genderclf.drift.detected"
 STATE_DIR = Path(".dvc") / "tmp" / "watch"  # the last listing of each watched location
+# Folders of a workspace that are not new data: tools' and stores' own, plus the top
+# folder of every path the stages write (`C.Paths`: data/, models/, reports/, ...).
+TOOL_FOLDERS = (".git", ".dvc", ".venv", "mlruns", "mlartifacts", ".prefect")
+
+
+class WatchLocationError(BatchError):
+    """A watch location that is missing or would list the pipeline's own files."""
+
+
+def managed_folders(root: Path) -> list[Path]:
+    """The folders of the workspace `root` that the pipeline and its tools write."""
+    from dataclasses import fields
+
+    tops = {Path(getattr(C.PATHS, f.name)).parts[0] for f in fields(C.Paths)}
+    tops -= {C.PATHS.params.name}
+    return [root / name for name in sorted(tops | set(TOOL_FOLDERS))]
+
+
+def check_location(location: str, root: Path) -> str:
+    """Where `watch` lists: `location` made absolute (relative to the workspace `root`).
+
+    Raises:
+        WatchLocationError: no location (the deployment was made without
+            GENDERCLF_WATCH); the workspace or a folder that holds it; a folder inside
+            one the pipeline manages; or one that holds the MLflow store's local artifacts
+            (each check logs its plot there).
+    """
+    fix = "set the deployment's `location` to a folder of its own, e.g. incoming/, or s3://"
+    if not location.strip():
+        raise WatchLocationError(
+            f"watch: no location to list (GENDERCLF_WATCH was not set when the deployment "
+            f"was made): {fix}bucket/prefix"
+        )
+    if is_s3(location):
+        return location
+    root = root.resolve()
+    where = (root / location).resolve()
+    if root.is_relative_to(where):
+        raise WatchLocationError(
+            f"watch: {location} is {'the workspace' if where == root else 'above the workspace'} "
+            f"{root}: it would list the pipeline's own files (each drift check's plot would be "
+            f"new data for the next watch): {fix}"
+        )
+    for folder in managed_folders(root):
+        if where.is_relative_to(folder):
+            raise WatchLocationError(
+                f"watch: {location} is inside {folder.name}/, which the pipeline manages: {fix}"
+            )
+    artifacts = local_artifact_root(tracking_uri())
+    if artifacts is not None and (
+        artifacts.is_relative_to(where) or where.is_relative_to(artifacts)
+    ):
+        raise WatchLocationError(
+            f"watch: {location} holds the MLflow artifacts ({artifacts}), where each drift "
+            f"check logs its plot: {fix}"
+        )
+    return str(where)
 
 
 def resource_id(location: str) -> str:
@@ -101,7 +166,11 @@ def watch(location: str, repo: str | None = None) -> dict[str, Any]:
     """
     logger = get_run_logger()
     root = _root(repo)
-    where = location if is_s3(location) or Path(location).is_absolute() else str(root / location)
+    try:
+        where = check_location(location, root)
+    except WatchLocationError as err:
+        logger.error(str(err))
+        return Failed(message=str(err))  # one line in the log, no traceback
     now = list_location(where, str(root))
     state = _state_file(root, location)
     before = json.loads(state.read_text())["files"] if state.is_file() else None
@@ -131,6 +200,8 @@ def watch(location: str, repo: str | None = None) -> dict[str, Any]:
         )
         out.update(batch=batch, event_id=str(event.id) if event else None)
         logger.info("watch: %d new images under %s: emitted %s", len(new), batch, DATA_ARRIVED)
+    else:
+        logger.info("watch: no new images under %s (%d listed)", location, len(now))
     write_json(state, {"location": location, "files": now})
     return out
 
@@ -218,4 +289,7 @@ if __name__ == "__main__":
     ap.add_argument("location", help="a folder or s3://bucket/prefix")
     ap.add_argument("--watch", action="store_true", help="list for new files instead")
     args = ap.parse_args()
-    print(json.dumps((watch if args.watch else monitor)(args.location), indent=2))
+    state = (watch if args.watch else monitor)(args.location, return_state=True)
+    if state.is_failed():
+        sys.exit(f"error: {state.message}")
+    print(json.dumps(state.result(), indent=2))

@@ -12,10 +12,14 @@ status check).
     python flows/pipeline.py                       # whole pipeline, Prefect's ephemeral API
     python flows/pipeline.py -S train.lr_head=0.002
 
-Parameter overrides are validated with the same settings model as the stages, before any
-stage runs, and then written into `params.yaml` (format and comments kept), exactly as
-`dvc exp run -S` does in the workspace. So `dvc.lock` always matches `params.yaml`. Commit
-both, or revert the override.
+Parameter overrides are validated once, with the same settings model as the stages,
+before any stage runs, and then written into `params.yaml` (format and comments kept),
+exactly as `dvc exp run -S` does in the workspace. So `dvc.lock` always matches
+`params.yaml`. Commit both, or revert the override. (Run as a script, the same check runs
+before Prefect starts, so a misspelt key is one message rather than a failed flow run.)
+
+The flow reaches the stages only through DVC (`flows/dvc_ops.py`) and the registry only
+through `genderclf.services`; it imports no stage.
 """
 
 from __future__ import annotations
@@ -52,7 +56,12 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
 
 from flows import dvc_ops as dvc  # noqa: E402
 from genderclf import config as C  # noqa: E402
-from genderclf.tracking.runs import finish_flow_run, start_flow_run  # noqa: E402
+from genderclf.contracts import Decision, Evaluation  # noqa: E402
+from genderclf.tracking.runs import (  # noqa: E402
+    RUN_ID_VARIABLE,
+    finish_flow_run,
+    start_flow_run,
+)
 
 # Only the stages that touch the network get retries; a retry around a deterministic
 # stage would hide bugs. Inside a stage, the network calls retry on their own
@@ -131,10 +140,7 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> C.Settings:
 
     from genderclf.io import atomic_file
 
-    settings = C.parse_settings(
-        C.with_overrides(C.read_params(params_file), overrides),
-        f"{params_file} with overrides {overrides}",
-    )
+    settings = C.load_settings(params_file, overrides)
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(params_file.read_text())
@@ -227,14 +233,27 @@ def publish_artifacts(stage: str, root: Path) -> None:
             markdown=validation_markdown(val, paths),
             description="Data validation: counts and rejected files",
         )
-    if stage == "evaluate" and (ev := _read_json(paths.eval_metrics)):
-        keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "threshold", "n")
+    if stage == "evaluate":
+        ev = Evaluation.read(paths.eval_metrics)
+        keys = (
+            "accuracy",
+            "precision",
+            "recall",
+            "f1",
+            "roc_auc",
+            "ece",
+            "threshold_calibrated",
+            "threshold_raw",
+            "n",
+        )
         create_table_artifact(
             key="evaluation-metrics",
-            table=[{"metric": k, "value": _short(ev.get(k))} for k in keys],
-            description="Test-split metrics (threshold chosen on the validation split)",
+            table=[{"metric": k, "value": _short(getattr(ev, k))} for k in keys],
+            description="Test-split metrics (threshold chosen on the validation split; "
+            "calibrated: on the calibrated P(male), raw: on the model's raw output)",
         )
-    if stage == "register" and (reg := _read_json(paths.register_report)):
+    if stage == "register":
+        reg = Decision.read(paths.register_report)
         create_markdown_artifact(
             key="promotion-decision",
             markdown=promotion_markdown(reg),
@@ -244,12 +263,12 @@ def publish_artifacts(stage: str, root: Path) -> None:
             create_markdown_artifact(
                 key="model-card",
                 markdown=paths.model_card.read_text(),
-                description=f"Model card of version {reg['version']}",
+                description=f"Model card of version {reg.version}",
             )
         create_link_artifact(
             key="registered-version",
-            link=registry_url(reg["version"]),
-            link_text=f"{reg['model_name']} version {reg['version']}",
+            link=registry_url(reg.version),
+            link_text=f"{reg.model_name} version {reg.version}",
             description="The version this flow run registered (MLflow)",
         )
 
@@ -271,45 +290,32 @@ def validation_markdown(val: dict[str, Any], paths: C.Paths) -> str:
     )
 
 
-def promotion_markdown(reg: dict[str, Any]) -> str:
-    before = reg["champion_before"]
-    if before["version"] is None:
+def promotion_markdown(reg: Decision) -> str:
+    before = reg.champion_before
+    if before.version is None:
         was = "none yet (this is the first candidate judged)"
-    elif before["accuracy"] is None:
-        was = f"version {before['version']}"
+    elif before.accuracy is None:
+        was = f"version {before.version}"
     else:
-        was = (
-            f"version {before['version']} "
-            f"(test accuracy {before['accuracy']:.4f} on the same split)"
-        )
-    after = reg["champion_after"]
+        was = f"version {before.version} (test accuracy {before.accuracy:.4f} on the same split)"
+    after = reg.champion_after
     return (
-        f"## Promotion: version {reg['version']} **{reg['decision']}**\n\n"
-        f"* candidate: version {reg['version']}, test accuracy {reg['candidate']['accuracy']:.4f}\n"
+        f"## Promotion: version {reg.version} **{reg.decision}**\n\n"
+        f"* candidate: version {reg.version}, test accuracy {reg.candidate.accuracy:.4f}\n"
         f"* champion before: {was}\n"
         f"* champion after: {f'version {after}' if after else 'none'}\n\n"
         "| check | verdict | detail |\n|---|---|---|\n"
         + "".join(
-            f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |\n"
-            for c in reg.get("checks", [])
+            f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.summary} |\n"
+            for c in reg.checks
         )
     )
 
 
-def mlflow_ui() -> str:
-    from genderclf.tracking.setup import redact, tracking_uri
-
-    uri = tracking_uri()
-    base = (
-        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    )
-    return redact(base).rstrip("/")
-
-
 def registry_url(version: str) -> str:
-    from genderclf.tracking.setup import MODEL_NAME
+    from genderclf.tracking.setup import MODEL_NAME, ui_link
 
-    return f"{mlflow_ui()}/#/models/{MODEL_NAME}/versions/{version}"
+    return ui_link(f"models/{MODEL_NAME}/versions/{version}")
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str | None:
@@ -364,12 +370,9 @@ def gender_pipeline(
     params_file = root / C.PATHS.params
     # The stages run in `root` and default to its sqlite store; so does the flow.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    # Fail before any stage runs: a bad override or params file is a SettingsError here.
-    if overrides:
-        C.parse_settings(
-            C.with_overrides(C.read_params(params_file), overrides), f"{params_file} with overrides"
-        )
     with workspace_lock(root, lock_timeout):
+        # Before any stage runs: a bad override or params file is a SettingsError here,
+        # and params.yaml is left as it was.
         if overrides:
             apply_overrides(params_file, overrides)
             logger.info("overrides written to %s: %s", params_file, overrides)
@@ -388,7 +391,7 @@ def gender_pipeline(
         run_id = None
         if any(todo.values()):  # an up-to-date pipeline makes no (empty) MLflow run
             run_id, url = open_mlflow_run(str(flow_run.id), str(flow_run.name))
-            os.environ["MLFLOW_RUN_ID"] = run_id  # the train stage adopts this run
+            os.environ[RUN_ID_VARIABLE] = run_id  # the train stage's process adopts this run
             summary.update(mlflow_run_id=run_id, mlflow_run_url=url)
         try:
             for stage, _upstream in order:
@@ -401,19 +404,20 @@ def gender_pipeline(
                 if stage == "train" and train_on != "local":
                     from flows.train import train_remotely
 
-                    summary[stage] = train_remotely(root, train_on)
+                    summary[stage] = train_remotely(root, train_on, run_id)
                     continue
                 result, summary[stage] = _run_stage(stage, root)
                 push_hint = push_hint or result["push_hint"]
         finally:
             if run_id:
-                os.environ.pop("MLFLOW_RUN_ID", None)
+                os.environ.pop(RUN_ID_VARIABLE, None)
                 finish_flow_run(run_id)
         if push_hint:
             logger.info(PUSH_HINT)
-        reg = _read_json(C.PATHS.under(root).register_report)
-        if summary.get("register") == "ran" and reg and reg["decision"] == "pending_approval":
-            summary["approval"] = await_approval(root, reg, approval_timeout)
+        if summary.get("register") == "ran":
+            reg = Decision.read(C.PATHS.under(root).register_report)
+            if reg.decision == "pending_approval":
+                summary["approval"] = await_approval(root, reg, approval_timeout)
     return summary
 
 
@@ -425,13 +429,13 @@ class Approval(RunInput):
     reviewer: str = ""
 
 
-def await_approval(root: Path, reg: dict[str, Any], timeout: float) -> dict[str, Any]:
+def await_approval(root: Path, reg: Decision, timeout: float) -> dict[str, Any]:
     """Pause the flow run until a person approves or rejects the waiting challenger
     (`register.approval: manual`), then promote it through the gate or record the no."""
     from prefect.flow_runs import pause_flow_run
 
     logger = get_run_logger()
-    version = reg["version"]
+    version = reg.version
     card = C.PATHS.under(root).model_card
     logger.info(
         "version %s passed the gate and waits for approval: resume this flow run in "
@@ -452,25 +456,18 @@ def await_approval(root: Path, reg: dict[str, Any], timeout: float) -> dict[str,
 def decide_approval(root: Path, version: str, approve: bool, reason: str, reviewer: str) -> dict:
     """Promote an approved challenger (the gate runs again, against today's champion), or
     record the rejection; either way the decision and who made it stay with the version."""
-    from genderclf.stages import register as stage
-    from genderclf.tracking.registry import MlflowRegistry
+    from genderclf import services
 
     settings = C.load_settings(root / C.PATHS.params)
-    paths = C.PATHS.under(root)
-    registry = MlflowRegistry(settings.registry.retries)
     who = reviewer or "unknown reviewer"
-    registry.record_approval(version, approve, reason, who)
+    result = services.approve(settings, C.PATHS.under(root), version, approve, reason, who)
     out = {
         "version": version,
         "approved": approve,
         "reviewer": who,
         "reason": reason,
-        "moved": False,
+        "moved": result.moved,
     }
-    if approve:
-        with registry.failures_explained(paths):
-            result = stage.promote(settings, paths, registry, version, reason, by=who)
-        out["moved"] = result["moved"]
     create_markdown_artifact(
         key="approval",
         description=f"Approval of version {version}",
@@ -494,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         overrides = dict(parse_override(s) for s in args.set)
+        if overrides:  # a misspelt key: one message here, before Prefect starts a flow run
+            C.load_settings(REPO / C.PATHS.params, overrides)
     except C.SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

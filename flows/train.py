@@ -10,6 +10,10 @@ data through the DVC remote, never through a shared disk:
    plus the small uncached outputs (run id, metrics, history);
 3. the parent writes them back, pulls the model and continues with evaluate and register,
    ending with the same dvc.lock as a local run.
+
+The training logs into the parent flow run's MLflow run: its id travels as a parameter and
+reaches the worker's train stage through MLflow's own `MLFLOW_RUN_ID`. The worker also
+sends back `models/run.json` (outside DVC's outputs: which MLflow run holds the model).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ for _p in (REPO, REPO / "src"):  # run as a script from a checkout without insta
         sys.path.insert(0, str(_p))
 
 from flows import dvc_ops as dvc  # noqa: E402
+from genderclf.config import PATHS  # noqa: E402
+from genderclf.tracking.runs import RUN_ID_VARIABLE  # noqa: E402
 
 TRAIN_STAGE = "train"
 
@@ -53,21 +59,25 @@ def train_flow(
     logger.info("pulling prepared data from the DVC remote")
     dvc.run(root, "pull", "augment")
     if mlflow_run_id:  # log into the parent flow run's MLflow run
-        os.environ["MLFLOW_RUN_ID"] = mlflow_run_id
+        os.environ[RUN_ID_VARIABLE] = mlflow_run_id
     out = dvc.run(root, "repro", "--single-item", TRAIN_STAGE)
     logger.info(out[-3000:])
     dvc.run(root, "push", TRAIN_STAGE)
     entry = dvc.read_lock(root)["stages"][TRAIN_STAGE]
     files = {
         p: base64.b64encode((root / p).read_bytes()).decode()
-        for p in dvc.uncached_outs(root, TRAIN_STAGE)
+        for p in [*dvc.uncached_outs(root, TRAIN_STAGE), PATHS.run.as_posix()]
         if (root / p).is_file()
     }
     return {"lock": entry, "files": files}
 
 
-def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) -> str:
-    """Parent side: push data, run the `train` deployment, adopt its outputs. Returns "ran"."""
+def train_remotely(
+    root: Path, deployment: str, mlflow_run_id: str | None = None, timeout_s: float | None = None
+) -> str:
+    """Parent side: push data, run the `train` deployment, adopt its outputs. Returns "ran".
+
+    `mlflow_run_id`: the parent flow run's MLflow run, which the training logs into."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
@@ -78,7 +88,7 @@ def train_remotely(root: Path, deployment: str, timeout_s: float | None = None) 
     params = {
         "params_yaml": (root / "params.yaml").read_text(),
         "upstream_lock": upstream,
-        "mlflow_run_id": os.environ.get("MLFLOW_RUN_ID"),
+        "mlflow_run_id": mlflow_run_id,
     }
     fr = run_deployment(deployment, parameters=params, timeout=timeout_s)
     if not fr.state or not fr.state.is_completed():

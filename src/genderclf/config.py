@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The allowed values of `data.source` and `train.backbone`: the one list of each.
+from genderclf.catalog import BACKBONES, SOURCES
+
 
 class GenderclfError(Exception):
     """Base of every error a user can fix; the CLI prints its message alone, no traceback."""
@@ -48,6 +51,9 @@ class Paths:
     prepared: Path = Path("data/prepared")
     augment_preview: Path = Path("reports/augment_preview.png")
     model: Path = Path("models/model.keras")
+    model_info: Path = Path("models/model.json")  # contracts.TrainedModel
+    # Outside DVC's outputs: the MLflow run of the model (contracts.TrainingRun), whose
+    # ids change with every training; keyed by the model's content hash.
     run: Path = Path("models/run.json")
     train_metrics: Path = Path("metrics/train.json")
     history: Path = Path("plots/history.csv")
@@ -141,7 +147,7 @@ class S3Source(_Section):
 
 
 class DataSettings(_Section):
-    source: Literal["sample", "kaggle", "dir", "s3"]
+    source: Literal[tuple(SOURCES)]  # type: ignore[valid-type]  (sample, kaggle, dir, s3)
     layout: Literal["auto", "celeba", "class_folders"]
     sample: SampleSource
     kaggle: KaggleSource
@@ -150,13 +156,13 @@ class DataSettings(_Section):
 
     @model_validator(mode="after")
     def _source_has_location(self) -> DataSettings:
-        where = {
-            "dir": (self.dir.path, "data.dir.path", "a folder"),
-            "s3": (self.s3.uri, "data.s3.uri", "s3://bucket/prefix"),
-        }
-        value, key, what = where.get(self.source, ("-", "", ""))
-        if not value:
-            raise ValueError(f"data.source is {self.source!r} but {key} is empty: set it to {what}")
+        # A source with no default place (dir, s3) needs its location set.
+        src = SOURCES[self.source]
+        if src.required and not getattr(getattr(self, self.source), src.where):
+            raise ValueError(
+                f"data.source is {self.source!r} but data.{self.source}.{src.where} is empty: "
+                f"set it to {src.required}"
+            )
         return self
 
 
@@ -202,7 +208,7 @@ class AugmentSettings(_Section):
 
 
 class TrainSettings(_Section):
-    backbone: Literal["vgg16", "vgg19", "resnet50", "mobilenet_v2", "simple_cnn"]
+    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  (genderclf.catalog)
     weights: str | None = Field(
         description="imagenet (Keras downloads it), null (from scratch) or a local weights file"
     )
@@ -488,10 +494,17 @@ def read_params(path: str | os.PathLike[str] = PATHS.params) -> dict[str, Any]:
         raise SettingsError(f"{p}: not valid YAML: {err}") from None
 
 
-def load_settings(path: str | os.PathLike[str] = PATHS.params) -> Settings:
-    """Read and validate `params.yaml`.
+def load_settings(
+    path: str | os.PathLike[str] = PATHS.params, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Read and validate `params.yaml`, with `section.key: value` overrides applied when
+    given (the file itself is not changed).
 
     Raises:
-        SettingsError: the file is missing, is not YAML, or holds an invalid value.
+        SettingsError: the file is missing, is not YAML, or holds an invalid value (an
+            override included).
     """
+    if overrides:
+        raw = with_overrides(read_params(path), overrides)
+        return parse_settings(raw, f"{path} with overrides {overrides}")
     return parse_settings(read_params(path), str(path))

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from genderclf.config import GenderclfError, PredictSettings
+from genderclf.contracts import Evaluation, ModelInput, TrainedModel
 from genderclf.data.labels import LABEL_NAMES
 from genderclf.faces import Box, Detector, DetectorError, make_detector
 from genderclf.images import IMAGE_EXTENSIONS, ImageError, fit_square, load_rgb
@@ -46,9 +47,11 @@ class PredictError(GenderclfError):
 class ServingConfig:
     """What inference must repeat from training, stored with the model (`serving.json`).
 
-    image_size and resize come from the training data, threshold from evaluation, and
-    `predict` is the `predict` section of params.yaml at registration (detection and
-    cropping), so a registered model predicts the same way without a params.yaml.
+    Made in one place, `ServingConfig.of`, from the hand-off contracts: image_size and
+    resize from the trained model (`TrainedModel.input`, i.e. the prepared data),
+    threshold and calibration from the evaluation, and `predict` the `predict` section of
+    params.yaml at registration (detection and cropping), so a registered model predicts
+    the same way without a params.yaml. `read` loads the stored one.
     """
 
     image_size: int
@@ -56,6 +59,26 @@ class ServingConfig:
     threshold: float  # the cut on the model's raw output
     predict: dict[str, Any] | None = None
     calibration: tuple[float, float] = (1.0, 0.0)  # Platt (a, b): P = sigmoid(a*logit(p)+b)
+
+    @classmethod
+    def of(
+        cls,
+        model: ModelInput,
+        evaluation: Evaluation | None = None,
+        predict: dict[str, Any] | None = None,
+    ) -> ServingConfig:
+        """The serving config of a model: its input, the operating point its evaluation
+        chose (the cut on the raw output, the Platt calibration; a model never evaluated
+        cuts its raw output at `DEFAULT_THRESHOLD`), and the `predict` settings to store."""
+        if evaluation is None:
+            return cls(model.image_size, model.resize, DEFAULT_THRESHOLD, predict)
+        return cls(
+            model.image_size,
+            model.resize,
+            evaluation.threshold_raw,
+            predict,
+            evaluation.calibration.platt,
+        )
 
     def write(self, path: Path) -> Path:
         return atomic_write(path, json.dumps(asdict(self), indent=2) + "\n")
@@ -206,16 +229,22 @@ def load_keras(path: str | Path):
 
 
 def load_local(
-    path: str | Path, fallback: ServingConfig | None = None, source: str | None = None
+    path: str | Path,
+    source: str | None = None,
+    *,
+    config: ServingConfig | None = None,
+    bare_resize: str | None = None,
 ) -> Classifier:
     """A classifier from a `.keras` file or a model folder (an MLflow model, downloaded).
 
-    The serving config is the model's `serving.json` (beside the file, or anywhere in the
-    folder); a bare `.keras` file without one takes `fallback` with the model's own input
-    size.
+    The serving config is `config` when given, else the model's `serving.json` (beside the
+    file, or anywhere in the folder). A bare `.keras` file without one is served as
+    trained, cut at `DEFAULT_THRESHOLD`: its input from the `model.json` beside it (the
+    train stage's `TrainedModel`), else its own input size fitted the `bare_resize` way.
 
     Raises:
-        PredictError: no loadable genderclf model there, or no serving config at all.
+        PredictError: no loadable genderclf model there, or nothing says how to fit an
+            image to it.
     """
     path = Path(path)
     source = source or str(path)
@@ -229,18 +258,23 @@ def load_local(
     else:
         raise PredictError(f"{source}: no such model file or folder")
     model = load_keras(keras_file)
-    if configs:
-        cfg = ServingConfig.read(configs[0])
-    elif fallback is not None:
-        cfg = ServingConfig(
-            int(model.input_shape[1]), fallback.resize, fallback.threshold, fallback.predict
-        )
-    else:
+    if config is None and configs:
+        config = ServingConfig.read(configs[0])
+    if config is None:
+        config = ServingConfig.of(_bare_input(keras_file, model, bare_resize, source))
+    return Classifier(model, config, source)
+
+
+def _bare_input(keras_file: Path, model: Any, resize: str | None, source: str) -> ModelInput:
+    info = keras_file.with_name("model.json")
+    if info.is_file():
+        return TrainedModel.read(info).input
+    if resize is None:
         raise PredictError(
             f"{source} has no {SERVING_CONFIG} (threshold, resize mode): use a "
             "registered model, or run from the project with its params.yaml"
         )
-    return Classifier(model, cfg, source)
+    return ModelInput(int(model.input_shape[1]), resize)
 
 
 def with_threshold(clf: Classifier, threshold: float | None) -> Classifier:
@@ -279,7 +313,8 @@ class Summary:
             self.failed.append((row["file"], row["error"]))
 
 
-def _row(file: str, **kw: Any) -> dict[str, Any]:
+def make_row(file: str, **kw: Any) -> dict[str, Any]:
+    """One output row for `file`: every column of `COLUMNS`, None unless given."""
     row = dict.fromkeys(COLUMNS)
     row.update(file=file, **kw)
     return row
@@ -338,14 +373,14 @@ def predict_images(
                     for b in boxes
                 ]
         except ImageError as err:
-            ready.append(_row(name, status="error", error=str(err)))
+            ready.append(make_row(name, status="error", error=str(err)))
             continue
         if not crops:
-            ready.append(_row(name, status="no_face", error="no face found"))
+            ready.append(make_row(name, status="no_face", error="no face found"))
             continue
         for i, (b, crop) in enumerate(crops):
             box = asdict(b) if b else {}
-            row = _row(name, face=i if b else None, status="ok", **box)
+            row = make_row(name, face=i if b else None, status="ok", **box)
             ready.append(row)
             pending.append((row, crop))
         if len(pending) >= settings.batch_size:

@@ -130,6 +130,43 @@ def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def md5_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> str:
+    """The MD5 of a file's bytes: the hash DVC records for a file output in dvc.lock."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# The date every member of a rewritten zip gets: the earliest a zip can hold.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def reproducible_zip(
+    path: str | os.PathLike[str], rewrite: Callable[[str, bytes], bytes] | None = None
+) -> Path:
+    """Rewrite a zip file in place so that the same members give the same bytes.
+
+    Writers such as Keras' `model.save` and NumPy's `savez` stamp each member with the
+    current time; here every member keeps its name, order and compression but gets the
+    date `ZIP_EPOCH` and plain permissions. `rewrite(name, data)` may change a member's
+    content (e.g. drop a save time from it). Call it on a temporary file (`atomic_file`):
+    the rewrite itself is not atomic.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, i.compress_type, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, compression, data in members:
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.compress_type = compression
+            info.create_system = 3  # Unix, whatever the machine
+            info.external_attr = 0o644 << 16
+            z.writestr(info, rewrite(name, data) if rewrite else data)
+    return path
+
+
 def iter_files(root: str | os.PathLike[str]) -> Iterator[Path]:
     """Every regular file below `root`, sorted by relative path.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -172,6 +173,25 @@ def test_the_report_reads_offline(validated):
         assert r["expectation_config"]["type"] in html
     for path, reason in _read_rejected(out).items():
         assert path in html and reason.split(":")[0] in html
+
+
+def test_the_data_docs_list_the_result_offline(validated):
+    """GX's Data Docs as written: no script, stylesheet or image from a CDN, and the
+    index's table of validation results written out (GX fills it with JavaScript from
+    CDNs, so offline it listed nothing), linking a result page that exists.
+    tests/e2e/test_demo_run.py opens it in Chromium with the network blocked."""
+    out, _ = validated
+    docs = out / "reports" / "validation" / "data_docs"
+    for page in docs.rglob("*.html"):
+        html = page.read_text()
+        assert not re.search(r"<(script|link|img)[^>]*(src|href)=.https?://", html), page
+        assert "<script" not in html and "fa-check-circle" not in html, page
+    index = (docs / "index.html").read_text()
+    table = re.search(r'<table id="[\w-]+" class="ge-offline.*?</table>', index, re.S).group(0)
+    assert "<th>Status</th>" in table and "<td>" in table
+    (link,) = re.findall(r'href="(validations/[^"]+\.html)">Success</a>', table)
+    assert (docs / link).is_file()
+    assert "passed" in (docs / link).read_text()
 
 
 def test_too_many_rejects_fails_without_manifest(tmp_path, make_settings, raw_dir):

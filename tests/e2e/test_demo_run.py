@@ -228,6 +228,62 @@ def test_the_mlflow_run_page_shows_model_metrics_plots(demo, servers, browser):
     assert "champion" in version and "challenger" in version
 
 
+def test_the_experiment_opens_in_the_model_training_view(demo, servers, browser):
+    """The experiment is tagged for model development, and the links users are given (the
+    flow's `mlflow-run` artifact, `make demo`, `make ui`) open MLflow's model-training view
+    (its runs table), not the GenAI view (traces, "Detect issues") that MLflow 3's UI
+    shows by default: in 3.17 its view switch, not the tag, decides, so the links say it."""
+    from mlflow import MlflowClient
+
+    from genderclf.tracking.setup import UI_VIEW
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo['repo'] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gender-classification")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert demo["result"]["mlflow_run_url"].endswith(f"?{UI_VIEW}")
+    url = f"{servers['mlflow']}/#/experiments/{exp.experiment_id}?{UI_VIEW}"
+    page = _page(browser, url, demo["root"] / "mlflow-experiment.png", settle="Run Name")
+    assert "Model registry" in page and "detect issues" not in page.lower(), page[:2000]
+    run = demo["result"]["mlflow_run_url"].replace("http://127.0.0.1:5000", servers["mlflow"])
+    page = _page(browser, run, demo["root"] / "mlflow-run-link.png", settle="Logged models")
+    assert "Model registry" in page and "Sessions" not in page, page[:2000]
+
+
+def test_the_registry_lists_versions_as_text(demo, servers, browser):
+    """The registered model's version list: each version's description as text, not
+    markdown source (`**Promoted to champion.**`)."""
+    url = f"{servers['mlflow']}/#/models/gender-classifier"
+    page = _page(browser, url, demo["root"] / "mlflow-model.png", settle="Version 1")
+    assert "champion" in page and "Promoted to champion" in page
+    assert "**" not in page, [line for line in page.splitlines() if "**" in line]
+
+
+def test_the_data_docs_list_the_validation_result_offline(demo, browser):
+    """GX's Data Docs index and the validation report, opened from disk with the network
+    blocked: the index lists the validation result and its page opens."""
+    reports = demo["repo"] / "reports" / "validation"
+    ctx = browser.new_context(offline=True, viewport={"width": 1300, "height": 900})
+    asked: list[str] = []
+    ctx.route("http*://**", lambda route: (asked.append(route.request.url), route.abort()))
+    try:
+        page = ctx.new_page()
+        page.goto((reports / "data_docs" / "index.html").as_uri())
+        page.get_by_text("Success", exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(demo["root"] / "data-docs.png"), full_page=True)
+        index = page.inner_text("body")
+        assert "Validation Results" in index and "manifest" in index
+        page.get_by_text("Success", exact=True).first.click()
+        page.get_by_text("Expectation Validation Result").first.wait_for(timeout=30_000)
+        result = page.inner_text("body")
+        assert "Succeeded" in result and "passed" in result
+        page.goto((reports / "report.html").as_uri())
+        assert "expectations" in page.inner_text("body")
+        page.screenshot(path=str(demo["root"] / "validation-report.png"), full_page=True)
+    finally:
+        ctx.close()
+    assert asked == []  # nothing on those pages asks the network for anything
+
+
 def test_the_prefect_flow_run_page_shows_tasks_and_artifacts(demo, servers, browser):
     from mlflow import MlflowClient
 
@@ -267,3 +323,41 @@ def test_the_prefect_flow_run_page_shows_tasks_and_artifacts(demo, servers, brow
     assert link["data"] == (
         f"[MLflow run {demo['result']['mlflow_run_id']}]({demo['result']['mlflow_run_url']})"
     )
+
+
+# --- the README's experiment commands ---------------------------------------------------------
+
+
+def test_the_readme_experiment_commands_after_the_demo(demo):
+    """The README's commit step leaves nothing the run wrote untracked, and its
+    `dvc exp show` command, in 120 columns, shows the param the experiment changed.
+    (The experiment is queued, not run: DVC's writer sets the param as `exp run` does,
+    and the table has the row an experiment adds.)"""
+    from tests.helpers.readme import as_argv, readme_command
+
+    repo, env = demo["repo"], {**demo["env"], "COLUMNS": "120"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t")
+    env["GIT_COMMITTER_EMAIL"] = "t@e"
+
+    def sh(argv: list[str]) -> str:
+        proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{argv}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    for part in readme_command("git add ").split("&&"):
+        sh(as_argv(part.strip()))
+    left = sh(["git", "status", "--porcelain", "--untracked-files=all"]).splitlines()
+    assert [line for line in left if line[3:].startswith(("plots/", "metrics/", "dvc.lock"))] == []
+    run = readme_command("uv run dvc exp run -S ")
+    key, value = run.split("-S ", 1)[1].split("=", 1)
+    sh([*as_argv(run), "--queue"])
+    try:
+        table = sh(as_argv(readme_command("uv run dvc exp show ")))
+    finally:
+        sh([str(BIN / "dvc"), "queue", "remove", "--all"])
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120, table
+    assert "…" not in table, table
+    header = next(line for line in lines if "Experiment" in line)
+    assert key.split(".")[-1] in header, table
+    assert any(value in line for line in lines), table

@@ -20,8 +20,9 @@ from genderclf import config as C
 from genderclf.cli import app
 from genderclf.data.split import read_split
 from genderclf.monitor.drift import DRIFT_EXIT_CODE
+from genderclf.tracking.monitor import undo_drift_checks
 from genderclf.tracking.registry import REFERENCE_TAG
-from genderclf.tracking.setup import MODEL_NAME
+from genderclf.tracking.setup import EXPERIMENT, MODEL_NAME, MONITOR_EXPERIMENT
 
 
 @pytest.fixture
@@ -79,8 +80,12 @@ def test_drift_command_same_vs_shifted_batch(champion, sample_data):
     mv = client.get_model_version(MODEL_NAME, "1")
     assert mv.tags[REFERENCE_TAG] == f"runs:/{mv.run_id}/reference/reference.npz"
     assert json.loads(mv.tags["drift.last"])["drifted"] is True
+    # The checks' runs: in an experiment of their own, apart from the training runs,
+    # which MLflow opens in the model-training view.
+    monitoring = client.get_experiment_by_name(MONITOR_EXPERIMENT)
+    assert monitoring.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs(
-        [client.get_experiment_by_name("gender-classification").experiment_id],
+        [monitoring.experiment_id],
         "tags.`genderclf.kind` = 'drift'",
         order_by=["start_time ASC"],
     )
@@ -89,6 +94,23 @@ def test_drift_command_same_vs_shifted_batch(champion, sample_data):
     assert runs[1].data.metrics["drift/detected"] == 1.0
     arts = {a.path for a in client.list_artifacts(runs[1].info.run_id, "drift")}
     assert arts == {"drift/drift.json", "drift/summary.md", "drift/drift.png"}
+    training = client.get_experiment_by_name(EXPERIMENT)
+    assert not client.search_runs([training.experiment_id], "tags.`genderclf.kind` = 'drift'")
+
+    # Undoing a watch that fed itself (docs/monitoring.md): the checks of a location go,
+    # and drift.last falls back to the newest check left, then away.
+    undone = undo_drift_checks("batches/dark")
+    assert undone["deleted"] == [runs[1].info.run_id]
+    last = json.loads(client.get_model_version(MODEL_NAME, "1").tags["drift.last"])
+    assert last == {
+        "run_id": runs[0].info.run_id,
+        "at": runs[0].info.run_name.removeprefix("drift-"),
+        "drifted": False,
+        "location": "batches/same",
+    }
+    assert undo_drift_checks("batches")["deleted"] == [runs[0].info.run_id]
+    assert "drift.last" not in client.get_model_version(MODEL_NAME, "1").tags
+    assert client.get_run(runs[0].info.run_id).info.lifecycle_stage == "deleted"
 
 
 @pytest.mark.integration
@@ -145,6 +167,14 @@ def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_pa
     Path("params.yaml").write_text(yaml.safe_dump(P.shrink(real_params, P.DRIFT_CHAMPION)))
     for i in range(3):
         make_image(Path("batch") / f"{i}.jpg")
+    # no store at all: one line, and no empty mlflow.db made just to look
+    r = _drift("batch")
+    assert r.exit_code == 1 and "no MLflow tracking store at" in r.output, r.output
+    assert "make demo" in r.output and not Path("mlflow.db").exists()
+    # a store without a champion
+    from genderclf.tracking.setup import configure
+
+    configure()
     r = _drift("batch")
     assert r.exit_code == 1 and "has no gender-classifier@champion" in r.output
     assert "make demo" in r.output
@@ -154,7 +184,7 @@ def test_drift_command_without_a_champion_or_its_reference(mlflow_store, real_pa
     from genderclf.model.backbones import build_model
 
     settings = C.load_settings("params.yaml")
-    run = log_model_run(build_model(settings.train, settings.base.image_size), 32)
+    run = log_model_run(build_model(settings.train, settings.base.image_size), settings, Path())
     client = MlflowClient()
     client.create_registered_model(MODEL_NAME)
     mv = client.create_model_version(MODEL_NAME, run["keras_model_uri"], run["run_id"])

@@ -21,6 +21,7 @@ from tests.helpers.workspace import dvc as _dvc
 from tests.helpers.workspace import git_commit as _commit
 from tests.helpers.workspace import pipeline_env as _env
 from tests.helpers.workspace import run as _run
+from tests.helpers.workspace import status_stages as _status_stages
 from tests.helpers.workspace import write_params as _write_params
 
 from genderclf import config as C
@@ -121,6 +122,24 @@ def test_first_repro_runs_every_stage_and_registers_a_champion(pipeline):
     found = json.dumps(metrics)
     assert "metrics/eval.json" in found and "metrics/train.json" in found
     assert f"{ev['accuracy']}" in found or f"{round(ev['accuracy'], 5)}" in found
+
+
+def test_training_again_leaves_the_pipeline_up_to_date(pipeline):
+    """`dvc repro --force --single-item train` with nothing changed (train.deterministic is
+    on on a CPU): the same bytes for every output DVC hashes, so `dvc status` stays clean
+    and evaluate and register are not due again. The new MLflow run is named by
+    models/run.json, which DVC does not hash (issue 21)."""
+    repo, _, _ = pipeline
+    lock = (repo / "dvc.lock").read_text()
+    run_before = json.loads((repo / C.PATHS.run).read_text())
+    again = _dvc(repo, "repro", "--force", "--single-item", "train")
+    assert _ran(again.stdout) == {"train"}
+    assert (repo / "dvc.lock").read_text() == lock
+    status = _dvc(repo, "status").stdout
+    assert _status_stages(status) <= ALWAYS, status
+    run_after = json.loads((repo / C.PATHS.run).read_text())
+    assert run_after["run_id"] != run_before["run_id"]  # a new training run, same model
+    assert run_after["model_md5"] == run_before["model_md5"]
 
 
 def test_drift_check_against_the_pipelines_champion(pipeline):

@@ -81,11 +81,9 @@ class Workspace:
     ) -> Path:
         """A run holding `model`, and the evaluate stage's record: `pred` (with `prob`), or
         the model's own answers."""
-        from genderclf.io import write_json
-
         self.n += 1
         folder = Path(f"candidate{self.n}")
-        write_json(folder / "run.json", log_model_run(model, self.settings.base.image_size))
+        log_model_run(model, self.settings, folder)
         if pred is None:
             names, y, pred, prob = _answers(model, self.prepared)
         write_evaluation(folder, names, y, pred=pred, prob=prob)
@@ -175,7 +173,7 @@ def test_a_significant_improvement_promotes_and_every_check_is_recorded(ws, trai
     from mlflow import MlflowClient
 
     mv = MlflowClient().get_model_version(MODEL_NAME, "2")
-    assert mv.description.startswith("**Promoted to champion.**")
+    assert mv.description.startswith("Promoted to champion.\n")  # plain text: the list shows it
     assert "- pass paired: against version 1" in mv.description
     assert "## Intended use" in mv.description and "not** anyone's gender" in mv.description
     card = Path("candidate2/model_card.md").read_text()
@@ -232,7 +230,8 @@ def test_a_slice_that_regresses_blocks_promotion(ws, trained, sample_data):
     assert _check(r, "paired")["passed"] and not slices["passed"]
     assert r["decision"] == "rejected" and _champion() == "1"
     worst = slices["numbers"]["worst"]
-    assert worst["slice"] == f"{attr}={value}" and worst["n"] == n
+    # one spelling of a slice everywhere (eval.json, plots, card, gate, MLflow)
+    assert worst["slice"] == f"{attr}:{'yes' if value == 1 else 'no'}" and worst["n"] == n
     assert worst["drop"] == pytest.approx(len(lose) / n)
     assert "register.max_slice_drop=0.05" in slices["summary"]
 
@@ -287,7 +286,7 @@ def test_a_served_model_that_fails_the_serving_check_is_not_promoted(
 def test_promote_force_and_rollback(ws, trained):
     from mlflow import MlflowClient
 
-    from genderclf.stages import register as stage
+    from genderclf import services
     from genderclf.tracking.registry import MlflowRegistry
 
     ws.register(ws.candidate(_untrained(ws.settings, 1)))  # v1 champion
@@ -297,8 +296,10 @@ def test_promote_force_and_rollback(ws, trained):
     registry = MlflowRegistry(0)
     # the untrained champion answers one class, so a slice of that class can only drop:
     # this test is about approval and the alias history, not the slice check
-    out = stage.promote(lenient, ws.paths(), registry, "2", "reviewed the card", by="ana")
-    assert out["moved"] and _champion() == "2", [c for c in out["checks"] if not c["passed"]]
+    out = services.promote(
+        lenient, ws.paths(), "2", "reviewed the card", by="ana", registry=registry
+    )
+    assert out.moved and _champion() == "2", [c for c in out.checks if not c.passed]
     move = json.loads(MlflowClient().get_model_version(MODEL_NAME, "2").tags["alias.champion.set"])
     assert (move["from"], move["to"]) == ("1", "2") and "by ana: reviewed the card" in move[
         "reason"
@@ -315,11 +316,13 @@ def test_promote_force_and_rollback(ws, trained):
 
     # a worse version does not pass the gate against v1... unless forced, and then it says so
     ws.register(ws.candidate(_untrained(ws.settings, 7)), lenient)
-    out = stage.promote(ws.settings, ws.paths(), registry, "3", "try it")
-    if not out["moved"]:
+    out = services.promote(ws.settings, ws.paths(), "3", "try it", registry=registry)
+    if not out.moved:
         assert _champion() == "1"
-        out = stage.promote(ws.settings, ws.paths(), registry, "3", "try it", force=True)
-        assert out["moved"] and "forced (gate failed)" in out["move"]["reason"]
+        out = services.promote(
+            ws.settings, ws.paths(), "3", "try it", force=True, registry=registry
+        )
+        assert out.moved and "forced (gate failed)" in out.move["reason"]
     assert _champion() == "3"
 
 

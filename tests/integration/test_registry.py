@@ -20,7 +20,7 @@ from tests.helpers.stages import register as run_register
 
 from genderclf import config as C
 from genderclf.config import Settings
-from genderclf.stages.register import decide
+from genderclf.promotion import decide
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, MODEL_NAME, TrackingError
 
 # --- the policy as a pure function -------------------------------------------------------------
@@ -82,7 +82,6 @@ class Candidates:
 
         from tests.helpers.stages import log_model_run, write_evaluation
 
-        from genderclf.io import write_json
         from genderclf.model.backbones import build_model
         from genderclf.model.scoring import predict_split
 
@@ -91,9 +90,8 @@ class Candidates:
         model = build_model(self.settings.train, self.settings.base.image_size)
         names, y, p = predict_split(model, self.prepared, "test", 64)
         real = float(((p >= threshold).astype(int) == y).mean())
-        run = log_model_run(model, self.settings.base.image_size)
         folder = Path(f"candidate{self.n}")
-        write_json(folder / "run.json", run)
+        log_model_run(model, self.settings, folder)
         write_evaluation(folder, names, y, accuracy, threshold)
         return folder / "run.json", folder / "eval.json", real
 
@@ -141,7 +139,7 @@ def _tags(version: str) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_promotion_policy_end_to_end(candidates):
+def test_promotion_policy_end_to_end(candidates, monkeypatch):
     # 1. the first model that meets the floor becomes champion
     run_a, eval_a, real_a = candidates.new(accuracy=0.95)
     r = candidates.register(run_a, eval_a)
@@ -179,8 +177,14 @@ def test_promotion_policy_end_to_end(candidates):
     }
 
     # 2. worse than the champion, measured on the same test split: stays challenger
+    from tests.helpers.stages import count_reads
+
+    from genderclf.contracts import PreparedData
+
     run_b, eval_b, _ = candidates.new(accuracy=real_a - 0.04)
+    reads = count_reads(monkeypatch, PreparedData)
     r = candidates.register(run_b, eval_b)
+    assert len(reads) == 1  # meta.json once, though the champion is scored on its data too
     assert (r["version"], r["decision"], r["champion_after"]) == ("2", "rejected", "1")
     assert r["champion_before"] == {"version": "1", "accuracy": pytest.approx(real_a)}
     assert "does not beat the champion's" in r["reasons"][0]
@@ -207,8 +211,11 @@ def test_promotion_policy_end_to_end(candidates):
     assert moved_in == moved_out and (moved_in["from"], moved_in["to"]) == ("1", "4")
     # version 1 keeps the record of its own promotion
     assert json.loads(_tags("1")[f"alias.{CHAMPION}.set"])["to"] == "1"
-    last = json.loads(_client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"])
-    assert last == moved_in
+    # the registered model's page: the last move as one line of text
+    last = _client().get_registered_model(MODEL_NAME).tags[f"last_move.{CHAMPION}"]
+    assert last.startswith("version 4 (was version 1), by ") and "\n" not in last
+    assert moved_in["at"] in last and moved_in["reason"].split("; ")[0][:100] in last
+    assert len(last) < 250
 
     # 5. registering the same run again creates no second version
     r = candidates.register(run_d, eval_d)
@@ -256,11 +263,20 @@ def test_min_improvement_keeps_a_champion_that_is_only_slightly_worse(candidates
     assert (r["decision"], r["champion_after"]) == ("promoted", "3")
 
 
+def _trained_model(settings: Settings, folder: Path) -> None:
+    """The train stage's model.json for a model no MLflow run holds."""
+    from genderclf.contracts import ModelInput, TrainedModel
+
+    TrainedModel(ModelInput(32, "center_crop"), "0" * 32, 0, settings.train.model_dump()).write(
+        folder / "model.json"
+    )
+
+
 def test_missing_inputs_name_the_stage_to_run(mlflow_store, reg_settings, prepared, tmp_path):
     run_file, eval_file = tmp_path / "run.json", tmp_path / "eval.json"
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro train`"):
         run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
-    run_file.write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    _trained_model(reg_settings, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"run `dvc repro evaluate`"):
         run_register(reg_settings, run_file, eval_file, prepared, C.PATHS.register_report)
     assert not C.PATHS.register_report.exists()
@@ -277,7 +293,7 @@ def test_unreachable_registry_fails_after_register_retries(
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    (tmp_path / "run.json").write_text(json.dumps({"run_id": "x", "model_uri": "runs:/x/model"}))
+    _trained_model(reg_settings, tmp_path)
     from tests.helpers.stages import write_evaluation
 
     write_evaluation(tmp_path, ["a.jpg", "b.jpg"], [1, 0], 1.0)
@@ -325,3 +341,36 @@ def test_compare_marks_the_champion_and_lists_every_alias(candidates):
     assert lines[-1] == "(* = champion)"
     runs = CliRunner().invoke(app, ["compare", "--runs", "5"])
     assert runs.exit_code == 0 and len(runs.output.splitlines()) == 1 + 3, runs.output
+
+
+def test_the_training_run_is_found_by_the_models_hash(mlflow_store, reg_settings, tmp_path):
+    """models/run.json is outside DVC's outputs (issue 21): where it is missing (a fresh
+    clone after `dvc pull`) or names another model (after `dvc checkout`), the run that
+    holds the model is found in MLflow by the model's MD5; no run, one clear error."""
+    from tests.helpers.stages import log_model_run
+
+    from genderclf.contracts import TrainedModel, TrainingRun
+    from genderclf.model.backbones import build_model
+    from genderclf.tracking.runs import training_run
+    from genderclf.tracking.setup import configure
+
+    def model(seed: int, folder: Path) -> tuple[TrainedModel, dict[str, Any]]:
+        keras.utils.set_random_seed(seed)
+        net = build_model(reg_settings.train, reg_settings.base.image_size)
+        run = log_model_run(net, reg_settings, folder)
+        return TrainedModel.read(folder / "model.json"), run
+
+    a, run_a = model(1, tmp_path / "a")
+    b, run_b = model(2, tmp_path / "b")
+    configure(0)
+    record = tmp_path / "a" / "run.json"
+    assert training_run(a, record) == TrainingRun.read(record)  # the record of this model
+    record.unlink()
+    assert training_run(a, record).run_id == run_a["run_id"]  # no record: the tag
+    found = training_run(b, record.with_name("other.json"))
+    assert (found.run_id, found.keras_model_uri) == (run_b["run_id"], run_b["keras_model_uri"])
+    # a record of another model is never used
+    assert training_run(a, tmp_path / "b" / "run.json").run_id == run_a["run_id"]
+    stranger = TrainedModel(a.input, "f" * 32, a.seed, a.train)
+    with pytest.raises(TrackingError, match=r"no MLflow run .* holds the trained model \(md5 f+\)"):
+        training_run(stranger, record)

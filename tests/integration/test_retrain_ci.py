@@ -147,7 +147,7 @@ def _check_round(ci: Ci, repo: Path, run_id: str) -> dict:
     assert "in sync" in status, status
     keys = _remote_keys(ci.s3)
     outs = _lock_outs(repo)
-    for path in ("data/raw", "data/prepared", "models/model.keras", "models/run.json"):
+    for path in ("data/raw", "data/prepared", "models/model.keras", "models/model.json"):
         assert _md5_key(outs[path]) in keys, path  # (a folder: its .dir listing)
     # the branch for review, on origin, with this run's dvc.lock and metrics
     branch = f"retrain/{run_id}"

@@ -50,6 +50,7 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
         "GENDERCLF_REPO": str(project),
         "PYTHONPATH": f"{project}{os.pathsep}{project / 'src'}",
     }
+    env.pop("GENDERCLF_WATCH", None)  # deployed as the docs' first commands do: unset
     log = tmp_path / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
@@ -88,11 +89,16 @@ def test_server_creates_the_weekly_runs_from_prefect_yaml(tmp_path):
                 start.minute,
                 start.utcoffset().total_seconds(),
             ) == (0, 3, 0, 0)
-        other = http_json(f"{api}/deployments/name/gender-pipeline/on-demand")
-        assert not http_json(
-            f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [other["id"]]}}}
-        )
         time.sleep(3)  # one more scheduler loop
+        # Neither the triggered deployment nor the watch, deployed without GENDERCLF_WATCH
+        # (its schedule ships off: a watch of nothing once listed the whole checkout).
+        watch = http_json(f"{api}/deployments/name/watch/every-5-min")
+        assert [s["active"] for s in watch["schedules"]] == [False]
+        for other in (http_json(f"{api}/deployments/name/gender-pipeline/on-demand"), watch):
+            assert not http_json(
+                f"{api}/flow_runs/filter",
+                {"flow_runs": {"deployment_id": {"any_": [other["id"]]}}},
+            ), other["name"]
     finally:
         server.terminate()
         try:

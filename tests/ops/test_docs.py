@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import REPO_ROOT
+from tests.helpers.readme import readme_command
 
 README = REPO_ROOT / "README.md"
 DOCS = REPO_ROOT / "docs"
@@ -114,3 +115,60 @@ def test_mkdocs_builds_strict(tmp_path):
     for page in DOCS.rglob("*.md"):
         html = site / page.relative_to(DOCS).with_suffix(".html")
         assert html.is_file(), f"{page.name} was not built (is it in mkdocs.yml's nav?)"
+
+
+# --- the README's commands after the demo ------------------------------------------------------
+
+
+def _git_tracked_outputs() -> list[str]:
+    """What the stages write for git rather than the DVC cache (`cache: false`)."""
+    import yaml
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    out = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                if isinstance(entry, dict):
+                    out += [p for p, opts in entry.items() if (opts or {}).get("cache") is False]
+    return sorted(out)
+
+
+def test_the_readme_commit_step_takes_every_git_tracked_output():
+    """`git add ...` before `dvc exp run`: dvc.lock and every output DVC leaves to git,
+    or the experiment's baseline shows `!` and `git status` lists them untracked."""
+    add = readme_command("git add ").split("&&")[0].split()[2:]
+    outputs = ["dvc.lock", *_git_tracked_outputs()]
+    assert any(p.startswith("plots/") for p in outputs)
+    missing = [
+        p for p in outputs if not any(p == a or p.startswith(a.rstrip("/") + "/") for a in add)
+    ]
+    assert missing == [], f"README's `git add {' '.join(add)}` leaves {missing} untracked"
+
+
+def test_the_readme_exp_show_keeps_the_param_the_experiment_sets():
+    """The `dvc exp show` command's --keep pattern keeps the key `dvc exp run -S` sets
+    (the column width is checked on a real table in tests/e2e/test_demo_run.py)."""
+    run = readme_command("uv run dvc exp run -S ")
+    key = run.split("-S ", 1)[1].split("=", 1)[0]
+    show = readme_command("uv run dvc exp show ")
+    keep = re.search(r"--keep '([^']+)'", show).group(1)
+    assert re.search(keep, key), (keep, key)
+
+
+def test_the_readme_names_outputs_where_the_pipeline_writes_them():
+    from genderclf.config import PATHS
+
+    section = README.read_text(encoding="utf-8").split("## What you get after the demo")[1]
+    section = section.split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:reports|plots|metrics|models|data)/[^`\s]*)`", section))
+    assert str(PATHS.data_docs / "index.html") in named and str(PATHS.validation_report) in named
+    written = {str(getattr(PATHS, f)) for f in vars(PATHS)} | {
+        str(PATHS.data_docs / "index.html"),
+        str(PATHS.validation_report),
+        str(PATHS.rejected),
+    }
+    stray = sorted(
+        n for n in named if not any(n.rstrip("/") == w or n.startswith(w + "/") for w in written)
+    )
+    assert stray == [], f"README.md names outputs the pipeline does not write: {stray}"

@@ -69,7 +69,8 @@ def _run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPro
 
 
 def _train_process(repo: Path) -> int | None:
-    """The pid of the `genderclf train` process DVC started in `repo`, if running."""
+    """The pid of the train stage's process DVC started in `repo`, if running
+    (`python -m genderclf.pipeline train`)."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -78,7 +79,7 @@ def _train_process(repo: Path) -> int | None:
             cwd = os.readlink(d / "cwd")
         except OSError:
             continue
-        if cwd == str(repo) and any(a.endswith(b"genderclf") for a in args) and b"train" in args:
+        if cwd == str(repo) and b"genderclf.pipeline" in args and b"train" in args:
             return int(d.name)
     return None
 

@@ -19,8 +19,8 @@ import yaml
 from tests.helpers import BIN
 from tests.helpers.stages import register as run_register
 
+from genderclf import promotion
 from genderclf.config import Settings
-from genderclf.stages import register as stage
 from genderclf.tracking import registry
 from genderclf.tracking.setup import CHAMPION, MODEL_NAME, TrackingError
 
@@ -63,20 +63,8 @@ def log_candidate(
     and predictions.csv (the evaluate stage's record of these answers)."""
     from tests.helpers.stages import log_model_run, write_evaluation
 
-    from genderclf.io import write_json
-    from genderclf.model.saving import save_model as save_model_atomic
-
-    run = log_model_run(model, settings.base.image_size)
-    save_model_atomic(model, folder / "models" / "model.keras")
-    # run.json as the train stage writes it
-    write_json(
-        folder / "models" / "run.json",
-        {
-            **run,
-            "image_size": settings.base.image_size,
-            "resize": settings.augment.resize,
-        },
-    )
+    # model.keras, model.json and run.json as the train stage writes them
+    log_model_run(model, settings, folder / "models")
     names, y, pred = answers
     assert write_evaluation(
         folder / "metrics", names, y, pred=pred, plots=folder / "plots"
@@ -197,11 +185,11 @@ class PauseAfterDecision:
     """
 
     def __init__(self, monkeypatch):
-        self.real = stage.decide
+        self.real = promotion.decide
         self.decided = {n: threading.Event() for n in ("better", "worse")}
         self.go = {n: threading.Event() for n in ("better", "worse")}
         self.calls: dict[str, list[Any]] = {"better": [], "worse": []}
-        monkeypatch.setattr(stage, "decide", self)
+        monkeypatch.setattr(promotion, "decide", self)
 
     def __call__(self, *args, **kwargs):
         name = threading.current_thread().name

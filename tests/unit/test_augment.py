@@ -18,11 +18,12 @@ from PIL import Image
 from tests.helpers.stages import augment as run_augment
 
 from genderclf.config import SPLITS
+from genderclf.contracts import PreparedData
 from genderclf.data import sample
 from genderclf.data.augment import AugmentParams, augment, preview
 from genderclf.data.layouts import read_layout
 from genderclf.data.split import read_split, split_manifest, write_splits
-from genderclf.data.tfrecords import META_FILE, PreparedDataError, make_dataset, read_meta
+from genderclf.data.tfrecords import META_FILE, PreparedDataError, make_dataset
 from genderclf.images import fit_square, load_rgb
 from genderclf.stages.augment import AugmentError
 
@@ -75,8 +76,8 @@ def test_records_read_back(prepared, data):
     _, splits = data
     copies = settings.augment.copies
     size = settings.base.image_size
-    assert read_meta(out) == meta
-    assert meta["image_size"] == size
+    assert PreparedData.read(out) == meta
+    assert meta.image_size == size
     for s in SPLITS:
         table = read_split(splits, s)
         images, labels, paths = _read_all(out, s)
@@ -84,24 +85,24 @@ def test_records_read_back(prepared, data):
         assert images.shape == (len(table) * per_image, size, size, 3)
         assert images.dtype == np.float32
         assert images.min() >= 0.0 and images.max() <= 255.0
-        assert meta["splits"][s]["records"] == len(table) * per_image
-        assert meta["splits"][s]["images"] == len(table)
+        assert meta.splits[s].records == len(table) * per_image
+        assert meta.splits[s].images == len(table)
         # every image, each with its own label, (1 + copies) times in train
         assert Counter(paths) == {p: per_image for p in table["path"]}
         expected = dict(zip(table["path"], table["label"], strict=True))
         assert [expected[p] for p in paths] == labels.astype(int).tolist()
-        assert meta["splits"][s]["male"] == int(table["label"].sum())
+        assert meta.splits[s].male == int(table["label"].sum())
 
 
 def test_shards_follow_shard_size(prepared):
     out, meta, settings = prepared
     shard_size = settings.augment.shard_size
     for s in SPLITS:
-        shards = meta["splits"][s]["shards"]
-        assert len(shards) == -(-meta["splits"][s]["records"] // shard_size)
+        shards = meta.splits[s].shards
+        assert len(shards) == -(-meta.splits[s].records // shard_size)
         assert shards == [f"{s}-{i:05d}-of-{len(shards):05d}.tfrecord" for i in range(len(shards))]
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted([META_FILE, *(f for s in SPLITS for f in meta["splits"][s]["shards"])])
+    assert files == sorted([META_FILE, *(f for s in SPLITS for f in meta.splits[s].shards)])
 
 
 def test_variants_differ_from_the_original(prepared):
@@ -135,8 +136,8 @@ def test_copies_zero(tmp_path, make_settings, data):
     settings = make_settings({**BASE, "augment.copies": 0})
     meta = run_augment(settings, raw, splits, tmp_path / "prepared", progress=False)
     n_train = len(read_split(splits, "train"))
-    assert meta["splits"]["train"]["records"] == n_train
-    assert meta["splits"]["train"]["copies"] == 0
+    assert meta.splits["train"].records == n_train
+    assert meta.splits["train"].copies == 0
     _, _, paths = _read_all(tmp_path / "prepared", "train")
     assert len(paths) == n_train
     assert len(set(paths)) == n_train
@@ -147,8 +148,8 @@ def test_same_output_with_two_workers(tmp_path, make_settings, data, prepared):
     raw, splits = data
     settings = make_settings({**BASE, "augment.copies": 2, "augment.workers": 2})
     meta2 = run_augment(settings, raw, splits, tmp_path / "prepared", progress=False)
-    assert meta2["splits"] == meta["splits"]
-    for name in meta["splits"]["train"]["shards"]:
+    assert meta2.splits == meta.splits
+    for name in meta.splits["train"].shards:
         assert (tmp_path / "prepared" / name).read_bytes() == (out / name).read_bytes()
 
 
@@ -194,7 +195,7 @@ def test_disk_full_leaves_nothing_marked_complete(tmp_path, make_settings, data,
     assert not out.exists()
     assert _leftovers(out.parent) == []
     with pytest.raises(PreparedDataError, match="run `dvc repro augment`"):
-        read_meta(out)
+        PreparedData.read(out)
 
 
 def test_disk_full_keeps_the_previous_prepared_data(tmp_path, make_settings, data, monkeypatch):
@@ -273,7 +274,8 @@ def test_missing_splits(tmp_path, tiny_settings, data):
 def test_meta_records_the_settings(prepared):
     out, _, settings = prepared
     on_disk = json.loads((out / META_FILE).read_text())
-    assert on_disk["augment"] == settings.augment.model_dump()
+    # speed-only keys (workers) are not recorded: they must not change the output's bytes
+    assert on_disk["augment"] == settings.augment.model_dump(exclude={"workers"})
     assert on_disk["seed"] == settings.base.seed
     assert on_disk["resize"] == settings.augment.resize
 

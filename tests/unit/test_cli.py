@@ -28,3 +28,25 @@ def test_a_tool_refusing_its_params_has_no_dvc_hint(tmp_path, tiny_params):
     result = CliRunner().invoke(app, ["predict", str(photo), "--params", str(bad)])
     assert result.exit_code == 1 and "predict.cascade: missing" in result.output
     assert "dvc checkout" not in result.output
+
+
+def test_the_download_hint_says_nothing_was_lost(tmp_path, tiny_params):
+    """A typo in params.yaml stops `dvc repro` at download (it runs first and keeps data/raw):
+    the hint is `dvc repro` again, not a `dvc checkout` of outputs nothing removed."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_params, "train": {**tiny_params["train"], "lr_hed": 1}}))
+    result = CliRunner().invoke(app, ["download", "--params", str(bad)])
+    assert result.exit_code == 1 and "train.lr_hed: unknown key" in result.output
+    assert "run `dvc repro` again (nothing was removed)" in result.output
+    assert "dvc checkout" not in result.output and "dvc repro download" not in result.output
+
+
+def test_a_typo_in_a_flow_override_is_one_message(capsys):
+    """`python flows/pipeline.py -S train.lr_hed=0.002`: the message, no traceback, and no
+    flow run started (the check runs before Prefect)."""
+    from flows.pipeline import main
+
+    assert main(["-S", "train.lr_hed=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.lr_hed: unknown key" in err
+    assert "Traceback" not in err and "Flow run" not in err

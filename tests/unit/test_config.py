@@ -231,7 +231,7 @@ def test_paths_match_dvc_yaml():
         p.prepared,
         p.augment_preview,
         p.model,
-        p.run,
+        p.model_info,
         p.train_metrics,
         p.history,
         p.curves,

@@ -7,16 +7,22 @@ from __future__ import annotations
 import pytest
 
 from genderclf.config import SettingsError
+from genderclf.contracts import PreparedData, SplitShards
 from genderclf.model import distributed as D
 
 
-def _meta(records: int, shard_size: int) -> dict:
+def _meta(records: int, shard_size: int) -> PreparedData:
     shards = -(-records // shard_size)
     names = [f"train-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
-    return {
-        "augment": {"shard_size": shard_size},
-        "splits": {"train": {"records": records, "shards": names}},
-    }
+    return PreparedData(
+        image_size=32,
+        resize="center_crop",
+        encoding="jpeg",
+        jpeg_quality=95,
+        seed=0,
+        augment={"shard_size": shard_size},
+        splits={"train": SplitShards(records, records, 0, 0, names)},
+    )
 
 
 def test_the_place_comes_from_keras_variables_or_the_job_index():
@@ -36,7 +42,7 @@ def test_the_place_comes_from_keras_variables_or_the_job_index():
 def test_each_process_reads_its_own_shards_for_the_same_number_of_steps():
     meta = _meta(records=360, shard_size=64)  # shards of 64, 64, 64, 64, 64, 40
     plans = [D.shard_plan(meta, "train", D.Cluster(2, r, "x:1"), 16) for r in range(2)]
-    names = meta["splits"]["train"]["shards"]
+    names = meta.split("train").shards
     assert plans[0].shards == names[0::2] and plans[1].shards == names[1::2]
     assert (plans[0].records, plans[1].records) == (192, 168)
     assert {p.batch for p in plans} == {8}  # the global batch of 16 over 2 processes

@@ -164,6 +164,29 @@ def test_compare_each_view_on_known_cases(make_settings, tmp_path):
         compare(ref, _population(rng, 50, d=4), cfg, 0)
 
 
+def test_the_summary_names_every_drifted_feature(make_settings):
+    """Five statistics moved (a darker, greyer, smaller camera): the paragraph names all
+    five, as drift.json marks them (it used to stop at four)."""
+    from genderclf.monitor.drift import compare, summarize
+
+    cfg = make_settings({"drift.permutations": 200}).drift
+    rng = np.random.default_rng(3)
+    ref = _population(rng, 300)
+    batch = _population(rng, 200, brightness=0.3)
+    batch.features[:, 0] = 120.0  # width
+    batch.features[:, 1] = 150.0  # height
+    batch.features[:, 3:] = rng.uniform(0.5, 1.5, (200, len(FEATURES) - 3))
+    result = compare(ref, batch, cfg, 0)
+    marked = [f["name"] for f in result["views"]["image"]["features"] if f["drifted"]]
+    assert len(marked) >= 5
+    result |= {
+        "batch": {"images": 200, "failed": [], "location": "x/"},
+        "reference": {"images": 300},
+    }
+    summary = summarize(result, "x/", "version 1")
+    assert all(f"{name} median" in summary for name in marked), (marked, summary)
+
+
 def test_drift_settings_are_checked(make_settings):
     from genderclf.config import SettingsError
 

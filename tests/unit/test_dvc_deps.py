@@ -6,11 +6,14 @@ project modules its `cmd` brings in two ways, both from the real imports (no han
 * by running it: every stage command runs once, in order, on a tiny sample in a copy of
   the pipeline, with a `sitecustomize` that records the file of every module each process
   (and its worker processes) imported;
-* by reading it: the import statements of the stage's CLI command and, transitively, of
-  every project module they reach (this also sees branches the tiny run did not take).
+* by reading it: the import statements of the stage's command in `genderclf.pipeline`
+  and, transitively, of every project module they reach (this also sees branches the
+  tiny run did not take).
 
-Each file found must be in the stage's deps, itself or through a folder above it. The CLI
-module and config.py count like any other.
+Each file found must be in the stage's deps, itself or through a folder above it. The
+stage-command module and config.py count like any other. And the other way round: no
+stage depends on the tools (`genderclf.tools`, `genderclf.services`, `genderclf.cli`), and
+editing a tool's help text leaves `dvc status` of a pipeline that ran clean.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ import pytest
 import yaml
 from tests.helpers import REPO_ROOT
 from tests.helpers.params import pipeline_params
-from tests.helpers.workspace import copy_pipeline, pipeline_env, run, write_params
+from tests.helpers.workspace import (
+    copy_pipeline,
+    dvc,
+    git_init,
+    nothing_stale,
+    pipeline_env,
+    run,
+    status_stages,
+    write_params,
+)
 
 PACKAGE = REPO_ROOT / "src" / "genderclf"
 TRACE_SITE = REPO_ROOT / "tests" / "helpers" / "trace"
@@ -104,26 +116,42 @@ def _closure(start: set[str], seen: set[str] | None = None) -> set[str]:
 
 
 def _static(stage: str) -> set[str]:
-    """What `genderclf <stage>` imports: cli.py's top level, the command's body and the
-    `run_<stage>` glue it calls, then everything those reach."""
-    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    """What `python -m genderclf.pipeline <stage>` imports: the stage-command module's top
+    level, the command's body and the `run_<stage>` glue it calls, then everything those
+    reach."""
+    tree = ast.parse((PACKAGE / "pipeline.py").read_text())
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     funcs = [
-        n
-        for n in tree.body
-        if isinstance(n, ast.FunctionDef)
-        and n.name in (stage, f"run_{stage}", "command", "_setup_logging")
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (stage, f"run_{stage}")
     ]
-    assert any(f.name == stage for f in funcs), f"cli.py has no command {stage!r}"
-    # cli.py itself counts, but only the parts of it that this command runs are read
-    return _closure(_imports(top + funcs), seen={"genderclf.cli"}) | {"src/genderclf/cli.py"}
+    assert any(f.name == stage for f in funcs), f"pipeline.py has no command {stage!r}"
+    # pipeline.py itself counts, but only the parts of it that this command runs are read
+    found = _closure(_imports(top + funcs), seen={"genderclf.pipeline"})
+    return found | {"src/genderclf/pipeline.py"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_deps_cover_what_the_code_imports(stage):
-    assert STAGES[stage]["cmd"] == f"genderclf {stage}"
+    assert STAGES[stage]["cmd"] == f"python -m genderclf.pipeline {stage}"
     missing = sorted(f for f in _static(stage) if not _covered(f, _deps(stage)))
     assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
+
+
+# The tools and what only they use: editing them must re-run no stage.
+TOOLS = (
+    "src/genderclf/tools.py",
+    "src/genderclf/services.py",
+    "src/genderclf/cli.py",
+    "src/genderclf/tracking/compare.py",  # genderclf compare
+    "src/genderclf/tracking/monitor.py",  # genderclf drift
+    "src/genderclf/monitor/drift.py",
+)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_depends_on_the_tools(stage):
+    assert not [f for f in TOOLS if _covered(f, _deps(stage))], STAGES[stage]["deps"]
+    assert not set(TOOLS) & _static(stage), f"{stage}'s command reaches a tool module"
 
 
 def test_every_listed_dep_exists():
@@ -137,8 +165,9 @@ def test_every_listed_dep_exists():
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory) -> dict[str, set[str]]:
-    """{stage: project files its processes imported}, from one tiny run of every stage."""
+def ran(tmp_path_factory) -> tuple[Path, dict[str, set[str]]]:
+    """A copy of the pipeline after one tiny run of every stage's command, and {stage:
+    project files its processes imported}."""
     root = tmp_path_factory.mktemp("traced")
     repo = copy_pipeline(root / "repo")
     write_params(
@@ -146,6 +175,7 @@ def traced(tmp_path_factory) -> dict[str, set[str]]:
         pipeline_params(
             {
                 "data.sample.num_images": 60,
+                "split.strategy": "stratified",  # both classes in test: every plot is made
                 "base.image_size": 16,
                 "train.batch_size": 16,
                 "train.epochs_finetune": 0,
@@ -173,7 +203,12 @@ def traced(tmp_path_factory) -> dict[str, set[str]]:
             if Path(f).is_relative_to(repo / "src") or Path(f).is_relative_to(repo / "flows")
         }
         assert f"src/genderclf/stages/{stage}.py" in out[stage], (stage, sorted(out[stage]))
-    return out
+    return repo, out
+
+
+@pytest.fixture(scope="module")
+def traced(ran) -> dict[str, set[str]]:
+    return ran[1]
 
 
 @pytest.mark.integration
@@ -183,3 +218,33 @@ def test_deps_cover_what_the_command_imports_when_it_runs(traced, stage):
     assert missing == [], f"dvc.yaml stage {stage!r} misses deps on {missing}"
     # what a run imports, reading the code finds too (so the static check is no weaker)
     assert traced[stage] <= _static(stage), sorted(traced[stage] - _static(stage))
+
+
+@pytest.mark.integration
+def test_editing_a_tool_re_runs_no_stage(ran):
+    """Edit `genderclf predict`'s help text in a pipeline whose every stage ran: `dvc status`
+    stays clean. The same kind of edit in the stage commands' module makes every stage
+    stale (so the check can fail)."""
+    repo, _ = ran
+    env = pipeline_env(repo, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    git_init(repo, env=env)
+    dvc(repo, "commit", "--force", env=env)  # dvc.lock of what the stages made, as `repro` would
+    assert nothing_stale(dvc(repo, "status", env=env).stdout)
+
+    tools = repo / "src" / "genderclf" / "tools.py"
+    before = tools.read_text()
+    assert "table (console) | json" in before  # predict --format's help
+    tools.write_text(before.replace("table (console) | json", "table (on the console) | json"))
+    status = dvc(repo, "status", env=env).stdout
+    assert nothing_stale(status), status
+
+    commands = repo / "src" / "genderclf" / "pipeline.py"
+    text = commands.read_text()
+    commands.write_text(
+        text.replace("Split the manifest into", "Split the validated manifest into")
+    )
+    try:
+        assert status_stages(dvc(repo, "status", env=env).stdout) == set(STAGES)
+    finally:
+        commands.write_text(text)
+        tools.write_text(before)

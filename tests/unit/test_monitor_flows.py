@@ -1,11 +1,12 @@
-"""The pure parts of the watch flow: listing a folder, and where a batch of new files is."""
+"""The pure parts of the watch flow: listing a folder, where a batch of new files is, and
+which locations a watch refuses."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-from flows.monitor import batch_location
+from flows.monitor import WatchLocationError, batch_location, check_location
 
 from genderclf.monitor.batch import BatchError, list_images, sources
 
@@ -37,6 +38,53 @@ def test_list_images_of_a_folder(tmp_path, make_image):
     assert sources(str(tmp_path), ["a.png"]) == [("a.png", tmp_path / "a.png")]
     with pytest.raises(BatchError, match="nowhere: no such folder"):
         list_images(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("location", "why"),
+    [
+        ("", "no location to list"),
+        ("  ", "no location to list"),
+        (".", "is the workspace"),
+        ("incoming/..", "is the workspace"),
+        ("..", "above the workspace"),
+        ("/", "above the workspace"),
+        ("reports", "inside reports/"),
+        ("reports/drift", "inside reports/"),
+        ("data/raw", "inside data/"),
+        ("models", "inside models/"),
+        ("metrics", "inside metrics/"),
+        ("plots", "inside plots/"),
+        ("mlruns/1", "inside mlruns/"),
+        (".venv", "inside .venv/"),
+        (".dvc/tmp", "inside .dvc/"),
+        (".git", "inside .git/"),
+    ],
+)
+def test_a_watch_refuses_the_pipelines_own_files(location, why, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(WatchLocationError, match=why) as err:
+        check_location(location, tmp_path)
+    assert "\n" not in str(err.value) and "incoming/" in str(err.value)  # one line, the fix
+
+
+def test_a_watch_takes_a_folder_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert check_location("incoming", tmp_path) == str(tmp_path / "incoming")
+    assert check_location("incoming/2026-12-01/", tmp_path) == str(
+        tmp_path / "incoming" / "2026-12-01"
+    )
+    assert check_location(str(tmp_path.parent / "elsewhere"), tmp_path) == str(
+        tmp_path.parent / "elsewhere"
+    )
+    assert check_location("s3://bucket/in/", tmp_path) == "s3://bucket/in/"
+    # a store kept outside the workspace: its artifacts (each check's plot) are refused too
+    store = tmp_path.parent / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    for where in (store, store / "mlruns" / "3"):
+        with pytest.raises(WatchLocationError, match="holds the MLflow artifacts"):
+            check_location(str(where), tmp_path)
+    assert check_location(str(store / "new"), tmp_path) == str(store / "new")
 
 
 # The real S3 protocol server (moto on loopback) and its bucket, from the sources tests.

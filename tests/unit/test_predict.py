@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 from genderclf import inference as P
 from genderclf.cli import app
 from genderclf.config import PredictSettings
+from genderclf.contracts import ModelInput
 from genderclf.data.sample import render
 from genderclf.faces import BlazeFaceDetector, HaarDetector, make_detector
 from genderclf.tracking.serving import load_classifier
@@ -133,7 +135,7 @@ def model_file(tmp_path_factory, make_settings) -> Path:
 
 @pytest.fixture(scope="module")
 def clf(model_file) -> P.Classifier:
-    return P.load_local(model_file, P.ServingConfig(SIZE, "center_crop", 0.5))
+    return P.load_local(model_file, config=P.ServingConfig.of(ModelInput(SIZE, "center_crop")))
 
 
 # --- detection and cropping ------------------------------------------------------------------
@@ -360,7 +362,8 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
     import shutil
 
     shutil.copy(model_file, tmp_path / "model.keras")
-    P.ServingConfig(SIZE, "center_crop", 0.8).write(tmp_path / P.SERVING_CONFIG)
+    cfg = P.ServingConfig.of(ModelInput(SIZE, "center_crop"))
+    replace(cfg, threshold=0.8).write(tmp_path / P.SERVING_CONFIG)
     assert load_classifier(str(tmp_path / "model.keras")).config.threshold == 0.8
     assert load_classifier(str(tmp_path / "model.keras"), threshold=0.3).config.threshold == 0.3
 
@@ -368,13 +371,11 @@ def test_threshold_comes_from_serving_json_next_to_the_model(tmp_path, model_fil
 def test_settings_stored_by_an_older_version_name_what_is_missing(predict_settings):
     old = predict_settings.model_dump()
     del old["detector"], old["blazeface"]  # what a model registered before them carries
-    cfg = P.ServingConfig(SIZE, "center_crop", 0.5, old)
+    cfg = P.ServingConfig.of(ModelInput(SIZE, "center_crop"), predict=old)
     with pytest.raises(P.PredictError, match=r"predict\.blazeface, predict\.detector.*params"):
         cfg.predict_settings()
-    assert (
-        P.ServingConfig(SIZE, "center_crop", 0.5, predict_settings.model_dump()).predict_settings()
-        == predict_settings
-    )
+    current = predict_settings.model_dump()
+    assert replace(cfg, predict=current).predict_settings() == predict_settings
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -427,6 +428,8 @@ def test_cli_continues_past_bad_files_and_exits_1_with_a_summary(tmp_path, faces
     assert [r["status"] for r in rows] == ["error", "ok", "ok", "ok"]
     assert "1 failed" in result.output and "broken.jpg" in result.output
     assert "1 non-image files in the folders left out" in result.output
+    # whole images, no detection: nothing to say about faces
+    assert "3 images classified" in result.output and "a face" not in result.output
 
 
 def test_cli_table_and_csv_and_success_exit(tmp_path, faces, model_file):
@@ -521,7 +524,7 @@ def test_jsonl_rows_are_written_and_flushed_as_they_come(
 def test_row_writer_formats_match_the_columns(fmt):
     rows = [
         dict(
-            P._row(
+            P.make_row(
                 "a.jpg",
                 face=0,
                 x=1,
@@ -534,7 +537,7 @@ def test_row_writer_formats_match_the_columns(fmt):
                 status="ok",
             )
         ),
-        dict(P._row("b.jpg", status="error", error="not an image")),
+        dict(P.make_row("b.jpg", status="error", error="not an image")),
     ]
     buf = io.StringIO()
     w = P.RowWriter(fmt, buf)
@@ -552,3 +555,20 @@ def test_row_writer_formats_match_the_columns(fmt):
     empty = io.StringIO()
     P.RowWriter(fmt, empty).close()
     assert fmt != "json" or json.loads(empty.getvalue()) == []
+
+
+@pytest.mark.parametrize("command", [["predict", "photo.jpg"], ["compare"]])
+def test_a_folder_without_a_tracking_store_gets_one_line_and_no_store(
+    command, tmp_path, monkeypatch
+):
+    """Looking up the champion where no pipeline ran: a clear line, and no empty
+    mlflow.db left behind in that folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.jpg")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error")]
+    assert f"no MLflow tracking store at {tmp_path / 'mlflow.db'}" in line
+    assert "MLFLOW_TRACKING_URI" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]

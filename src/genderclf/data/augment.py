@@ -21,6 +21,7 @@ from PIL import Image
 
 from genderclf.config import AugmentSettings, Settings
 from genderclf.console import Progress
+from genderclf.contracts import SplitShards
 from genderclf.data.tfrecords import ShardWriter
 from genderclf.images import fit_square, load_rgb
 from genderclf.io import cpu_workers, parallel_map
@@ -107,9 +108,9 @@ def write_split(
     raw_dir: Path,
     out_dir: Path,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> SplitShards:
     """Write one split's shards into `out_dir`: originals, plus `augment.copies` variants
-    of each train image. Returns the split's entry of `meta.json`.
+    of each train image. Returns the split's entry of the prepared data (`meta.json`).
 
     Raises:
         OSError: a shard cannot be written (ENOSPC, EROFS, EACCES).
@@ -142,13 +143,9 @@ def write_split(
                 males += label
             bar.update(len(chunk))
     records = writer.close()
-    return {
-        "images": len(rows),
-        "records": records,
-        "copies": copies,
-        "male": males,
-        "shards": writer.files,
-    }
+    return SplitShards(
+        images=len(rows), records=records, copies=copies, male=males, shards=writer.files
+    )
 
 
 def preview(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,10 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
+
+    # GX sets this module's logger to INFO on import (over the CLI's WARNING for the
+    # package), and it says only where a temporary folder went.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
@@ -69,7 +76,98 @@ def run_expectations(manifest: pd.DataFrame, cfg: ValidateSettings, docs_dir: Pa
         batch_parameters={"dataframe": manifest[["path", "label", "partition", "sha256"]]}
     )
     vr = next(iter(result.run_results.values()))
+    offline_data_docs(docs_dir)
     return vr.to_json_dict()
+
+
+# GX's Data Docs pages load Bootstrap, jQuery, bootstrap-table, Font Awesome and Vega from
+# CDNs, and the index fills its tables with bootstrap-table from data in a script: offline
+# it lists nothing. `offline_data_docs` drops the remote tags and writes those tables out.
+_REMOTE_TAG = re.compile(
+    r"""<script[^>]*\bsrc=["']https?://[^"']*["'][^>]*>\s*</script>\s*"""
+    r"""|<link[^>]*\bhref=["']https?://[^"']*\.css[^"']*["'][^>]*>\s*"""
+    r"""|<img[^>]*\bsrc=["']https?://[^"']*["'][^>]*>""",
+    re.I,
+)
+# One index table: its element, its toolbar, and the script that fills it (columns, data).
+_JS_TABLE = re.compile(
+    r'<div id="(?P<id>[\w-]+)-toolbar"[^>]*>.*?</div>\s*'
+    r'<table\s+id="(?P=id)"(?P<attrs>[^>]*)>\s*</table>\s*'
+    r"<script>.*?</script>\s*<script>(?P<fill>.*?)</script>",
+    re.S,
+)
+# Inline scripts that need those libraries (jQuery's `$`, Vega): they would only fail.
+_LIB_SCRIPT = re.compile(
+    r"<script>(?:(?!</script>).)*?(?:\$\(|vegaEmbed)(?:(?!</script>).)*</script>\s*", re.S
+)
+# Font Awesome's status icons are empty without its stylesheet: words instead.
+_ICONS = {"fa-check-circle": "passed", "fa-times-circle": "FAILED", "fa-times": "FAILED"}
+_ICON = re.compile(
+    r'<i class="[^"]*\b(fa-check-circle|fa-times-circle|fa-times)\b[^"]*"[^>]*>\s*</i>'
+)
+_OFFLINE_CSS = """<style>
+  /* genderclf: no CDN stylesheets here (the page reads offline); a plain table layout. */
+  body { font-family: sans-serif; margin: 1em 2em; }
+  .tab-content > .tab-pane { display: block !important; opacity: 1 !important; }
+  table.ge-offline { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+  table.ge-offline th, table.ge-offline td { border: 1px solid #ccc; padding: 4px 10px;
+    text-align: left; }
+</style>
+"""
+
+
+def _text(cell: object) -> str:
+    from html import unescape
+
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", str(cell))).split())
+
+
+def _static_table(match: re.Match) -> str:
+    from html import escape
+
+    fill = match.group("fill")
+    try:
+        columns = ast.literal_eval(re.search(r"columns: (\[.*?\]),\n", fill).group(1))
+        data = ast.literal_eval(re.search(r"data: (\[.*?\]),\n", fill, re.S).group(1))
+    except (AttributeError, ValueError, SyntaxError):
+        return match.group(0)  # not the layout this was written for: leave GX's page alone
+    head = "".join(f"<th>{escape(c['title'])}</th>" for c in columns)
+    rows = []
+    for row in data:
+        cells = []
+        for c in columns:
+            f = c["field"]
+            shown = row.get(f, "")
+            if f"_{f}_text" in row:  # the status: an icon in GX's cell, a word here
+                shown = row[f"_{f}_text"]
+            elif "<" in str(shown) and f"_{f}_sort" in row:  # a tooltip or link: its text
+                shown = row[f"_{f}_sort"]
+            text = escape(_text(shown))
+            link = re.search(r'href="([^"#][^"]*)"', str(row.get(f, "")))
+            if link:
+                text = f'<a href="{escape(link.group(1))}">{text}</a>'
+            elif f == columns[0]["field"] and row.get("_table_row_link_path"):
+                text = f'<a href="{escape(row["_table_row_link_path"])}">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    body = "".join(rows) or f'<tr><td colspan="{len(columns)}">none</td></tr>'
+    return (
+        f'<table id="{match.group("id")}" class="ge-offline table-sm">'
+        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+    )
+
+
+def offline_data_docs(docs_dir: Path) -> None:
+    """Make the Data Docs read offline: no remote scripts, stylesheets or images, and the
+    index's tables written out as HTML (the validation results with their status, time
+    and a link to each result page; the expectation suites)."""
+    for page in sorted(docs_dir.rglob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        out = _LIB_SCRIPT.sub("", _JS_TABLE.sub(_static_table, _REMOTE_TAG.sub("", html)))
+        out = _ICON.sub(lambda m: _ICONS[m.group(1)], out)
+        if _OFFLINE_CSS not in out:  # GX rewrites only the pages of a new result
+            out = out.replace("</head>", _OFFLINE_CSS + "</head>", 1)
+        page.write_text(out, encoding="utf-8")
 
 
 def failed_expectations(gx_result: dict) -> list[str]:

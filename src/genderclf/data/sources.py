@@ -1,9 +1,14 @@
 """Dataset sources: fetch `data.source` into a folder (the download stage's work).
 
 Sources: `sample` (offline generator), `kaggle` (official client), `dir` (a local folder)
-and `s3` (boto3, any S3-compatible endpoint). Each fetcher writes into the folder it is
-given and returns the details `SOURCE.json` records; files it refused to copy (links that
-lead out of the source) are returned too, so that validation lists them.
+and `s3` (boto3, any S3-compatible endpoint), one per entry of `genderclf.catalog.SOURCES`
+(the one list of them; the settings' allowed `data.source` values come from it too). A
+source `x` is a `fetch_x` and a `list_x` here; `SOURCES` at the end pairs them with the
+entry, and a missing one fails at import.
+
+Each fetcher writes into the folder it is given and returns the details `SOURCE.json`
+records; files it refused to copy (links that lead out of the source) are returned too,
+so that validation lists them.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genderclf.config import SOURCE_NAME, GenderclfError, Settings
+from genderclf import catalog
+from genderclf.config import GenderclfError, Settings
 from genderclf.io import Refused, copy_tree, cpu_workers, retry, safe_extract
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOURCE_NAME", "DownloadError", "Fetched", "fetch", "listing"]
+__all__ = ["SOURCES", "DownloadError", "Fetched", "Source", "fetch", "listing"]
 
 
 class DownloadError(GenderclfError, RuntimeError):
@@ -307,11 +313,18 @@ def list_s3(settings: Settings) -> list[str]:
     return entries
 
 
-FETCHERS: dict[str, Callable[[Settings, Path, bool], Fetched]] = {
-    "sample": fetch_sample,
-    "kaggle": fetch_kaggle,
-    "dir": fetch_dir,
-    "s3": fetch_s3,
+@dataclass(frozen=True)
+class Source:
+    """A source of `genderclf.catalog.SOURCES` with the functions that list and fetch it."""
+
+    spec: catalog.SourceSpec
+    fetch: Callable[[Settings, Path, bool], Fetched]
+    list: Callable[[Settings], list[str]]
+
+
+SOURCES: dict[str, Source] = {
+    name: Source(spec, globals()[f"fetch_{name}"], globals()[f"list_{name}"])
+    for name, spec in catalog.SOURCES.items()
 }
 
 
@@ -322,23 +335,7 @@ def fetch(settings: Settings, dest: Path, progress: bool = True) -> Fetched:
         DownloadError: the source is unreachable, empty or misconfigured.
         UnsafeArchiveError: an archive holds a member that would land outside `dest`.
     """
-    return FETCHERS[settings.data.source](settings, dest, progress)
-
-
-LISTERS: dict[str, Callable[[Settings], list[str]]] = {
-    "sample": list_sample,
-    "kaggle": list_kaggle,
-    "dir": list_dir,
-    "s3": list_s3,
-}
-
-# What a listing compares, per source (recorded in SOURCE.json next to the digest).
-LISTED = {
-    "sample": "params and generator code",
-    "kaggle": "slug",
-    "dir": "path, size, mtime",
-    "s3": "key, size, ETag",
-}
+    return SOURCES[settings.data.source].fetch(settings, dest, progress)
 
 
 def listing(settings: Settings) -> dict[str, Any]:
@@ -353,7 +350,11 @@ def listing(settings: Settings) -> dict[str, Any]:
     Raises:
         DownloadError: the source is unreachable or misconfigured.
     """
-    source = settings.data.source
-    entries = LISTERS[source](settings)
+    source = SOURCES[settings.data.source]
+    entries = source.list(settings)
     digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
-    return {"compares": LISTED[source], "entries": len(entries), "digest": f"sha256:{digest}"}
+    return {
+        "compares": source.spec.compares,
+        "entries": len(entries),
+        "digest": f"sha256:{digest}",
+    }

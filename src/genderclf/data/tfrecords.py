@@ -1,25 +1,22 @@
 """TFRecord I/O for the prepared data: sharded writer and the `tf.data` reader training uses.
 
-A record holds one image already at `base.image_size`: JPEG bytes, the integer label,
-the source path (relative to `data/raw/`) and the variant number (0 = original).
+A record holds one image already at the prepared data's image size: JPEG bytes, the
+integer label, the source path (relative to `data/raw/`) and the variant number (0 =
+original). The readers take the `PreparedData` contract (`meta.json`, read once by the
+stage) or, for tools and tests, the folder itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from genderclf.config import GenderclfError
+from genderclf.contracts import PreparedData, PreparedDataError
 
-META_FILE = "meta.json"
-
-
-class PreparedDataError(GenderclfError, FileNotFoundError):
-    """Prepared data is missing or incomplete."""
+META_FILE = PreparedData.FILE
 
 
 def shard_name(split: str, index: int, total: int) -> str:
@@ -105,22 +102,8 @@ class ShardWriter:
         return self._count
 
 
-def read_meta(prepared_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The prepared data's `meta.json` (written last, so its presence means complete).
-
-    Raises:
-        PreparedDataError: the folder or its meta file is missing.
-    """
-    p = Path(prepared_dir) / META_FILE
-    if not p.is_file():
-        raise PreparedDataError(
-            f"{p} not found: prepared data is missing or incomplete; run `dvc repro augment`"
-        )
-    return json.loads(p.read_text())
-
-
 def make_dataset(
-    prepared_dir: str | os.PathLike[str],
+    prepared: PreparedData | str | os.PathLike[str],
     split: str,
     batch_size: int,
     *,
@@ -148,14 +131,14 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    prepared_dir = Path(prepared_dir)
-    meta = read_meta(prepared_dir)
-    if split not in meta["splits"]:
-        raise PreparedDataError(f"{prepared_dir}: split {split!r} not in {list(meta['splits'])}")
-    names = meta["splits"][split]["shards"] if shards is None else shards
-    files = [str(prepared_dir / f) for f in names]
-    records = int(meta["splits"][split]["records"]) if limit is None else limit
-    size = int(meta["image_size"])
+    data = PreparedData.of(prepared)
+    info = data.split(split)
+    if shards is None:
+        files = [str(f) for f in data.shard_files(split)]
+    else:
+        files = [str(Path(data.folder or ".") / f) for f in shards]
+    records = info.records if limit is None else limit
+    size = data.image_size
     spec = {
         "image": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.int64),
@@ -208,26 +191,31 @@ def reader_on_cpu_only() -> None:
         tf.config.set_visible_devices([], "GPU")
 
 
-def first_record(prepared_dir: str | os.PathLike[str], split: str) -> tuple[bytes, int, str]:
+def first_record(
+    prepared: PreparedData | str | os.PathLike[str], split: str
+) -> tuple[bytes, int, str]:
     """The first record of a split, undecoded: (JPEG bytes, label, source path).
 
     Raises:
         PreparedDataError: prepared data missing, or the split has no record.
     """
-    records = read_records(prepared_dir, split, 1)
+    records = read_records(prepared, split, 1)
     if not records:
-        raise PreparedDataError(f"{prepared_dir}: split {split!r} has no records")
+        raise PreparedDataError(f"{PreparedData.of(prepared).folder}: split {split!r} is empty")
     return records[0]
 
 
 def read_records(
-    prepared_dir: str | os.PathLike[str], split: str, n: int
+    prepared: PreparedData | str | os.PathLike[str], split: str, n: int
 ) -> list[tuple[bytes, int, str]]:
-    """The first `n` records of a split, undecoded: [(JPEG bytes, label, source path)]."""
+    """The first `n` records of a split, undecoded: [(JPEG bytes, label, source path)].
+
+    Raises:
+        PreparedDataError: prepared data missing, or no such split.
+    """
     import tensorflow as tf
 
-    meta = read_meta(prepared_dir)
-    files = [str(Path(prepared_dir) / s) for s in meta["splits"].get(split, {}).get("shards", [])]
+    files = [str(f) for f in PreparedData.of(prepared).shard_files(split)]
     out = []
     for record in tf.data.TFRecordDataset(files).take(n):
         f = tf.train.Example.FromString(record.numpy()).features.feature

@@ -1,5 +1,8 @@
 """Backbones and the classifier built on them (the Keras transfer-learning recipe).
 
+`BACKBONES` holds one `Backbone` per entry of `genderclf.catalog.BACKBONES`, the one list
+of backbones (the settings' allowed `train.backbone` values come from it too).
+
 `build_model` returns a model that takes raw RGB pixels (0..255) and holds everything
 inference needs: online augmentation (active only in training), the backbone's own
 preprocessing, the backbone, and a small head (global average pooling, dropout, one
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import keras
 
+from genderclf import catalog
 from genderclf.config import GenderclfError, TrainSettings
 from genderclf.model.layers import BackbonePreprocess, FusedAugment
 
@@ -29,7 +33,8 @@ class ModelConfigError(GenderclfError, ValueError):
 _SIMPLE_CNN_BN_MOMENTUM = 0.9
 
 
-def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
+def build_simple_cnn(image_size: int, weights: str | None) -> keras.Model:
+    """A small CNN trained from scratch (the tests' and the demo's backbone)."""
     if weights == "imagenet":
         raise ModelConfigError(
             "train.weights=imagenet is not available for train.backbone=simple_cnn "
@@ -53,11 +58,39 @@ def _simple_cnn(image_size: int, weights: str | None) -> keras.Model:
     return model
 
 
-def _app(cls: Callable[..., keras.Model]) -> Callable[[int, str | None], keras.Model]:
+class WeightsDownloadError(ModelConfigError):
+    """`train.weights: imagenet` and the weights file could not be fetched."""
+
+
+def _app(name: str) -> Callable[[int, str | None], keras.Model]:
+    cls = getattr(keras.applications, name)
+
     def make(image_size: int, weights: str | None) -> keras.Model:
-        return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+        try:
+            return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+        except Exception as err:
+            # Keras' get_file raises a bare Exception("URL fetch failure on <url>: ...").
+            if weights != "imagenet" or "URL fetch failure" not in str(err):
+                raise
+            raise _fetch_failed(str(err)) from None
 
     return make
+
+
+def _fetch_failed(message: str) -> WeightsDownloadError:
+    """One line: what could not be fetched, from where, why, and the offline alternative."""
+    import re
+
+    found = re.search(r"URL fetch failure on (\S+): (.*)", message)
+    url, why = (found.group(1), found.group(2)) if found else ("the Keras weights URL", message)
+    why = why.strip().removeprefix("None -- ")  # Keras' "<errno> -- <reason>", errno unset
+    name = url.rsplit("/", 1)[-1]
+    return WeightsDownloadError(
+        f"train.weights=imagenet: could not fetch the ImageNet weights {name} from {url} "
+        f"({why}). Without a route to it, copy that file from a machine with a "
+        f"network (where Keras keeps it in ~/.keras/models/, or $KERAS_HOME/models/ once it "
+        f"has downloaded it) and set train.weights: /path/to/{name}"
+    )
 
 
 @dataclass(frozen=True)
@@ -71,37 +104,14 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone(
-        "vgg16",
-        _app(keras.applications.VGG16),
-        "caffe",
-        32,
-        tuple((f"block{i}_",) for i in range(5, 0, -1)),
-    ),
-    "vgg19": Backbone(
-        "vgg19",
-        _app(keras.applications.VGG19),
-        "caffe",
-        32,
-        tuple((f"block{i}_",) for i in range(5, 0, -1)),
-    ),
-    "resnet50": Backbone(
-        "resnet50",
-        _app(keras.applications.ResNet50),
-        "caffe",
-        32,
-        tuple((f"conv{i}_",) for i in range(5, 1, -1)),
-    ),
-    "mobilenet_v2": Backbone(
-        "mobilenet_v2",
-        _app(keras.applications.MobileNetV2),
-        "tf",
-        32,
-        (("Conv_1", "out_relu", "block_16_"), *((f"block_{i}_",) for i in range(15, 0, -1))),
-    ),
-    "simple_cnn": Backbone(
-        "simple_cnn", _simple_cnn, "unit", 16, tuple((f"block{i}_",) for i in range(4, 0, -1))
-    ),
+    name: Backbone(
+        name,
+        _app(spec.keras_application) if spec.keras_application else globals()[f"build_{name}"],
+        spec.preprocess,
+        spec.min_size,
+        spec.blocks,
+    )
+    for name, spec in catalog.BACKBONES.items()
 }
 
 
@@ -154,15 +164,18 @@ def augmentation(train: TrainSettings) -> FusedAugment:
     )
 
 
-def build_model(train: TrainSettings, image_size: int) -> keras.Model:
+def build_model(
+    train: TrainSettings, image_size: int, backbone: Backbone | None = None
+) -> keras.Model:
     """The classifier: [augmentation] -> preprocessing -> backbone -> GAP -> dropout -> sigmoid.
 
     With pretrained weights the backbone starts frozen and is always called with
     `training=False`, so its BatchNorm layers stay in inference mode even after the top
     blocks are unfrozen (unfreezing must not wreck the learned statistics). Without
     pretrained weights there is nothing to protect: the backbone trains from the start.
+    `backbone` is what `check_compatible` returned, when the caller checked already.
     """
-    bb = check_compatible(train, image_size)
+    bb = backbone or check_compatible(train, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation(train)(inputs) if train.online_augment else inputs
     x = BackbonePreprocess(bb.preprocess, name="preprocess")(x)

@@ -1,11 +1,19 @@
-"""The model card of a registered version (`reports/model_card.md`, and its registry entry)."""
+"""The model card of a registered version (`reports/model_card.md`, and its registry entry).
+
+Every fact comes from a stage's hand-off (`genderclf.contracts`): the data from
+`PreparedData` and SOURCE.json, the training from `TrainedModel`, the numbers from
+`Evaluation`, the verdict from `Decision`; none from the settings of the day.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
 
-from genderclf.config import SPLITS, Paths, Settings
+from genderclf.catalog import location
+from genderclf.config import SPLITS
+from genderclf.contracts import Decision, Evaluation, PreparedData, TrainedModel
+from genderclf.model.scoring import slice_name
 
 
 def _pct(x: float | None) -> str:
@@ -21,20 +29,22 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def model_card(
-    settings: Settings, paths: Paths, report: dict[str, Any], metrics: dict[str, Any]
+    source_file: Path,
+    decision: Decision,
+    evaluation: Evaluation,
+    model: TrainedModel,
+    data: PreparedData,
 ) -> str:
     """Markdown: intended and out-of-scope use, data, training, metrics with intervals,
     operating point, slices, known limits, and the promotion gate's verdict."""
-    t, b = settings.train, settings.base
-    src = json.loads(paths.source_file.read_text()) if paths.source_file.is_file() else {}
-    meta_file = paths.prepared / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"splits": {}}
-    cal = metrics.get("calibration", {})
+    t, size = model.train, model.input.image_size
+    src = json.loads(source_file.read_text()) if source_file.is_file() else {}
+    ev, cal = evaluation, evaluation.calibration
     lines = [
-        f"# Model card: {report['model_name']} version {report['version']}",
+        f"# Model card: {decision.model_name} version {decision.version}",
         "",
-        f"**Decision: {report['decision']}** (champion now: version {report['champion_after']}).",
-        f"Training run `{report['run_id']}`; registered {report['at']}.",
+        f"**Decision: {decision.decision}** (champion now: version {decision.champion_after}).",
+        f"Training run `{decision.run_id}`; registered {decision.at}.",
         "",
         "## Intended use",
         "",
@@ -50,52 +60,46 @@ def model_card(
         "",
         "## Data",
         "",
-        f"- Source: `{src.get('source', 'unknown')}` "
-        f"({src.get('slug') or src.get('uri') or src.get('path') or src.get('generator') or '-'})"
+        f"- Source: `{src.get('source', 'unknown')}` ({location(src)[0]})"
         f", checksum `{src.get('checksum', 'unknown')}`, {src.get('file_count', '?')} files.",
         "",
         "| split | images | male fraction |",
         "|---|---|---|",
     ]
     for s in SPLITS:
-        m = meta["splits"].get(s)
-        if m:
-            lines.append(f"| {s} | {m['images']} | {_pct(m['male'] / max(1, m['images']))} |")
+        if m := data.splits.get(s):
+            lines.append(f"| {s} | {m.images} | {_pct(m.male / max(1, m.images))} |")
     lines += [
         "",
         "## Training",
         "",
-        f"- Backbone `{t.backbone}`, weights `{t.weights}`, {b.image_size}x{b.image_size} px, "
-        f"{t.epochs_head} head epochs + {t.epochs_finetune} fine-tuning epochs (top "
-        f"{t.finetune_blocks} blocks), optimizer `{t.optimizer}`, learning rates {t.lr_head} "
-        f"/ {t.lr_finetune}, batch {t.batch_size}, dropout {t.dropout}, class weights "
-        f"`{t.class_weights}`, online augmentation `{t.online_augment}`, seed {b.seed}.",
+        f"- Backbone `{t['backbone']}`, weights `{t['weights']}`, {size}x{size} px "
+        f"(`{model.input.resize}`), {t['epochs_head']} head epochs + {t['epochs_finetune']} "
+        f"fine-tuning epochs (top {t['finetune_blocks']} blocks), optimizer `{t['optimizer']}`"
+        f", learning rates {t['lr_head']} / {t['lr_finetune']}, batch {t['batch_size']}, "
+        f"dropout {t['dropout']}, class weights `{t['class_weights']}`, online augmentation "
+        f"`{t['online_augment']}`, seed {model.seed}.",
         "",
-        f"## Metrics (test split, n={metrics.get('n', '?')}, 95% intervals)",
+        f"## Metrics (test split, n={ev.n}, 95% intervals)",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| accuracy | {_pct(metrics.get('accuracy'))}{_ci(metrics.get('accuracy_ci'))} |",
-        f"| F1 | {_pct(metrics.get('f1'))}{_ci(metrics.get('f1_ci'))} |",
-        f"| ROC-AUC | {_num(metrics.get('roc_auc'))}"
-        + (
-            ""
-            if not metrics.get("roc_auc_ci")
-            else f" [{metrics['roc_auc_ci'][0]:.4f}, {metrics['roc_auc_ci'][1]:.4f}]"
-        )
+        f"| accuracy | {_pct(ev.accuracy)}{_ci(ev.accuracy_ci)} |",
+        f"| F1 | {_pct(ev.f1)}{_ci(ev.f1_ci)} |",
+        f"| ROC-AUC | {_num(ev.roc_auc)}"
+        + ("" if not ev.roc_auc_ci else f" [{ev.roc_auc_ci[0]:.4f}, {ev.roc_auc_ci[1]:.4f}]")
         + " |",
-        f"| precision / recall | {_pct(metrics.get('precision'))} / "
-        f"{_pct(metrics.get('recall'))} |",
-        f"| expected calibration error | {_num(metrics.get('ece'))} (before calibration "
-        f"{_num(cal.get('ece_raw'))}) |",
+        f"| precision / recall | {_pct(ev.precision)} / {_pct(ev.recall)} |",
+        f"| expected calibration error | {_num(ev.ece)} (before calibration {_num(cal.ece_raw)}) |",
         "",
-        f"Operating point: `evaluate.threshold: {settings.evaluate.threshold}`; calibration "
-        f"{cal.get('method', 'none')} (a={_num(cal.get('a'), 3)}, b={_num(cal.get('b'), 3)}), "
-        f"cut {cal.get('cut', 0.5)} on the calibrated probability = {metrics['threshold']:.4f} "
-        "on the raw output. Both travel with the registered model.",
+        f"Operating point: `evaluate.threshold: {ev.threshold_rule}`; calibration "
+        f"{cal.method} (a={_num(cal.a, 3)}, b={_num(cal.b, 3)}). Threshold "
+        f"{ev.threshold_calibrated:.4f} on the calibrated P(male) (the metrics above) = "
+        f"{ev.threshold_raw:.4f} on the model's raw output (what serving applies). Both "
+        "travel with the registered model.",
         "",
     ]
-    slices = metrics.get("slices")
+    slices = ev.slices
     if slices:
         lines += [
             "## Slices (CelebA attributes)",
@@ -106,11 +110,12 @@ def model_card(
             "|---|---|---|---|",
         ]
         for a, e in slices["by_attribute"].items():
-            for k, flag in (("with", 1), ("without", 0)):
+            for k in ("with", "without"):
                 r = e[k]
                 note = "too small" if r.get("too_small") else ""
                 lines.append(
-                    f"| {a}={flag} | {r['n']} | {_pct(r['accuracy'])}{_ci(r.get('ci'))} | {note} |"
+                    f"| {slice_name(a, k == 'with')} | {r['n']} | "
+                    f"{_pct(r['accuracy'])}{_ci(r.get('ci'))} | {note} |"
                 )
         lines += [
             "",
@@ -123,8 +128,8 @@ def model_card(
         "| check | verdict | detail |",
         "|---|---|---|",
         *(
-            f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['summary']} |"
-            for c in report["checks"]
+            f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.summary} |"
+            for c in decision.checks
         ),
         "",
         "## Known limits",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import GenderclfError, TrainSettings
+from genderclf.contracts import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,11 @@ def exit_on_error():
         os._exit(1)
 
 
-def shard_records(meta: dict[str, Any], split: str) -> list[int]:
+def shard_records(data: PreparedData, split: str) -> list[int]:
     """Records in each shard of a split: `augment.shard_size` each, the last one the rest."""
-    info = meta["splits"][split]
-    size, total = int(meta["augment"]["shard_size"]), int(info["records"])
-    return [max(0, min(size, total - i * size)) for i in range(len(info["shards"]))]
+    info = data.split(split)
+    size = int(data.augment["shard_size"])
+    return [max(0, min(size, info.records - i * size)) for i in range(len(info.shards))]
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class ShardPlan:
         return self.steps * self.batch
 
 
-def shard_plan(meta: dict[str, Any], split: str, cluster: Cluster, global_batch: int) -> ShardPlan:
+def shard_plan(data: PreparedData, split: str, cluster: Cluster, global_batch: int) -> ShardPlan:
     """Shards `process_id` reads and the steps per epoch every process can run.
 
     Shard i goes to process i mod N. Every process runs the steps the smallest share fills
@@ -278,14 +279,14 @@ def shard_plan(meta: dict[str, Any], split: str, cluster: Cluster, global_batch:
     Raises:
         DistributedError: fewer shards than processes (some process would have none).
     """
-    names = list(meta["splits"][split]["shards"])
-    counts = shard_records(meta, split)
+    names = list(data.split(split).shards)
+    counts = shard_records(data, split)
     n = cluster.processes
     if len(names) < n:
         raise DistributedError(
             f"data/prepared has {len(names)} {split} shard(s) for train.processes={n}: each "
             "process reads its own shards; lower augment.shard_size (now "
-            f"{meta['augment']['shard_size']}) and run `dvc repro augment`, or lower "
+            f"{data.augment['shard_size']}) and run `dvc repro augment`, or lower "
             "train.processes"
         )
     batch = global_batch // n

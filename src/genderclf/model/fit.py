@@ -24,7 +24,12 @@ import keras
 
 from genderclf.config import Settings, TrainSettings
 from genderclf.model import distributed
-from genderclf.model.backbones import ModelConfigError, build_model, unfreeze_top_blocks
+from genderclf.model.backbones import (
+    Backbone,
+    ModelConfigError,
+    build_model,
+    unfreeze_top_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ HISTORY_FIELDS = [
     "seconds",
     "images_per_second",
 ]
+# Kept in the backup's history (and logged to MLflow and the console), never in an output
+# DVC hashes: the same inputs must give the same bytes however fast the machine is.
+TIMING_FIELDS = ("seconds", "images_per_second")
 
 
 @dataclass
@@ -328,6 +336,8 @@ def fit_phases(
     val_ds: Any,
     backup_dir: Path,
     *,
+    image_size: int,
+    backbone: Backbone | None = None,
     weights: dict[int, float] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     train_records: int | None = None,
@@ -337,8 +347,10 @@ def fit_phases(
 
     Every completed epoch is backed up in `backup_dir`, so calling this again after a
     crash resumes from the last completed epoch (phase 1 is skipped once it finished).
-    `train_records` (images per epoch) gives each history row its `images_per_second`;
-    `deterministic` is `train.deterministic` resolved (it decides whether XLA can be on).
+    `image_size` is the prepared data's (the model's input); `backbone` what
+    `check_compatible` returned for it. `train_records` (images per epoch) gives each
+    history row its `images_per_second`; `deterministic` is `train.deterministic` resolved
+    (it decides whether XLA can be on).
 
     Returns:
         TrainResult with the best model (lowest validation loss over both phases).
@@ -368,7 +380,7 @@ def fit_phases(
 
     keras.utils.set_random_seed(settings.base.seed)
     with distribution_scope():
-        model = build_model(t, settings.base.image_size)
+        model = build_model(t, image_size, backbone)
     jit = use_jit_compile(t.jit_compile, model, deterministic)
     print(
         f"train: backend {keras.config.backend()}, XLA {'on' if jit else 'off'}, "
@@ -460,6 +472,21 @@ def fit_phases(
     if best.exists():
         model.load_weights(str(best))
     return TrainResult(model, read_history(history_csv), resumed, epochs_now, time.monotonic() - t0)
+
+
+def write_history(backup_csv: Path, out_csv: Path) -> Path:
+    """The backup's history without its timings (`TIMING_FIELDS`), atomically: the
+    `plots/history.csv` DVC hashes, equal for equal training whatever the machine's speed."""
+    from genderclf.io import atomic_file
+
+    keep = [f for f in HISTORY_FIELDS if f not in TIMING_FIELDS]
+    with open(backup_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with atomic_file(out_csv) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, keep, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return out_csv
 
 
 def backup_dir_for(root: Path, settings: Settings, prepared_meta: dict[str, Any]) -> Path:

@@ -12,8 +12,9 @@ param (the same processes, the same outputs):
 
 On Kubernetes without Ray, an indexed Job starts every process itself
 (`deploy/kubernetes/train-job.yaml`): each pod runs `genderclf train` as one process and
-nothing is launched. Each process runs `python -m genderclf.cli train` with Keras'
-distribution variables (`genderclf.model.distributed`); process 0 writes the outputs.
+nothing is launched. Each process runs the stage's command, `python -m genderclf.pipeline
+train`, with Keras' distribution variables (`genderclf.model.distributed`); process 0
+writes the outputs.
 
 If a process dies (killed, out of memory, a failed host), the others stop within
 `distributed.HEARTBEAT_TIMEOUT_S` instead of hanging in an all-reduce; `run` stops what
@@ -65,7 +66,7 @@ def engine() -> str:
 
 def rank_command(params: Path) -> list[str]:
     """The command every process runs: the stage's own command, as this interpreter."""
-    return [sys.executable, "-m", "genderclf.cli", "train", "--params", str(params)]
+    return [sys.executable, "-m", "genderclf.pipeline", "train", "--params", str(params)]
 
 
 def rank_env(
@@ -279,6 +280,7 @@ class RayLauncher:
                 str(p)
                 for p in (
                     paths.model,
+                    paths.model_info,
                     paths.run,
                     paths.train_metrics,
                     paths.history,

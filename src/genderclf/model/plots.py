@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from genderclf.io import atomic_file
+from genderclf.model.scoring import slice_name
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
@@ -21,7 +22,8 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,11 +39,16 @@ def write_plots(
     calib: pd.DataFrame,
     slices: dict[str, Any] | None,
     plots_dir: Path,
+    raw_threshold: float | None = None,
 ) -> list[Path]:
-    """PNG plots plus the CSV data DVC renders (`dvc plots show`)."""
+    """PNG plots plus the CSV data DVC renders (`dvc plots show`).
+
+    `p` is the calibrated P(male) and `m["threshold"]` the cut on it; `raw_threshold` is
+    the same cut on the model's raw output, named beside it on the confusion matrix.
+    """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     plots_dir.mkdir(parents=True, exist_ok=True)
     files = []
     cm = np.array(m["confusion_matrix"])
@@ -55,8 +62,8 @@ def write_plots(
     ax.set_yticks([0, 1], ["female", "male"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    cut = m.get("calibration", {}).get("cut", m["threshold"])
-    ax.set_title(f"confusion matrix (p(male) >= {cut:.2f})")
+    raw = "" if raw_threshold is None else f"\n= raw output >= {raw_threshold:.3f}"
+    ax.set_title(f"confusion matrix\n(calibrated P(male) >= {m['threshold']:.2f}{raw})")
     files.append(_save(fig, plots_dir / "confusion_matrix.png", plt))
 
     if len(np.unique(y)) > 1:
@@ -81,18 +88,29 @@ def write_plots(
         files.append(_save(fig, plots_dir / "pr.png", plt))
 
     write_csv(calib, plots_dir / "calibration.csv")
-    fig, ax = plt.subplots(figsize=(4, 4))
+    # Under the curve, how many test images each point stands on: a bin of 3 says little,
+    # one of 300 a lot (the classic reliability diagram's histogram).
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(4.4, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.1]}
+    )
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
     ax.plot(calib["confidence"], calib["observed"], "o-", label=f"model (ECE {m['ece']:.3f})")
-    ax.set_xlabel("predicted probability of male")
     ax.set_ylabel("observed fraction male")
     ax.set_title("reliability")
-    ax.legend()
+    ax.legend(loc="upper left")
+    hist.bar(calib["confidence"], calib["count"], width=0.05, color="tab:blue", alpha=0.6)
+    for x, n in zip(calib["confidence"], calib["count"], strict=True):
+        hist.annotate(
+            f"{n}", (x, n), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8
+        )
+    hist.set_ylim(0, max(calib["count"], default=1) * 1.35)
+    hist.set_ylabel("test images")
+    hist.set_xlabel("calibrated P(male)")
     files.append(_save(fig, plots_dir / "calibration.png", plt))
 
     if slices and slices["by_attribute"]:
         rows = [
-            (f"{a}={'1' if k == 'with' else '0'}  (n={e[k]['n']})", e[k])
+            (f"{slice_name(a, k == 'with')}  (n={e[k]['n']})", e[k])
             for a, e in slices["by_attribute"].items()
             for k in ("with", "without")
             if e[k]["accuracy"] is not None
@@ -109,14 +127,26 @@ def write_plots(
         ax.errorbar(acc, ypos, xerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
         ax.set_yticks(ypos, [name + ("  too small" if r["too_small"] else "") for name, r in rows])
         ax.invert_yaxis()
-        ax.axvline(m["accuracy"], color="black", ls="--", lw=1, label="overall")
-        ax.set_xlim(max(0.0, float(lo.min()) - 0.05), 1.0)
+        ax.axvline(m["accuracy"], color="black", ls="--", lw=1)
+        left = max(0.0, float(lo.min()) - 0.05)
+        ax.set_xlim(left, 1.0)
+        # The overall line is named above the axes, where no bar can be under its label,
+        # on the side of the line that has room (accuracy is usually near the right edge).
+        right_half = m["accuracy"] > (left + 1.0) / 2
+        ax.text(
+            m["accuracy"],
+            1.01,
+            f"overall {m['accuracy']:.3f} " if right_half else f" overall {m['accuracy']:.3f}",
+            transform=ax.get_xaxis_transform(),
+            ha="right" if right_half else "left",
+            va="bottom",
+            fontsize=8,
+        )
         ax.set_xlabel(
             f"accuracy, with 95% Wilson intervals\n(grey: fewer than "
             f"{slices['min_n']} images, not ranked)"
         )
-        ax.set_title("accuracy per slice")
-        ax.legend(loc="lower left")
+        ax.set_title("accuracy per slice", pad=16)
     else:
         fig, ax = plt.subplots(figsize=(4, 1.2))
         ax.text(
@@ -140,7 +170,7 @@ def _save(fig, path: Path, plt) -> Path:
 
 
 def mistakes_grid(
-    prepared_dir: Path,
+    prepared: Any,
     paths: list[str],
     y: np.ndarray,
     p: np.ndarray,
@@ -148,14 +178,16 @@ def mistakes_grid(
     k: int,
     out_png: Path,
 ) -> int:
-    """A grid of the `k` most confident mistakes on the test split. Returns how many."""
+    """A grid of the `k` most confident mistakes on the test split (`prepared`: the
+    PreparedData, or its folder); `p` is the calibrated P(male), `threshold` the cut on
+    it. Returns how many."""
     from genderclf.data.tfrecords import make_dataset
 
     pred = (p >= threshold).astype(int)
     wrong = np.flatnonzero(pred != y)
     conf = np.abs(p[wrong] - 0.5)
     top = wrong[np.argsort(-conf)][:k]
-    plt = _plt()
+    plt = pyplot()
     if len(top) == 0 or k == 0:
         fig, ax = plt.subplots(figsize=(4, 1.2))
         ax.text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
@@ -164,17 +196,16 @@ def mistakes_grid(
         return 0
     want = {paths[i]: i for i in top}
     images: dict[str, np.ndarray] = {}
-    for batch, _, bp in make_dataset(prepared_dir, "test", 256, with_path=True):
+    for batch, _, bp in make_dataset(prepared, "test", 256, with_path=True):
         for img, pth in zip(np.asarray(batch), np.asarray(bp), strict=True):
             name = pth.decode()
             if name in want:
                 images[name] = img.astype(np.uint8)
         if len(images) == len(want):
             break
-    cols = min(8, len(top))
-    rows = -(-len(top) // cols)
+    rows, cols = grid_shape(len(top))
     # Room under each row for a two-line caption, so captions never run into the row above.
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.25 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), top, strict=False):
@@ -184,16 +215,29 @@ def mistakes_grid(
         cmp = ">=" if p[i] >= threshold else "<"
         # Three decimals: at two, p(male)=0.53 against a threshold of 0.53 reads as right.
         ax.set_title(
-            f"true {truth}, said {said}\np(male) {p[i]:.3f} {cmp} {threshold:.3f}", fontsize=6.5
+            f"true {truth}, said {said}\nP(male) {p[i]:.3f} {cmp} {threshold:.3f}", fontsize=9
         )
-    fig.suptitle("most confident mistakes (test split)", fontsize=9)
+    fig.suptitle(f"the {len(top)} most confident mistakes (test split)", fontsize=11)
     fig.subplots_adjust(hspace=0.45, wspace=0.15)
     _save(fig, out_png, plt)
     return len(top)
 
 
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, columns) for `n` images: one row up to 4, else close to square with the
+    fewest empty cells (8 -> 2x4, 9 -> 3x3, 10 -> 2x5), never a whole empty row."""
+    if n <= 4:
+        return 1, max(n, 1)
+    square = int(np.ceil(np.sqrt(n)))
+    cols = min((square, square + 1), key=lambda c: (-n % c, c))
+    return -(-n // cols), cols
+
+
 def plot_history(history: list[dict[str, Any]], out_png: Path) -> None:
-    plt = _plt()
+    """training_curves.png: loss and accuracy per epoch, train and val, phases marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
@@ -203,6 +247,7 @@ def plot_history(history: list[dict[str, Any]], out_png: Path) -> None:
         if switch and len(switch) < len(ep):
             ax.axvline(min(switch) - 0.5, color="grey", ls="--", lw=1, label="fine-tune starts")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,14 +1,15 @@
-"""Saving and loading the Keras model: atomic saves, loads with safe mode forced on."""
+"""Saving and loading the Keras model: reproducible atomic saves, loads with safe mode on."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from genderclf.config import GenderclfError
-from genderclf.io import atomic_file
+from genderclf.io import atomic_file, reproducible_zip
 
 
 class ModelLoadError(GenderclfError, ValueError):
@@ -29,10 +30,45 @@ def _safe_mode():
     return SafeModeScope(True)
 
 
+def _reproducible_member(name: str, data: bytes) -> bytes:
+    """A member of a `.keras` archive without what changes from one save to the next."""
+    if name == "metadata.json":  # {"keras_version": ..., "date_saved": "2026-...@..."}
+        meta = json.loads(data)
+        meta.pop("date_saved", None)
+        return json.dumps(meta).encode()
+    if name == "config.json":
+        # Keras marks objects that several layers share (their dtype policy) with the
+        # object's memory address, `shared_object_id`: numbered in order of appearance
+        # instead, the same objects stay shared on loading.
+        config = json.loads(data)
+        _renumber_shared(config, {})
+        return json.dumps(config).encode()
+    return data
+
+
+def _renumber_shared(node: Any, ids: dict[Any, int]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "shared_object_id":
+                node[key] = ids.setdefault(value, len(ids))
+            else:
+                _renumber_shared(value, ids)
+    elif isinstance(node, list):
+        for value in node:
+            _renumber_shared(value, ids)
+
+
 def save_model(model: Any, path: str | Path) -> Path:
-    """Save a Keras model as a `.keras` file atomically (temp file + rename)."""
+    """Save a Keras model as a `.keras` file atomically (temp file + rename).
+
+    The same model gives the same bytes: Keras stamps the archive's members with the
+    current time, `metadata.json` with a save date and `config.json` with memory
+    addresses; all are rewritten before the rename (so `dvc repro` of an identical
+    training leaves the model's hash as it was).
+    """
     with atomic_file(path) as tmp:
         model.save(str(tmp))
+        reproducible_zip(tmp, _reproducible_member)
     return Path(path)
 
 

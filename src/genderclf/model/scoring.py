@@ -6,14 +6,25 @@ so the test numbers are not tuned on the test data.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    from genderclf.contracts import PreparedData
 
-def predict_split(model: Any, prepared_dir: Path, split: str, batch_size: int):
+
+def slice_name(attribute: str, has: bool) -> str:
+    """The one spelling of a slice, everywhere (eval.json, plots, card, gate, MLflow keys):
+    `Heavy_Makeup:yes` / `Heavy_Makeup:no` (MLflow allows no `=` in a key)."""
+    return f"{attribute}:{'yes' if has else 'no'}"
+
+
+def predict_split(
+    model: Any, prepared: PreparedData | str | os.PathLike[str], split: str, batch_size: int
+):
     """Probabilities for one prepared split, in record order (originals only for val/test).
 
     Returns:
@@ -25,7 +36,7 @@ def predict_split(model: Any, prepared_dir: Path, split: str, batch_size: int):
 
     want = model.inputs[0].shape[1]
     paths, ys, ps = [], [], []
-    for images, labels, p in make_dataset(prepared_dir, split, batch_size, with_path=True):
+    for images, labels, p in make_dataset(prepared, split, batch_size, with_path=True):
         if images.shape[1] != want:  # e.g. a champion trained at another image size
             images = keras.ops.image.resize(images, (want, want))
         prob = model.predict_on_batch(images)
@@ -113,7 +124,7 @@ def slice_metrics(
             acc = right / n if n else None
             entry[name] = {"n": n, "accuracy": acc, "ci": wilson(right, n), "too_small": n < min_n}
             if acc is not None and n >= min_n and acc < worst[1]:
-                worst = (f"{a}={name}", acc)
+                worst = (slice_name(a, name == "with"), acc)
         out["by_attribute"][a] = entry
     out["worst_slice"], out["worst_slice_accuracy"] = worst
     out["worst_slice_gap"] = overall - worst[1]

@@ -171,7 +171,7 @@ def summarize(result: dict[str, Any], location: str, champion: str) -> str:
             + ", ".join(
                 f"{f['name']} median {f['reference_median']:.3g} -> {f['batch_median']:.3g}, KS "
                 f"D={f['statistic']:.2f}, p={f['p_value']:.2g}"
-                for f in moved[:4]
+                for f in moved  # every one drift.json marks drifted (at most the 8)
             )
             + f"; each tested at {v['image']['level']:.3g})"
         )

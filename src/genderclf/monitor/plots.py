@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from genderclf.model.plots import _plt
+from genderclf.model.plots import pyplot
 from genderclf.monitor.profile import FEATURES, Profile
 
 REF, NEW, ALARM = "#4C72B0", "#DD8452", "#C44E52"
@@ -61,7 +61,7 @@ def drift_figure(
     """Histograms of each image statistic, of P(male) and of confidence (reference vs
     batch, the drifted ones titled in red), and the MMD permutation null with the observed
     statistic. Written to `out` (the caller makes the folder atomic)."""
-    plt = _plt()
+    plt = pyplot()
     v = result["views"]
     fig, axes = plt.subplots(3, 4, figsize=(15, 10))
     for ax, f, name in zip(axes.flat[:8], v["image"]["features"], FEATURES, strict=True):

@@ -24,7 +24,7 @@ import numpy as np
 
 from genderclf.config import GenderclfError
 from genderclf.inference import Classifier, ImageError, open_rgb
-from genderclf.io import atomic_file
+from genderclf.io import atomic_file, reproducible_zip
 
 FEATURES = ["width", "height", "brightness", "contrast", "saturation", "red", "green", "blue"]
 POOL_LAYER = "pool"  # GlobalAveragePooling2D in `genderclf.model.backbones.build_model`
@@ -68,18 +68,20 @@ class Profile:
         return np.where(self.male == 1, self.p_male, 1.0 - self.p_male)
 
     def save(self, path: Path) -> Path:
-        """Write the profile as one `.npz`, atomically."""
+        """Write the profile as one `.npz`, atomically; the same profile gives the same bytes."""
         meta = {**self.meta, "format": FORMAT, "features": FEATURES, "failed": self.failed}
-        with atomic_file(path) as tmp, tmp.open("wb") as fh:
-            np.savez_compressed(
-                fh,
-                names=np.array(self.names, dtype=str),
-                features=self.features.astype(np.float32),
-                embeddings=self.embeddings.astype(np.float16),
-                p_male=self.p_male.astype(np.float32),
-                male=self.male.astype(np.int8),
-                meta=np.array(json.dumps(meta)),
-            )
+        with atomic_file(path) as tmp:
+            with tmp.open("wb") as fh:
+                np.savez_compressed(
+                    fh,
+                    names=np.array(self.names, dtype=str),
+                    features=self.features.astype(np.float32),
+                    embeddings=self.embeddings.astype(np.float16),
+                    p_male=self.p_male.astype(np.float32),
+                    male=self.male.astype(np.int8),
+                    meta=np.array(json.dumps(meta)),
+                )
+            reproducible_zip(tmp)  # NumPy dates each member: same profile, same bytes
         return path
 
     @classmethod

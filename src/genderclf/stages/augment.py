@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from genderclf.config import SPLITS, GenderclfError, Paths, Settings
+from genderclf.contracts import PreparedData
 from genderclf.data.augment import preview, write_split
 from genderclf.data.split import read_split
-from genderclf.data.tfrecords import META_FILE
-from genderclf.io import atomic_dir, write_json
+from genderclf.io import atomic_dir
 
 
 class AugmentError(GenderclfError, RuntimeError):
@@ -27,7 +26,7 @@ class AugmentError(GenderclfError, RuntimeError):
 
 @dataclass(frozen=True)
 class AugmentReport:
-    meta: dict[str, Any]  # what data/prepared/meta.json holds
+    data: PreparedData  # what data/prepared/meta.json holds
     prepared: Path
     preview: Path
 
@@ -43,18 +42,20 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentRepor
     splits = {s: read_split(paths.splits, s) for s in SPLITS}
     try:
         with atomic_dir(paths.prepared) as tmp:
-            meta = {
-                "image_size": settings.base.image_size,
-                "encoding": "jpeg",
-                "jpeg_quality": settings.augment.jpeg_quality,
-                "resize": settings.augment.resize,
-                "augment": settings.augment.model_dump(),
-                "seed": settings.base.seed,
-                "splits": {
+            # The one producer of the model's input facts (image size, resize mode): the
+            # later stages read them from here, never from the settings.
+            data = PreparedData(
+                image_size=settings.base.image_size,
+                resize=settings.augment.resize,
+                encoding="jpeg",
+                jpeg_quality=settings.augment.jpeg_quality,
+                seed=settings.base.seed,
+                augment=settings.augment.model_dump(exclude={"workers"}),  # speed only
+                splits={
                     s: write_split(s, splits[s], settings, paths.raw, tmp, progress) for s in SPLITS
                 },
-            }
-            write_json(tmp / META_FILE, meta)  # last: its presence marks the data complete
+            )
+            data.write(tmp)  # last: meta.json's presence marks the data complete
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
             raise AugmentError(
@@ -64,4 +65,6 @@ def run(settings: Settings, paths: Paths, progress: bool = True) -> AugmentRepor
             ) from err
         raise
     preview(settings, paths.raw, splits["train"], paths.augment_preview)
-    return AugmentReport(meta, paths.prepared, paths.augment_preview)
+    return AugmentReport(
+        replace(data, folder=paths.prepared), paths.prepared, paths.augment_preview
+    )

@@ -67,7 +67,7 @@ def run(
     previous = _previous(paths)
     if not force and unchanged(previous, current, paths.raw):
         assert previous is not None
-        log.info(
+        log.debug(  # the CLI's summary line says it
             "download: %s unchanged since %s (%s): data/raw kept",
             settings.data.source,
             previous.get("downloaded_at"),
@@ -88,5 +88,5 @@ def run(
         }
         write_json(tmp / paths.source_file.name, record)
     seconds = time.monotonic() - started
-    log.info("download: %d files from %s in %.1fs", count, settings.data.source, seconds)
+    log.debug("download: %d files from %s in %.1fs", count, settings.data.source, seconds)
     return DownloadReport(record, paths.raw, seconds, fetched=True)

@@ -1,12 +1,14 @@
 """The train stage: fine-tune the backbone on the prepared data, resumable after a crash.
 
-Writes `models/model.keras`, `metrics/train.json`, `plots/history.csv` and the training
-curves. A backup folder outside DVC's outputs (keyed by the settings and the data) keeps
-every completed epoch until the run is logged, so a killed run resumes.
+Writes `models/model.keras` with `models/model.json` (`contracts.TrainedModel`: its input
+size and resize mode, from the prepared data), `metrics/train.json`, `plots/history.csv`
+and the training curves. A backup folder outside DVC's outputs (keyed by the settings and
+the data) keeps every completed epoch until the run is logged, so a killed run resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -15,15 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from genderclf.config import Paths, Settings
-from genderclf.data.tfrecords import (
-    PreparedDataError,
-    make_dataset,
-    read_meta,
-    reader_on_cpu_only,
-)
-from genderclf.io import atomic_file, write_json
+from genderclf.contracts import ModelInput, PreparedData, PreparedDataError, TrainedModel
+from genderclf.data.tfrecords import make_dataset, reader_on_cpu_only
+from genderclf.io import md5_file, write_json
 from genderclf.model import distributed
-from genderclf.model.backbones import check_compatible
+from genderclf.model.backbones import Backbone, check_compatible
 from genderclf.model.fit import (
     backup_dir_for,
     check_jit_settings,
@@ -33,6 +31,7 @@ from genderclf.model.fit import (
     reproducible,
     use_deterministic,
     use_mixed_precision,
+    write_history,
 )
 from genderclf.model.plots import plot_history
 from genderclf.model.saving import save_model
@@ -40,55 +39,106 @@ from genderclf.model.saving import save_model
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """What `prepare` checked before anything starts."""
+
+    data: PreparedData  # data/prepared/meta.json, read once
+    backbone: Backbone  # train.backbone, checked against the data's image size
+    backup: Path  # this run's backup folder (resumes a killed run of the same settings)
+
+
 @dataclass
 class TrainReport:
-    metrics: dict[str, Any]  # what metrics/train.json holds
+    metrics: dict[str, Any]  # what metrics/train.json holds (no timings)
+    timings: dict[str, float | None]  # training rates: for MLflow and the console only
     history: list[dict[str, Any]]
     model: Any  # the trained keras.Model (also saved to `paths.model`)
+    trained: TrainedModel  # what models/model.json holds
     example: Any  # one test image, (1, size, size, 3) float32 RGB 0..255: an input example
     backup: Path
-    image_size: int
-    resize: str
 
 
-def prepare(settings: Settings, paths: Paths) -> Path:
-    """Check the inputs before anything starts; returns this run's backup folder.
+def prepare(settings: Settings, paths: Paths) -> TrainPlan:
+    """Check the inputs before anything starts (once per training).
 
     Raises:
         PreparedDataError: prepared data missing or at another image size.
         ModelConfigError: the backbone cannot take these settings (or the weights file is
             missing, or `train.jit_compile: on` conflicts with `train.deterministic`).
     """
-    meta = read_meta(paths.prepared)
-    check_compatible(settings.train, settings.base.image_size)
+    data = PreparedData.read(paths.prepared)
+    # The settings first (a backbone that cannot take base.image_size is named as such),
+    # then the data: from here on the image size is the prepared data's.
+    backbone = check_compatible(settings.train, settings.base.image_size)
     check_jit_settings(settings.train)
-    if int(meta["image_size"]) != settings.base.image_size:
+    if data.image_size != settings.base.image_size:
         raise PreparedDataError(
-            f"prepared data is {meta['image_size']}px but base.image_size="
+            f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
-    return backup_dir_for(paths.train_backups, settings, meta)
+    # The backup root may be a share every host of a distributed training reads.
+    root = distributed.backup_root(paths.train_backups)
+    return TrainPlan(data, backbone, backup_dir_for(root, settings, data.to_json()))
+
+
+def process(settings: Settings) -> distributed.Cluster | None:
+    """This process's place in a training of `train.processes` processes, or None when no
+    launcher started it (it trains alone, or it launches the processes: `launch`).
+
+    Raises:
+        DistributedError: the launcher's variables are incomplete, started another number
+            of processes, or the JAX backend is not there for `train.processes` > 1.
+    """
+    cluster = distributed.from_env()
+    distributed.check(settings.train, cluster)
+    return cluster
+
+
+def launch(settings: Settings, paths: Paths, params: Path, plan: TrainPlan) -> Any:
+    """Start the `train.processes` processes here or on the Ray cluster (`model.launch`),
+    each running the stage's command, and wait for them. Returns a LaunchReport with the
+    metrics process 0 wrote.
+
+    Raises:
+        DistributedError: a process failed (one line: which, how, how to resume).
+    """
+    from genderclf.model import launch as launcher
+
+    return launcher.run(settings, paths, params, plan.backup)
+
+
+def one_of(cluster: distributed.Cluster | None) -> contextlib.AbstractContextManager:
+    """Around the work of one process of a distributed training: any error ends the process
+    at once (`distributed.exit_on_error`), so the others stop instead of waiting for it."""
+    return distributed.exit_on_error() if cluster else contextlib.nullcontext()
 
 
 def run(
-    settings: Settings, paths: Paths, on_epoch: Callable[[dict[str, Any]], None] | None = None
+    settings: Settings,
+    paths: Paths,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    plan: TrainPlan | None = None,
 ) -> TrainReport | None:
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
     Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
-    the `tf.data` reader feeds either. Started as one of `train.processes` processes (by
-    `genderclf.model.launch`), it trains on its share of the data and only process 0
-    writes the outputs; the others return None.
+    the `tf.data` reader feeds either. Every output DVC hashes (the model, model.json,
+    train.json, history.csv, the curves) is the same for the same inputs when
+    `train.deterministic` is on: timings go to the report, not to the files. Started as
+    one of `train.processes` processes (by `genderclf.model.launch`), it trains on its
+    share of the data and only process 0 writes the outputs; the others return None.
 
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
             val_loss, val_accuracy, lr, seconds, images_per_second), e.g. to log it.
+        plan: what `prepare` returned (it runs here when the caller did not).
     """
     import keras
 
     t = settings.train
-    backup = prepare(settings, paths)
-    meta = read_meta(paths.prepared)
+    plan = plan or prepare(settings, paths)
+    data = plan.data
     deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
     cluster = distributed.from_env()
     distributed.check(t, cluster, keras.config.backend())
@@ -99,20 +149,20 @@ def run(
         keras.mixed_precision.set_global_policy("mixed_float16")
     deterministic = use_deterministic(t.deterministic)
     chief = distributed.is_chief()
-    for other in paths.train_backups.glob("*"):  # backups of other settings or data
-        if other != backup and chief:
+    for other in plan.backup.parent.glob("*"):  # backups of other settings or data
+        if other != plan.backup and chief:
             shutil.rmtree(other, ignore_errors=True)
-    tr = meta["splits"]["train"]
-    weights = class_weights(tr["male"], tr["images"], t.class_weights)
+    tr = data.split("train")
+    weights = class_weights(tr.male, tr.images, t.class_weights)
     with reproducible(settings.base.seed, deterministic):
         share: dict[str, Any] = {}
-        batch, records = t.batch_size, tr["records"]
+        batch, records = t.batch_size, tr.records
         if distributed.current().distributed:  # this process's shards, as many steps as all
-            plan = distributed.shard_plan(meta, "train", distributed.current(), t.batch_size)
-            share = {"shards": plan.shards, "limit": plan.records_per_epoch}
-            batch, records = plan.batch, plan.records_per_epoch * t.processes
+            mine = distributed.shard_plan(data, "train", distributed.current(), t.batch_size)
+            share = {"shards": mine.shards, "limit": mine.records_per_epoch}
+            batch, records = mine.batch, mine.records_per_epoch * t.processes
         train_ds = make_dataset(
-            paths.prepared,
+            data,
             "train",
             batch,
             shuffle=True,
@@ -123,12 +173,14 @@ def run(
         )
         # Validation is not split: every process scores the whole split (its metrics are the
         # one-process ones), with the same batches, so the processes stay in step.
-        val_ds = make_dataset(paths.prepared, "val", batch)
+        val_ds = make_dataset(data, "val", batch)
         result = fit_phases(
             settings,
             train_ds,
             val_ds,
-            backup,
+            plan.backup,
+            image_size=data.image_size,
+            backbone=plan.backbone,
             weights=weights,
             on_epoch=on_epoch,
             train_records=records,
@@ -138,39 +190,43 @@ def run(
         return None
     result.model = distributed.local_model(result.model)  # saved and logged by process 0 alone
     save_model(result.model, paths.model)
+    trained = TrainedModel(
+        input=ModelInput(data.image_size, data.resize),
+        model_md5=md5_file(paths.model),
+        seed=settings.base.seed,
+        train=t.model_dump(),
+    )
+    trained.write(paths.model_info)
 
     hist = result.history
     best = min(
         (r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"], default={}
     )
-    rate = tr["records"] * result.epochs_run_now / result.seconds if result.epochs_run_now else None
+    rate = records * result.epochs_run_now / result.seconds if result.epochs_run_now else None
     # The training rate per epoch, compilation and validation excluded (history rows).
     rates = sorted(r["images_per_second"] for r in hist if r.get("images_per_second"))
-    steady = rates[len(rates) // 2] if rates else None
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
         "val_loss": best.get("val_loss"),
         "val_accuracy": best.get("val_accuracy"),
         "epochs": len(hist),
-        "train_images_per_second": round(rate, 1) if rate else None,  # whole fit, wall clock
-        "images_per_second": steady,  # median epoch: training steps only, no compilation
         "resumed": result.resumed_from or "no",
         "class_weights": weights or "none",
     }
+    timings = {
+        "train_images_per_second": round(rate, 1) if rate else None,  # whole fit, wall clock
+        "images_per_second": rates[len(rates) // 2] if rates else None,  # median epoch
+    }
     write_json(paths.train_metrics, metrics)
-    with atomic_file(paths.history) as tmp:
-        shutil.copyfile(backup / "history.csv", tmp)
+    write_history(plan.backup / "history.csv", paths.history)
     plot_history(hist, paths.curves)
-    example = next(iter(make_dataset(paths.prepared, "test", 1)))[0].numpy()
-    return TrainReport(
-        metrics,
-        hist,
-        result.model,
-        example,
-        backup,
-        settings.base.image_size,
-        settings.augment.resize,
+    example = next(iter(make_dataset(data, "test", 1)))[0].numpy()
+    log.info(
+        "train: %s images/s over the whole fit, %s per epoch (median)",
+        timings["train_images_per_second"],
+        timings["images_per_second"],
     )
+    return TrainReport(metrics, timings, hist, result.model, trained, example, plan.backup)
 
 
 def discard_backup(report: TrainReport) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from genderclf.console import render_table
-from genderclf.tracking.setup import CHAMPION, EXPERIMENT, MODEL_NAME, configure
+from genderclf.tracking.setup import CHAMPION, EXPERIMENT, MODEL_NAME, configure, require_store
 
 METRICS = ("test/accuracy", "test/f1", "test/roc_auc", "test/ece")
 
@@ -48,6 +48,7 @@ def compare_versions() -> str:
     """All versions of `gender-classifier`, newest first, the champion marked with `*`."""
     from mlflow import MlflowClient
 
+    require_store("registered versions to compare")
     configure()
     client = MlflowClient()
     versions = sorted(
@@ -72,6 +73,7 @@ def compare_runs(n: int) -> str:
     """The `n` most recent runs of the experiment."""
     import mlflow
 
+    require_store("runs to compare")
     configure()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     runs = (

@@ -1,8 +1,10 @@
 """The MLflow Model Registry behind the register stage: versions, aliases, promotion lock.
 
-`MlflowRegistry` is what the register stage asks of a registry (its `Registry` protocol):
-register a run's servable model once, read and move the `champion` alias under a lock,
-load a version for re-scoring, and keep the decision with the version and the run.
+`MlflowRegistry` is what promotion asks of a registry (`genderclf.promotion.Registry`):
+find the run that trained a model, register its servable model once, read and move the
+`champion` alias under a lock, load a version for re-scoring, and keep the decision with
+the version and the run. `open_registry` is the one way the commands and the flows get
+one, with a failing server explained in one line.
 
 Every alias move is recorded on the model versions as tags (who, when, from, to, why), so
 the history survives later moves.
@@ -24,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from genderclf.contracts import Evaluation, TrainedModel, TrainingRun
 from genderclf.inference import ServingConfig
 from genderclf.tracking.setup import (
     CHALLENGER,
@@ -117,8 +120,18 @@ def move_alias(client, alias: str, version: str, reason: str) -> dict[str, Any]:
         client.set_model_version_tag(
             MODEL_NAME, prev_version, f"alias.{alias}.removed", json.dumps(move)
         )
-    client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", json.dumps(move))
+    client.set_registered_model_tag(MODEL_NAME, f"last_move.{alias}", move_text(move))
     return move
+
+
+def move_text(move: dict[str, Any]) -> str:
+    """The registered model's `last_move.<alias>` tag: one short line (the first reason).
+    The whole record (JSON, what rollback reads) stays on the versions' `alias.<alias>.set`
+    tags."""
+    was = f"was version {move['from']}" if move["from"] else "first"
+    why = move["reason"].split("; ")[0]  # the first reason; all of them are on the version
+    why = why if len(why) <= 120 else why[:119] + "…"
+    return f"version {move['to']} ({was}), by {move['by']} at {move['at']}: {why}"
 
 
 LOCK_MODEL = f"{MODEL_NAME}.promotion-lock"
@@ -186,7 +199,7 @@ REFERENCE_TAG = "genderclf.reference"
 
 def serving_model_uri(
     client,
-    run: dict[str, Any],
+    run: TrainingRun,
     config: ServingConfig,
     example: bytes,
     retries: int,
@@ -202,11 +215,11 @@ def serving_model_uri(
 
     from genderclf.tracking.serving import log_serving_model
 
-    run_id = run["run_id"]
+    run_id = run.run_id
     tags = call_with_retries(lambda: client.get_run(run_id).data.tags, retries, 1.0, where)
     if tags.get(SERVING_MODEL_TAG):
         return f"models:/{tags[SERVING_MODEL_TAG]}"
-    keras_uri = run["keras_model_uri"]
+    keras_uri = run.keras_model_uri
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(
             call_with_retries(
@@ -262,31 +275,26 @@ class MlflowRegistry:
     def _call(self, fn):
         return call_with_retries(fn, self.retries, 1.0, self.where)
 
+    def training_run(self, model: TrainedModel, record: Path) -> TrainingRun:
+        """The run that logged `model` (`tracking.runs.training_run`)."""
+        from genderclf.tracking.runs import training_run
+
+        self.client  # noqa: B018  (connects: configure() points MLflow at the store)
+        return self._call(lambda: training_run(model, record))
+
     def register(
-        self, run: dict[str, Any], metrics: dict[str, Any], serving: dict[str, Any]
+        self, run: TrainingRun, evaluation: Evaluation, serving: ServingConfig, example: bytes
     ) -> tuple[str, bool, str]:
         """(version, newly registered, model URI); `challenger` points at the version."""
         tags = {
-            "accuracy": f"{float(metrics['accuracy']):.6f}",
-            "threshold": f"{float(metrics['threshold']):.6f}",
-            "f1": f"{float(metrics['f1']):.6f}",
-            "run_id": run["run_id"],
+            "accuracy": f"{evaluation.accuracy:.6f}",
+            "threshold": f"{serving.threshold:.6f}",
+            "f1": f"{evaluation.f1:.6f}",
+            "run_id": run.run_id,
+            "calibration": json.dumps(list(serving.calibration)),
         }
-        cal = tuple(serving.get("calibration", (1.0, 0.0)))
-        tags["calibration"] = json.dumps(list(cal))
-        config = ServingConfig(
-            serving["image_size"],
-            serving["resize"],
-            serving["threshold"],
-            serving.get("predict"),
-            cal,
-        )
-        uri = serving_model_uri(
-            self.client, run, config, serving["example"], self.retries, self.where
-        )
-        mv, created = find_or_register(
-            self.client, run["run_id"], uri, tags, self.retries, self.where
-        )
+        uri = serving_model_uri(self.client, run, serving, example, self.retries, self.where)
+        mv, created = find_or_register(self.client, run.run_id, uri, tags, self.retries, self.where)
         version = str(mv.version)
         self._call(lambda: self.client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version))
         return version, created, uri
@@ -314,7 +322,7 @@ class MlflowRegistry:
         record = json.dumps({"verdict": verdict, "by": who, "at": at, "reason": reason[:400]})
         self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, "approval", record))
         mv = self._call(lambda: c.get_model_version(MODEL_NAME, version))
-        note = f"**{verdict.capitalize()} by {who}** ({at}): {reason}\n\n"
+        note = f"{verdict.capitalize()} by {who} ({at}): {reason}\n\n"  # plain: the list shows it
         self._call(
             lambda: c.update_model_version(
                 MODEL_NAME, version, (note + (mv.description or ""))[:5000]
@@ -373,23 +381,33 @@ class MlflowRegistry:
             self._call(lambda: c.set_model_version_tag(MODEL_NAME, version, REFERENCE_TAG, uri))
 
     @contextlib.contextmanager
-    def failures_explained(self, paths: Any) -> Iterator[None]:
-        """One TrackingError for a server that went away mid-stage (after the retries)."""
+    def failures_explained(self, during: str, kept: str) -> Iterator[None]:
+        """One TrackingError for a server that went away mid-command (after the retries):
+        what failed `during` what, what is `kept`, and to run it again."""
         from mlflow.exceptions import MlflowException
         from requests.exceptions import RequestException
 
         try:
             yield
         except (MlflowException, RequestException) as err:
-            # Nothing on disk is touched, and a re-run finds the version already
-            # registered from this run instead of adding a second one.
-            run_id = json.loads(paths.run.read_text()).get("run_id")
             raise TrackingError(
-                f"{self.where} failed during the register stage: {redact(str(err))[:300]}. "
-                f"The trained model (run {run_id}) and {paths.eval_metrics} are kept; run the "
-                "stage again when the server answers (it reuses the version registered from "
-                "this run)."
+                f"{self.where} failed during {during}: {redact(str(err))[:300]}. {kept}; run "
+                "it again when the server answers."
             ) from None
+
+
+@contextlib.contextmanager
+def open_registry(retries: int, during: str, kept: str) -> Iterator[MlflowRegistry]:
+    """The `gender-classifier` registry for one command (`register.retries`), with a
+    server that fails mid-way explained in one line (`MlflowRegistry.failures_explained`).
+
+    Args:
+        during: what is running, e.g. "the register stage" or "`genderclf promote 3`".
+        kept: what is left as it was, e.g. "nothing was moved".
+    """
+    registry = MlflowRegistry(retries)
+    with registry.failures_explained(during, kept):
+        yield registry
 
 
 @dataclass(frozen=True)

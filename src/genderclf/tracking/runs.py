@@ -5,9 +5,10 @@ opens for its stages.
 Metric keys are namespaced so the MLflow UI groups them into sections: `train/...` and
 `val/...` per epoch (step = epoch), `test/...` from evaluate, and the accuracy of each
 attribute slice as `slice/<attribute>:yes` / `slice/<attribute>:no` (the UI makes a section
-of everything before a key's last `/`, so one `slice` section holds them all; MLflow
-allows no `=` in a key). One-off facts of a training (best epoch, epochs run, class
-weights) are params of the logged model, not charts. The keys of `metrics/*.json`, which
+of everything before a key's last `/`, so one `slice` section holds them all; the slice's
+name is spelt the same everywhere: `model.scoring.slice_name`). One-off facts of a
+training (best epoch, epochs run, class weights, its speed) are params of the logged
+model, not charts. The keys of `metrics/*.json`, which
 DVC shows, stay as they are.
 """
 
@@ -20,8 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from genderclf.catalog import location
 from genderclf.config import Paths, Settings
-from genderclf.io import write_json
+from genderclf.contracts import ContractError, Evaluation, TrainedModel, TrainingRun
+from genderclf.model.scoring import slice_name
 from genderclf.tracking.setup import (
     EXPERIMENT,
     TrackingError,
@@ -29,9 +32,24 @@ from genderclf.tracking.setup import (
     dvc_out_hash,
     lineage_tags,
     redact,
+    tracking_uri,
 )
 
 log = logging.getLogger(__name__)
+
+# The training run's tags that find it again from the model file alone (`training_run`):
+# the MD5 of models/model.keras (DVC's hash of it) and the LoggedModel of the Keras model.
+MODEL_MD5_TAG = "genderclf.model_md5"
+KERAS_MODEL_ID_TAG = "genderclf.keras_model_id"
+# A Prefect flow run hands its MLflow run to the stage processes it starts through
+# MLflow's own variable (flows/pipeline.py sets it); `flow_run_id` is its one reader.
+RUN_ID_VARIABLE = "MLFLOW_RUN_ID"
+
+
+def flow_run_id() -> str | None:
+    """The MLflow run a Prefect flow run opened for its stages, if this process has one."""
+    return os.environ.get(RUN_ID_VARIABLE) or None
+
 
 KERAS_MODEL = "keras_model"  # the LoggedModel name of the trained Keras model
 EPOCH_KEYS = {
@@ -56,12 +74,12 @@ def rounded(value: float) -> float:
     return float(f"{float(value):.6g}")
 
 
-class TrainingRun:
+class TrainingTracker:
     """The MLflow run of one training, as a context manager around the train stage.
 
     Entering checks the tracking server (before any epoch is spent), starts the run or
-    resumes the one a killed training left in its backup folder (or adopts MLFLOW_RUN_ID,
-    the run of a Prefect flow run), and logs the params, lineage tags and datasets. A
+    resumes the one a killed training left in its backup folder (or adopts the run of a
+    Prefect flow run, `flow_run_id`), and logs the params, lineage tags and datasets. A
     tracking failure inside the block is reported as one TrackingError that says what was
     kept.
     """
@@ -72,14 +90,14 @@ class TrainingRun:
         self.run_id = ""
         self.saved = False
 
-    def __enter__(self) -> TrainingRun:
+    def __enter__(self) -> TrainingTracker:
         import mlflow
 
         self.uri = configure()
         run_file = self.backup / "mlflow_run_id"
         resumed = run_file.read_text().strip() if run_file.exists() else None
         try:
-            run = mlflow.start_run(run_id=resumed or os.environ.get("MLFLOW_RUN_ID"))
+            run = mlflow.start_run(run_id=resumed or flow_run_id())
             self.run_id = run.info.run_id
             self.backup.mkdir(parents=True, exist_ok=True)
             run_file.write_text(self.run_id)
@@ -107,14 +125,7 @@ class TrainingRun:
         return self
 
     def _source_name(self) -> str:
-        rec = _source(self.paths)
-        return str(
-            rec.get("slug")
-            or rec.get("uri")
-            or rec.get("path")
-            or rec.get("source")
-            or "unknown data"
-        )
+        return location(_source(self.paths))[0]
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's history row as `train/` and `val/` metrics at step `epoch`; never
@@ -136,7 +147,8 @@ class TrainingRun:
 
     def log_training(self, report: Any) -> None:
         """The train stage's report: the curves, the Keras model (a LoggedModel, with the
-        summary of the training as its params), and models/run.json."""
+        summary of the training and its timings as its params), the tags that find the run
+        from the model file, and models/run.json (`contracts.TrainingRun`)."""
         import mlflow
 
         self.saved = True
@@ -150,26 +162,23 @@ class TrainingRun:
             "epochs": m["epochs"],
             "resumed": m["resumed"],
             "class_weights": m["class_weights"],
-            "train_images_per_second": m["train_images_per_second"],
-            "images_per_second": m["images_per_second"],
+            **report.timings,  # train_images_per_second, images_per_second
         }
         info = log_keras_model(
             report.model, report.example, {k: str(v) for k, v in summary.items()}
         )
+        md5 = report.trained.model_md5
+        mlflow.set_tags({MODEL_MD5_TAG: md5, KERAS_MODEL_ID_TAG: info.model_id})
         # The servable pyfunc model is logged by register, which knows evaluation's
-        # threshold; run.json carries what it needs to package this one.
-        write_json(
-            self.paths.run,
-            {
-                "run_id": self.run_id,
-                "experiment_id": mlflow.active_run().info.experiment_id,
-                "tracking_uri": self.uri,
-                "keras_model_uri": info.model_uri,
-                "model_id": info.model_id,
-                "image_size": report.image_size,
-                "resize": report.resize,
-            },
-        )
+        # threshold; run.json says where this one is.
+        TrainingRun(
+            model_md5=md5,
+            run_id=self.run_id,
+            experiment_id=mlflow.active_run().info.experiment_id,
+            tracking_uri=self.uri,
+            keras_model_uri=info.model_uri,
+            model_id=info.model_id,
+        ).write(self.paths.run)
         mlflow.set_tag("stage.train", "done")
 
     def _fail(self, err: BaseException) -> None:
@@ -213,16 +222,11 @@ def dataset(paths: Paths, split: str):
 
     rec = _source(paths)
     checksum = str(rec.get("checksum", "unknown"))
-    kind = rec.get("source")
-    if kind == "kaggle":
-        source = HTTPDatasetSource(f"https://www.kaggle.com/datasets/{rec.get('slug')}#{checksum}")
-    elif kind in ("s3", "dir"):
-        where = rec.get("uri") if kind == "s3" else Path(str(rec.get("path"))).as_uri()
-        source = HTTPDatasetSource(f"{redact(str(where))}#{checksum}")
-    else:
-        source = CodeDatasetSource(
-            {"generator": str(rec.get("generator", kind or "unknown")), "checksum": checksum}
-        )
+    where, url = location(rec)
+    if url:
+        source = HTTPDatasetSource(f"{redact(url)}#{checksum}")
+    else:  # generated by code (the bundled sample)
+        source = CodeDatasetSource({"generator": where, "checksum": checksum})
     digest = dvc_out_hash("augment", str(paths.prepared)) or checksum.removeprefix("sha256:")
     return MetaDataset(source, name=f"{split}", digest=digest[:32])
 
@@ -284,10 +288,11 @@ def runtime_requirements() -> list[str]:
     import keras
 
     backend = keras.config.backend()
-    return _pinned("keras", "numpy", "tensorflow" if backend == "tensorflow" else backend)
+    return pinned("keras", "numpy", "tensorflow" if backend == "tensorflow" else backend)
 
 
-def _pinned(*pkgs: str) -> list[str]:
+def pinned(*pkgs: str) -> list[str]:
+    """`pkg==version` of each installed package (those not installed are left out)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
@@ -304,45 +309,95 @@ def _pinned(*pkgs: str) -> list[str]:
 TEST_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "ece")
 
 
-def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
     """eval.json's numbers under their MLflow keys (`test/...`, `val/...`, `slice/...`)."""
-    out = {f"test/{k}": rounded(metrics[k]) for k in TEST_KEYS if metrics.get(k) is not None}
+    e = evaluation
+    out = {f"test/{k}": rounded(getattr(e, k)) for k in TEST_KEYS if getattr(e, k) is not None}
     for k in ("accuracy", "f1", "roc_auc"):  # the 95% bootstrap interval's ends
-        if metrics.get(f"{k}_ci"):
-            out[f"test/{k}_low"], out[f"test/{k}_high"] = map(rounded, metrics[f"{k}_ci"])
-    if metrics.get("val_accuracy_at_threshold") is not None:
-        out["val/accuracy_at_threshold"] = rounded(metrics["val_accuracy_at_threshold"])
-    slices = metrics.get("slices") or {}
-    for attr, e in slices.get("by_attribute", {}).items():
-        for k, flag in (("with", "yes"), ("without", "no")):
-            if e[k]["accuracy"] is not None:
-                out[f"slice/{attr}:{flag}"] = rounded(e[k]["accuracy"])
+        if ci := getattr(e, f"{k}_ci"):
+            out[f"test/{k}_low"], out[f"test/{k}_high"] = map(rounded, ci)
+    out["val/accuracy_at_threshold"] = rounded(e.val_accuracy_at_threshold)
+    slices = e.slices or {}
+    for attr, entry in slices.get("by_attribute", {}).items():
+        for k in ("with", "without"):
+            if entry[k]["accuracy"] is not None:
+                out[f"slice/{slice_name(attr, k == 'with')}"] = rounded(entry[k]["accuracy"])
     if slices.get("worst_slice_gap") is not None:
         out["slice/worst_gap"] = rounded(slices["worst_slice_gap"])
     return out
 
 
-def log_evaluation(paths: Paths, metrics: dict[str, Any], plots: list[Path]) -> bool:
-    """Log the evaluate stage's metrics and plots into the training run (from run.json);
-    the metrics are linked to the run's Keras model and to the test dataset.
+def training_run(model: TrainedModel, record: Path) -> TrainingRun:
+    """The MLflow run that holds `model` (configure() first).
 
-    Returns:
-        False when there is no run.json (the model was not trained by the train stage).
+    `record` (models/run.json, outside DVC's outputs) when it names this model: the
+    workspace that trained it. Otherwise the newest run of the experiment tagged with the
+    model's MD5: another machine (a fresh clone after `dvc pull`, CI, the GPU worker's
+    parent), or an older model `dvc checkout` brought back. DVC hashes neither, so an
+    identical re-training leaves the pipeline up to date; and a record of another model
+    is never used, because it is keyed by the model's content hash.
+
+    Raises:
+        TrackingError: no run of the tracking store holds this model.
     """
     import mlflow
 
-    if not paths.run.is_file():
-        log.warning("%s missing: metrics not logged to MLflow", paths.run)
-        return False
+    try:
+        run = TrainingRun.read(record) if record.is_file() else None
+    except ContractError:
+        run = None  # a record of an older genderclf: the tags say the same
+    if run is not None and run.model_md5 == model.model_md5:
+        return run
+    found = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        filter_string=f"tags.`{MODEL_MD5_TAG}` = '{model.model_md5}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not found:
+        raise TrackingError(
+            f"no MLflow run in {redact(tracking_uri())} holds the trained model (md5 "
+            f"{model.model_md5}): point MLFLOW_TRACKING_URI at the store it was logged to, "
+            "or train it again here (`dvc repro --force train`)"
+        )
+    r = found[0]
+    model_id = r.data.tags[KERAS_MODEL_ID_TAG]
+    return TrainingRun(
+        model_md5=model.model_md5,
+        run_id=r.info.run_id,
+        experiment_id=r.info.experiment_id,
+        tracking_uri=redact(tracking_uri()),
+        keras_model_uri=f"models:/{model_id}",
+        model_id=model_id,
+    )
+
+
+def log_evaluation(
+    paths: Paths, model: TrainedModel, evaluation: Evaluation, plots: list[Path]
+) -> bool:
+    """Log the evaluate stage's metrics and plots into the run that trained `model`
+    (`training_run`); the metrics are linked to its Keras model and to the test dataset.
+
+    Returns:
+        False when no run holds the model (it was not trained by the train stage, or in
+        another tracking store): the metrics stay in metrics/eval.json only.
+    """
+    import mlflow
+
     configure()
-    run = json.loads(paths.run.read_text())
-    with mlflow.start_run(run_id=run["run_id"]):
+    try:
+        run = training_run(model, paths.run)
+    except TrackingError as err:
+        log.warning("metrics not logged to MLflow: %s", err)
+        return False
+    with mlflow.start_run(run_id=run.run_id):
         mlflow.log_metrics(
-            evaluation_metrics(metrics),
-            model_id=run.get("model_id"),
+            evaluation_metrics(evaluation),
+            model_id=run.model_id,
             dataset=dataset(paths, "test"),
         )
-        mlflow.set_tag("threshold", f"{metrics['threshold']:.6f}")
+        mlflow.set_tag("threshold", f"{evaluation.threshold_raw:.6f}")
         mlflow.log_artifact(str(paths.eval_metrics), "metrics")
         for f in plots:
             mlflow.log_artifact(str(f), "plots")
@@ -364,7 +419,7 @@ def start_flow_run(
     from mlflow import MlflowClient
     from mlflow.tracking.context.registry import resolve_tags
 
-    from genderclf.tracking.setup import tracking_uri
+    from genderclf.tracking.setup import ui_link
 
     configure()
     client = MlflowClient()
@@ -377,11 +432,7 @@ def start_flow_run(
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     run = client.create_run(exp.experiment_id, run_name=flow_run_name, tags=tags)
-    uri = tracking_uri()
-    base = (
-        uri if uri.startswith("http") else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    )
-    url = f"{redact(base).rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    url = ui_link(f"experiments/{exp.experiment_id}/runs/{run.info.run_id}")
     return run.info.run_id, url
 
 

@@ -97,8 +97,8 @@ class GenderClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.clf = load_local(
             context.artifacts[KERAS_ARTIFACT],
-            ServingConfig.read(context.artifacts["serving_config"]),
             "pyfunc",
+            config=ServingConfig.read(context.artifacts["serving_config"]),
         )
         self.settings = self.clf.config.predict_settings()
         if self.settings is None:
@@ -171,7 +171,7 @@ def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
         The ModelInfo (`model_id`, `model_uri`).
     """
     import genderclf
-    from genderclf.tracking.runs import _pinned, runtime_requirements
+    from genderclf.tracking.runs import pinned, runtime_requirements
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.write(Path(tmp) / SERVING_CONFIG)
@@ -184,29 +184,28 @@ def log_serving_model(keras_file: Path, config: ServingConfig, example: bytes):
             code_paths=[str(Path(genderclf.__file__).parent)],
             pip_requirements=[
                 *runtime_requirements(),
-                *_pinned("pillow", "pandas", "mlflow", *DETECTION_PACKAGES),
+                *pinned("pillow", "pandas", "mlflow", *DETECTION_PACKAGES),
             ],
             model_type="genderclf-serving",
         )
 
 
 def load_classifier(
-    uri: str = DEFAULT_MODEL_URI,
-    threshold: float | None = None,
-    fallback: ServingConfig | None = None,
+    uri: str = DEFAULT_MODEL_URI, threshold: float | None = None, bare_resize: str | None = None
 ) -> Classifier:
     """Load a classifier from a `.keras` file, a model folder or any MLflow model URI.
 
     For MLflow URIs (`models:/name@alias`, `models:/name/3`, `runs:/id/model`, `s3://...`)
     the tracking server is the configured one (`MLFLOW_TRACKING_URI`, else the repo's
     `sqlite:///mlflow.db`). The threshold is the one evaluation chose, stored with the
-    registered model (`serving.json`); `fallback` serves a bare `.keras` file.
+    registered model (`serving.json`); a bare `.keras` file is served as `load_local` says
+    (`bare_resize`: how to fit images to a model nothing describes).
 
     Raises:
         PredictError: the URI does not resolve or holds no loadable genderclf model.
     """
     if Path(uri).exists():
-        return with_threshold(load_local(uri, fallback), threshold)
+        return with_threshold(load_local(uri, bare_resize=bare_resize), threshold)
     if "://" not in uri and not uri.startswith("models:/"):
         raise PredictError(
             f"{uri}: no such model file, and not an MLflow URI "
@@ -214,8 +213,10 @@ def load_classifier(
         )
     from mlflow.exceptions import MlflowException
 
-    from genderclf.tracking.setup import configure, redact
+    from genderclf.tracking.setup import configure, redact, require_store
 
+    if uri.startswith(("models:/", "runs:/")):  # answered by the tracking store
+        require_store(f"{uri} (or pass a .keras file)")
     configure(0)
     # The download is read into memory and removed: a loaded model keeps no file open.
     with tempfile.TemporaryDirectory(prefix="genderclf-model-") as tmp:
@@ -231,4 +232,4 @@ def load_classifier(
                 f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}"
                 f"{hint}: {str(err).splitlines()[0][:300]}"
             ) from None
-        return with_threshold(load_local(folder, fallback, uri), threshold)
+        return with_threshold(load_local(folder, uri, bare_resize=bare_resize), threshold)
