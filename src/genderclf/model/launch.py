@@ -201,8 +201,11 @@ class LocalLauncher:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                # The first to fail is the cause; the others abort after it (heartbeat).
-                rank, code = failed[0]
+                # The cause: a process killed by a signal (OOM, a lost host) before one that
+                # exited with an error, then the lowest rank. The others abort after it: at
+                # once when the all-reduce's socket closes (gloo), else on the heartbeat, so
+                # by this poll the cause and the aborted may both be gone.
+                rank, code = min(failed, key=lambda f: (f[1] >= 0, f[0]))
                 log = logs / f"process-{rank}.log"
                 how = _how(code) + error_line(log)
                 raise failure(rank, self.n, how, self.backup, str(log))
