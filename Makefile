@@ -12,9 +12,9 @@ PYTEST_ARGS ?=
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install the locked environment into .venv (uv, from uv.lock; with the `cluster` extra: Ray)
+setup: ## Install the locked environment into .venv (uv, from uv.lock; with the `cluster` (Ray) and `jax` extras)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
-	$(UV) sync --frozen --compile-bytecode --extra cluster
+	$(UV) sync --frozen --compile-bytecode --extra cluster --extra jax
 
 demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over DVC; no network, no GPU)
 	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "make demo needs a git checkout (DVC tracks runs in git)"; exit 1)

@@ -252,6 +252,11 @@ class TrainSettings(_Section):
         description="same params and data on the same machine give the same weights"
     )
     class_weights: Literal["auto", "off"]
+    processes: int = Field(
+        ge=1,
+        le=1024,
+        description="training processes, data-parallel (Keras' JAX distribution API past 1)",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -273,6 +278,19 @@ class TrainSettings(_Section):
         # YAML 1.1 reads unquoted on/off as booleans (and `dvc exp run -S` drops the quotes).
         if isinstance(v, bool):
             return "on" if v else "off"
+        return v
+
+    @field_validator("processes")
+    @classmethod
+    def _batch_splits(cls, v: int, info: Any) -> int:
+        # Each process trains on batch_size / processes images a step.
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % v:
+            raise ValueError(
+                f"train.batch_size={batch} does not split over {v} processes: make it a "
+                "multiple of train.processes (it is the global batch; each process takes "
+                "batch_size / processes)"
+            )
         return v
 
     @field_validator("epochs_finetune")

@@ -13,6 +13,8 @@ functions are the glue without the argument parsing (tests and notebooks call th
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -54,23 +56,38 @@ def run_tune(settings: Settings, paths: Paths = PATHS) -> Any:
     return report
 
 
-def run_train(settings: Settings, paths: Paths = PATHS) -> Any:
+def run_train(settings: Settings, paths: Paths = PATHS, params: Path = PATHS.params) -> Any:
     """Train and log the run to MLflow; the backup is dropped once both are done.
     Returns the stage's TrainReport.
 
     With `tune.enabled` the train values are the search's (params/tuned.yaml): the model's
     `TrainedModel.train` and the run's params record those, so every later stage reads
-    what the model was trained with from the model, not from params.yaml."""
+    what the model was trained with from the model, not from params.yaml.
+
+    With `train.processes` > 1 this process launches that many (`model.launch`, each one
+    running this command) and returns their LaunchReport (process 0's metrics); as one of
+    them, it trains, and only process 0 writes the outputs and logs the run (the others
+    return None).
+    """
+    if settings.train.processes > 1:  # trained on JAX: the checks below see that backend
+        os.environ.setdefault("KERAS_BACKEND", "jax")
     quiet_tensorflow()
     from genderclf.stages import train
     from genderclf.tracking.runs import TrainingTracker
 
     plan = train.prepare(settings, paths)  # fail on bad inputs before MLflow is touched
-    with TrainingTracker(plan.settings, paths, plan.backup) as tracker:
-        report = train.run(plan.settings, paths, on_epoch=tracker.log_epoch, plan=plan)
-        tracker.log_training(report)
-    train.discard_backup(report)
-    return report
+    settings = plan.settings  # the tuned values when tune.enabled
+    cluster = train.process(settings)
+    if settings.train.processes > 1 and cluster is None:
+        return train.launch(settings, paths, params, plan)
+    with train.one_of(cluster):
+        if cluster is not None and not cluster.is_chief:
+            return train.run(settings, paths, plan=plan)  # writes nothing: process 0 does
+        with TrainingTracker(settings, paths, plan.backup) as tracker:
+            report = train.run(settings, paths, on_epoch=tracker.log_epoch, plan=plan)
+            tracker.log_training(report)
+        train.discard_backup(report)
+        return report
 
 
 def run_evaluate(settings: Settings, paths: Paths = PATHS) -> Any:
@@ -211,7 +228,10 @@ def train(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     metrics/train.json and plots/history.csv, and logs the run to MLflow (models/run.json
     names it).
     """
-    m = run_train(load_settings(params)).metrics
+    report = run_train(load_settings(params), params=params)
+    if report is None:  # one of several training processes, not the first
+        return
+    m = report.metrics
     typer.echo(
         f"train: best epoch {m['best_epoch']} val_accuracy {m['val_accuracy']} -> {PATHS.model}"
     )

@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "contracts": {"config", "io"},
     "faces": {"config", "console"},
     "data": {"catalog", "config", "console", "contracts", "images", "io"},
-    "model": {"catalog", "config", "contracts", "data", "io"},
+    "model": {"catalog", "config", "contracts", "data", "engine", "io"},
     "inference": {"config", "contracts", "data", "faces", "images", "io", "model"},
     "monitor": {"config", "data", "images", "inference", "io", "model"},
     "promotion": {"config", "contracts", "data", "inference", "model"},

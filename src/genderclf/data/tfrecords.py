@@ -116,6 +116,8 @@ def make_dataset(
     with_path: bool = False,
     drop_remainder: bool = False,
     deterministic: bool = False,
+    shards: list[str] | None = None,
+    limit: int | None = None,
 ):
     """A `tf.data` pipeline over the prepared shards of one split.
 
@@ -126,12 +128,19 @@ def make_dataset(
     soon as they are decoded (fastest, order varies) unless `deterministic`: then the
     order is a function of `seed` alone. It feeds any Keras backend (`model.fit` on JAX
     takes a `tf.data.Dataset` too).
+
+    `shards` (file names of the split, with `limit`, the records to keep of them) reads a
+    part of the split: one process's share in distributed training.
     """
     import tensorflow as tf
 
     data = PreparedData.of(prepared)
-    shards = data.split(split)
-    files = [str(f) for f in data.shard_files(split)]
+    info = data.split(split)
+    if shards is None:
+        files = [str(f) for f in data.shard_files(split)]
+    else:
+        files = [str(Path(data.folder or ".") / f) for f in shards]
+    records = info.records if limit is None else limit
     size = data.image_size
     spec = {
         "image": tf.io.FixedLenFeature([], tf.string),
@@ -161,10 +170,12 @@ def make_dataset(
         deterministic=deterministic or not shuffle,
     )
     if shuffle:
-        ds = ds.shuffle(min(10_000, max(1, shards.records)), seed=seed)
+        ds = ds.shuffle(min(10_000, max(1, records)), seed=seed)
     ds = ds.map(parse, num_parallel_calls=auto, deterministic=deterministic or not shuffle)
+    if limit is not None:
+        ds = ds.take(limit)
     # Tell Keras how many records there are, so it knows the steps per epoch up front.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(shards.records))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(records))
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(auto)

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 
 from genderclf.config import Settings, TrainSettings
+from genderclf.model import distributed
 from genderclf.model.backbones import (
     Backbone,
     ModelConfigError,
@@ -77,9 +78,11 @@ class EpochLog(keras.callbacks.Callback):
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         records: int | None = None,
         batch_size: int | None = None,
+        quiet: bool = False,
     ):
         super().__init__()
         self.phase, self.offset, self.history_csv = phase, offset, history_csv
+        self.quiet = quiet  # no console line (a distributed process other than the chief)
         self.on_epoch = on_epoch
         self.records, self.batch_size = records, batch_size
         self._t0 = self._t_first = self._t_last = 0.0
@@ -126,6 +129,10 @@ class EpochLog(keras.callbacks.Callback):
                 w.writeheader()
             w.writerow(row)
         nan = float("nan")
+        if self.quiet:
+            if self.on_epoch is not None:
+                self.on_epoch(row)
+            return
         print(
             f"phase {self.phase} epoch {row['epoch']}: loss {row.get('loss', nan):.4f} "
             f"acc {row.get('accuracy', nan):.4f} val_loss {row.get('val_loss', nan):.4f} "
@@ -293,6 +300,26 @@ def distribution_scope():
     return contextlib.nullcontext()
 
 
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore for the processes other than the chief in distributed training:
+    restores from the chief's backup, then saves into a folder of its own.
+
+    Every process must run the same callbacks doing the same work (a save or a load the
+    chief alone did put the processes' collectives out of step: gloo aborted with
+    "collective mismatch"), but N writers of one file on a share would corrupt it.
+    """
+
+    def __init__(self, read_dir: str, write_dir: str):
+        super().__init__(read_dir, delete_checkpoint=False)
+        self.write_dir = write_dir
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        self.backup_dir = self.write_dir
+        self._weights_path = os.path.join(self.write_dir, "latest.weights.h5")
+        self._training_metadata_path = os.path.join(self.write_dir, "training_metadata.json")
+
+
 def class_weights(male: int, total: int, setting: str) -> dict[int, float] | None:
     """Balanced class weights when the minority class is under 45% (`train.class_weights`)."""
     if setting == "off" or total == 0 or male in (0, total):
@@ -330,9 +357,14 @@ def fit_phases(
     """
     t: TrainSettings = settings.train
     backup_dir.mkdir(parents=True, exist_ok=True)
-    history_csv = backup_dir / "history.csv"
+    chief = distributed.is_chief()
+    # Only the chief writes in backup_dir; the others do the same work into a folder of
+    # their own (see RestoreOnly) and read the chief's backup when they resume.
+    own = backup_dir if chief else backup_dir / f"process-{distributed.current().process_id}"
+    own.mkdir(parents=True, exist_ok=True)
+    history_csv = own / "history.csv"
     phase1_done = backup_dir / "phase1_done.weights.h5"
-    best = backup_dir / "best.weights.h5"
+    best = own / "best.weights.h5"
     resumed = None
     if (backup_dir / "phase1" / "training_metadata.json").exists():
         epoch = json.loads((backup_dir / "phase1" / "training_metadata.json").read_text())["epoch"]
@@ -342,7 +374,7 @@ def fit_phases(
         meta = backup_dir / "phase2" / "training_metadata.json"
         if meta.exists():
             resumed = f"phase 2 after epoch {t.epochs_head + json.loads(meta.read_text())['epoch']}"
-    if resumed:
+    if resumed and chief:
         log.info("resuming training from %s (backup in %s)", resumed, backup_dir)
         print(f"train: resuming from {resumed}", flush=True)
 
@@ -364,10 +396,13 @@ def fit_phases(
     t0 = time.monotonic()
 
     def callbacks(phase: int, offset: int) -> list[keras.callbacks.Callback]:
+        shared = str(backup_dir / f"phase{phase}")
+        # The same callbacks in every process (the logs are the all-reduced metrics, so
+        # early stopping and the learning rate agree everywhere).
         return [
-            keras.callbacks.BackupAndRestore(
-                str(backup_dir / f"phase{phase}"), delete_checkpoint=False
-            ),
+            keras.callbacks.BackupAndRestore(shared, delete_checkpoint=False)
+            if chief
+            else RestoreOnly(shared, str(own / f"phase{phase}")),
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=t.early_stopping_patience, restore_best_weights=True
             ),
@@ -375,7 +410,15 @@ def fit_phases(
                 monitor="val_loss", factor=0.3, patience=t.reduce_lr_patience, min_lr=1e-7
             ),
             checkpoint_best,
-            EpochLog(phase, offset, history_csv, on_epoch, train_records, t.batch_size),
+            EpochLog(
+                phase,
+                offset,
+                history_csv,
+                on_epoch if chief else None,
+                train_records,
+                t.batch_size,
+                quiet=not chief,
+            ),
         ]
 
     if t.epochs_head > 0 and not phase1_done.exists():
@@ -393,7 +436,7 @@ def fit_phases(
             verbose=0,
         )
         epochs_now += len(h.epoch)
-        model.save_weights(str(phase1_done))
+        model.save_weights(str(phase1_done if chief else own / phase1_done.name))
     elif phase1_done.exists():
         model.load_weights(str(phase1_done))
 

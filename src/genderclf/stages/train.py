@@ -8,6 +8,7 @@ the data) keeps every completed epoch until the run is logged, so a killed run r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from genderclf.config import Paths, Settings
 from genderclf.contracts import ModelInput, PreparedData, PreparedDataError, TrainedModel
 from genderclf.data.tfrecords import make_dataset, reader_on_cpu_only
 from genderclf.io import md5_file, write_json
+from genderclf.model import distributed
 from genderclf.model.backbones import Backbone, check_compatible
 from genderclf.model.fit import (
     backup_dir_for,
@@ -84,9 +86,41 @@ def prepare(settings: Settings, paths: Paths) -> TrainPlan:
             f"prepared data is {data.image_size}px but base.image_size="
             f"{settings.base.image_size}: run `dvc repro augment`"
         )
-    return TrainPlan(
-        settings, data, backbone, backup_dir_for(paths.train_backups, settings, data.to_json())
-    )
+    # The backup root may be a share every host of a distributed training reads.
+    root = distributed.backup_root(paths.train_backups)
+    return TrainPlan(settings, data, backbone, backup_dir_for(root, settings, data.to_json()))
+
+
+def process(settings: Settings) -> distributed.Cluster | None:
+    """This process's place in a training of `train.processes` processes, or None when no
+    launcher started it (it trains alone, or it launches the processes: `launch`).
+
+    Raises:
+        DistributedError: the launcher's variables are incomplete, started another number
+            of processes, or the JAX backend is not there for `train.processes` > 1.
+    """
+    cluster = distributed.from_env()
+    distributed.check(settings.train, cluster)
+    return cluster
+
+
+def launch(settings: Settings, paths: Paths, params: Path, plan: TrainPlan) -> Any:
+    """Start the `train.processes` processes here or on the Ray cluster (`model.launch`),
+    each running the stage's command, and wait for them. Returns a LaunchReport with the
+    metrics process 0 wrote.
+
+    Raises:
+        DistributedError: a process failed (one line: which, how, how to resume).
+    """
+    from genderclf.model import launch as launcher
+
+    return launcher.run(settings, paths, params, plan.backup)
+
+
+def one_of(cluster: distributed.Cluster | None) -> contextlib.AbstractContextManager:
+    """Around the work of one process of a distributed training: any error ends the process
+    at once (`distributed.exit_on_error`), so the others stop instead of waiting for it."""
+    return distributed.exit_on_error() if cluster else contextlib.nullcontext()
 
 
 def run(
@@ -94,13 +128,15 @@ def run(
     paths: Paths,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     plan: TrainPlan | None = None,
-) -> TrainReport:
+) -> TrainReport | None:
     """Train in two phases (head, then the top blocks); keep the best epoch by val_loss.
 
     Runs on the Keras backend `KERAS_BACKEND` names (TensorFlow by default, or JAX);
     the `tf.data` reader feeds either. Every output DVC hashes (the model, model.json,
     train.json, history.csv, the curves) is the same for the same inputs when
-    `train.deterministic` is on: timings go to the report, not to the files.
+    `train.deterministic` is on: timings go to the report, not to the files. Started as
+    one of `train.processes` processes (by `genderclf.model.launch`), it trains on its
+    share of the data and only process 0 writes the outputs; the others return None.
 
     Args:
         on_epoch: called with each epoch's history row (epoch, phase, loss, accuracy,
@@ -115,26 +151,40 @@ def run(
     t = settings.train
     data = plan.data
     deterministic_xla_flags(t.deterministic)  # before the backend first lists its devices
+    cluster = distributed.from_env()
+    distributed.check(t, cluster, keras.config.backend())
+    distributed.initialize(cluster or distributed.Cluster())  # a no-op for one process
     if keras.config.backend() != "tensorflow":
         reader_on_cpu_only()
     if use_mixed_precision(t.mixed_precision):
         keras.mixed_precision.set_global_policy("mixed_float16")
     deterministic = use_deterministic(t.deterministic)
-    for other in paths.train_backups.glob("*"):  # backups of other settings or data
-        if other != plan.backup:
+    chief = distributed.is_chief()
+    for other in plan.backup.parent.glob("*"):  # backups of other settings or data
+        if other != plan.backup and chief:
             shutil.rmtree(other, ignore_errors=True)
     tr = data.split("train")
     weights = class_weights(tr.male, tr.images, t.class_weights)
     with reproducible(settings.base.seed, deterministic):
+        share: dict[str, Any] = {}
+        batch, records = t.batch_size, tr.records
+        if distributed.current().distributed:  # this process's shards, as many steps as all
+            mine = distributed.shard_plan(data, "train", distributed.current(), t.batch_size)
+            share = {"shards": mine.shards, "limit": mine.records_per_epoch}
+            batch, records = mine.batch, mine.records_per_epoch * t.processes
         train_ds = make_dataset(
             data,
             "train",
-            t.batch_size,
+            batch,
             shuffle=True,
             seed=settings.base.seed,
             deterministic=deterministic,
+            drop_remainder=bool(share),
+            **share,
         )
-        val_ds = make_dataset(data, "val", t.batch_size)
+        # Validation is not split: every process scores the whole split (its metrics are the
+        # one-process ones), with the same batches, so the processes stay in step.
+        val_ds = make_dataset(data, "val", batch)
         result = fit_phases(
             settings,
             train_ds,
@@ -144,9 +194,12 @@ def run(
             backbone=plan.backbone,
             weights=weights,
             on_epoch=on_epoch,
-            train_records=tr.records,
+            train_records=records,
             deterministic=deterministic,
         )
+    if not chief:  # process 0 holds the same weights and writes every output
+        return None
+    result.model = distributed.local_model(result.model)  # saved and logged by process 0 alone
     save_model(result.model, paths.model)
     trained = TrainedModel(
         input=ModelInput(data.image_size, data.resize),
@@ -160,7 +213,7 @@ def run(
     best = min(
         (r for r in hist if r.get("val_loss") is not None), key=lambda r: r["val_loss"], default={}
     )
-    rate = tr.records * result.epochs_run_now / result.seconds if result.epochs_run_now else None
+    rate = records * result.epochs_run_now / result.seconds if result.epochs_run_now else None
     # The training rate per epoch, compilation and validation excluded (history rows).
     rates = sorted(r["images_per_second"] for r in hist if r.get("images_per_second"))
     metrics = {
