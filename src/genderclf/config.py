@@ -388,21 +388,31 @@ def check_search_space(train: TrainSettings, tune: TuneSettings) -> None:
                 raise ValueError(
                     f"{where}: train.{key} is not a number: give {{choices: [...]}} instead"
                 )
+            # each message names the keys it is about, as params.yaml spells them
             if kind is int and not (dim.low.is_integer() and dim.high.is_integer()):
-                raise ValueError(f"{where}: train.{key} is an integer: low and high must be too")
+                raise ValueError(
+                    f"{where}.low: train.{key} is an integer, so {where}.low and {where}.high "
+                    f"must be whole numbers (got {dim.low} and {dim.high})"
+                )
             if not dim.low < dim.high:
-                raise ValueError(f"{where}: low ({dim.low}) must be below high ({dim.high})")
+                raise ValueError(
+                    f"{where}.high: must be above {where}.low ({dim.low}) (got {dim.high})"
+                )
             if dim.log and dim.low <= 0:
-                raise ValueError(f"{where}: a log range needs low > 0 (got {dim.low})")
+                raise ValueError(
+                    f"{where}.low: {where}.log is true, which needs low > 0 (got {dim.low})"
+                )
             values = [kind(dim.low), kind(dim.high)]
+            names = [f"{where}.low", f"{where}.high"]
         else:
             values = dim.choices
-        for value in values:
+            names = [f"{where}.choices"] * len(values)
+        for name, value in zip(names, values, strict=True):
             try:
                 TrainSettings.model_validate({**base, key: value})
             except ValidationError as err:
                 why = "; ".join(e["msg"] for e in err.errors())
-                raise ValueError(f"{where}: {value!r} is not a valid train.{key} ({why})") from None
+                raise ValueError(f"{name}: {value!r} is not a valid train.{key} ({why})") from None
 
 
 class EvaluateSettings(_Section):
@@ -568,7 +578,10 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid setting(s)"]
     for e in err.errors():
-        key = ".".join(str(p).rstrip("_") for p in e["loc"])
+        parts = [str(p).rstrip("_") for p in e["loc"]]
+        if parts[:2] == ["tune", "space"] and len(parts) > 3 and parts[3] in ("range", "choices"):
+            del parts[3]  # the search dimension's union tag, not a key of params.yaml
+        key = ".".join(parts)
         msg = e["msg"]
         ctx = e.get("ctx") or {}
         if e["type"] == "extra_forbidden":

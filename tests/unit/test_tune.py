@@ -68,28 +68,28 @@ def test_the_committed_space_is_valid_and_over_train_keys():
         ({"deterministic": {"choices": ["on", "off"]}}, "changes speed, not what the model"),
         (
             {"lr_head": {"low": 0.01, "high": 0.001, "log": True}},
-            "tune.space.lr_head: low (0.01) must be below high (0.001)",
+            "tune.space.lr_head.high: must be above tune.space.lr_head.low (0.01) (got 0.001)",
         ),
         (
             {"lr_head": {"low": 0.001, "high": 2.0, "log": True}},
-            "tune.space.lr_head: 2.0 is not a valid train.lr_head",
+            "tune.space.lr_head.high: 2.0 is not a valid train.lr_head",
         ),
         (
             {"dropout": {"low": 0.0, "high": 0.5, "log": True}},
-            "tune.space.dropout: a log range needs low > 0",
+            "tune.space.dropout.low: tune.space.dropout.log is true, which needs low > 0",
         ),
         (
             {"epochs_head": {"low": 1.5, "high": 3, "log": False}},
-            "train.epochs_head is an integer: low and high must be too",
+            "train.epochs_head is an integer, so tune.space.epochs_head.low and",
         ),
         (
             {"optimizer": {"low": 0, "high": 1, "log": False}},
             "train.optimizer is not a number: give {choices: [...]} instead",
         ),
-        ({"batch_size": {"choices": [16, 0]}}, "tune.space.batch_size: 0 is not a valid"),
+        ({"batch_size": {"choices": [16, 0]}}, "tune.space.batch_size.choices: 0 is not a valid"),
         ({"backbone": {"choices": ["vgg16", "alexnet"]}}, "'alexnet' is not a valid train.backb"),
-        ({"dropout": {"low": 0.1}}, "tune.space.dropout.range.high: missing"),
-        ({"dropout": {"choices": []}}, "tune.space.dropout.choices.choices"),
+        ({"dropout": {"low": 0.1}}, "tune.space.dropout.high: missing"),
+        ({"dropout": {"choices": []}}, "tune.space.dropout.choices: List should have at least 1 item"),
         ({}, "tune.space: Dictionary should have at least 1 item"),
     ],
 )
