@@ -83,7 +83,7 @@ def run_train(settings: Settings, paths: Paths = PATHS, params: Path = PATHS.par
     with train.one_of(cluster):
         if cluster is not None and not cluster.is_chief:
             return train.run(settings, paths, plan=plan)  # writes nothing: process 0 does
-        with TrainingTracker(settings, paths, plan.backup) as tracker:
+        with TrainingTracker(settings, paths, plan.backup, plan.data) as tracker:
             report = train.run(settings, paths, on_epoch=tracker.log_epoch, plan=plan)
             tracker.log_training(report)
         train.discard_backup(report)

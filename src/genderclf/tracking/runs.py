@@ -90,8 +90,9 @@ class TrainingTracker:
     kept.
     """
 
-    def __init__(self, settings: Settings, paths: Paths, backup: Path):
-        self.settings, self.paths, self.backup = settings, paths, backup
+    def __init__(self, settings: Settings, paths: Paths, backup: Path, data: PreparedData):
+        # `data`: the prepared data's contract the stage already read (meta.json once)
+        self.settings, self.paths, self.backup, self.data = settings, paths, backup, data
         self.uri = ""
         self.run_id = ""
         self.saved = False
@@ -110,7 +111,7 @@ class TrainingTracker:
             if resumed is None:
                 mlflow.log_params({k: str(v)[:500] for k, v in self.settings.flat().items()})
                 # the size of the validation split: `compare --backbones` gives an interval
-                val = PreparedData.read(self.paths.prepared).split("val").images
+                val = self.data.split("val").images
                 mlflow.log_param("data.val_images", str(val))
             t = self.settings.train
             mlflow.set_tags(
