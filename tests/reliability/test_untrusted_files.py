@@ -167,12 +167,29 @@ def test_a_file_that_is_not_a_model_gives_a_clear_error(tmp_path, make):
         load_model(path)
 
 
-def test_evaluate_cli_on_a_file_that_is_not_a_model_is_one_line(tmp_path, tiny_params):
+def test_evaluate_cli_on_a_file_that_is_not_a_model_is_one_line(tmp_path, model_settings, prepared):
+    """Everything evaluate reads is in place (params, prepared data, the train stage's
+    model.json naming this file) except the model file itself, which is not a model."""
     import yaml
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    from genderclf.contracts import ModelInput, TrainedModel
+    from genderclf.io import md5_file
+
+    settings = model_settings()
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(settings.model_dump(by_alias=True), sort_keys=False)
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(prepared, target_is_directory=True)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "model.keras").write_bytes(b"PK\x03\x04 truncated zip header")
+    model = tmp_path / "models" / "model.keras"
+    model.write_bytes(b"PK\x03\x04 truncated zip header")
+    TrainedModel(
+        input=ModelInput(settings.base.image_size, settings.augment.resize),
+        model_md5=md5_file(model),
+        seed=settings.base.seed,
+        train=settings.train.model_dump(),
+    ).write(tmp_path / "models" / "model.json")
     proc = subprocess.run(
         [str(BIN / "genderclf"), "evaluate"],
         cwd=tmp_path,

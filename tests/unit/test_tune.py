@@ -89,7 +89,10 @@ def test_the_committed_space_is_valid_and_over_train_keys():
         ({"batch_size": {"choices": [16, 0]}}, "tune.space.batch_size.choices: 0 is not a valid"),
         ({"backbone": {"choices": ["vgg16", "alexnet"]}}, "'alexnet' is not a valid train.backb"),
         ({"dropout": {"low": 0.1}}, "tune.space.dropout.high: missing"),
-        ({"dropout": {"choices": []}}, "tune.space.dropout.choices: List should have at least 1 item"),
+        (
+            {"dropout": {"choices": []}},
+            "tune.space.dropout.choices: List should have at least 1 item",
+        ),
         ({}, "tune.space: Dictionary should have at least 1 item"),
     ],
 )
