@@ -186,6 +186,11 @@ def test_the_data_docs_list_the_result_offline(validated):
         html = page.read_text()
         assert not re.search(r"<(script|link|img)[^>]*(src|href)=.https?://", html), page
         assert "<script" not in html and "fa-check-circle" not in html, page
+        assert not re.search(r"url\(\s*['\"]?https?://", html), page  # GX's logo, in CSS
+    for sheet in docs.rglob("*.css"):
+        assert not re.search(r"url\(\s*['\"]?https?://", sheet.read_text()), sheet
+    # an output reads like any file the user writes (mkstemp's 0600 is for temporaries)
+    assert (out / "reports" / "validation" / "report.html").stat().st_mode & 0o044 == 0o044
     index = (docs / "index.html").read_text()
     table = re.search(r'<table id="[\w-]+" class="ge-offline.*?</table>', index, re.S).group(0)
     assert "<th>Status</th>" in table and "<td>" in table

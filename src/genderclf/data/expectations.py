@@ -151,6 +151,8 @@ _REMOTE_TAG = re.compile(
     r"""|<img[^>]*\bsrc=["']https?://[^"']*["'][^>]*>""",
     re.I,
 )
+# A CSS background from GX's web assets (its logo), in the pages and their stylesheet.
+_REMOTE_URL = re.compile(r"""url\(\s*['"]?https?://[^)'"]*['"]?\s*\)""", re.I)
 # One index table: its element, its toolbar, and the script that fills it (columns, data).
 _JS_TABLE = re.compile(
     r'<div id="(?P<id>[\w-]+)-toolbar"[^>]*>.*?</div>\s*'
@@ -223,8 +225,12 @@ def offline_data_docs(docs_dir: Path) -> None:
     """Make the Data Docs read offline: no remote scripts, stylesheets or images, and the
     index's tables written out as HTML (the validation results with their status, time
     and a link to each result page; the expectation suites)."""
+    for sheet in sorted(docs_dir.rglob("*.css")):
+        css = sheet.read_text(encoding="utf-8")
+        if _REMOTE_URL.search(css):
+            sheet.write_text(_REMOTE_URL.sub("none", css), encoding="utf-8")
     for page in sorted(docs_dir.rglob("*.html")):
-        html = page.read_text(encoding="utf-8")
+        html = _REMOTE_URL.sub("none", page.read_text(encoding="utf-8"))
         out = _LIB_SCRIPT.sub("", _JS_TABLE.sub(_static_table, _REMOTE_TAG.sub("", html)))
         out = _ICON.sub(lambda m: _ICONS[m.group(1)], out)
         if _OFFLINE_CSS not in out:  # GX rewrites only the pages of a new result
