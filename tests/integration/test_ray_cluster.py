@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -51,7 +54,8 @@ from tests.helpers.workspace import (
 
 from genderclf import config as C
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# a test that waits on the cluster fails after 15 minutes instead of holding CI to its end
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BUCKET = "genderclf-cluster"
 # Enough augment work for the second node to be caught running a task (about 20 chunks
@@ -232,6 +236,23 @@ def test_predict_on_an_s3_prefix_through_actors_gives_the_local_rows(
     assert not [p for p in logs if any(s in p.read_bytes() for s in secrets)]
 
 
+def _profile_on_the_cluster(model_file: Path, s3_server: str, names: list[str]) -> Any:
+    """The drift profile of the test's S3 batch with RAY_ADDRESS set (in a spawned process)."""
+    import ray
+
+    from genderclf.inference import ServingConfig, load_local
+    from genderclf.monitor.batch import sources
+    from genderclf.monitor.profile import profile
+
+    clf = load_local(model_file, config=ServingConfig(48, "center_crop", 0.5))
+    try:
+        result = profile(sources(f"s3://{BUCKET}/drift", names, s3_server, 0), clf, 50_000_000, 8)
+        assert ray.is_initialized()  # it did run as Ray tasks
+    finally:
+        ray.shutdown()
+    return result
+
+
 def test_the_drift_profile_is_the_same_on_the_cluster(
     tmp_path, s3_server, model_file, ray_cluster, monkeypatch
 ):
@@ -257,22 +278,19 @@ def test_the_drift_profile_is_the_same_on_the_cluster(
         monkeypatch.setenv(k, v)
     clf = load_local(model_file, config=ServingConfig(48, "center_crop", 0.5))
 
-    def run_profile():
-        items = sources(f"s3://{BUCKET}/drift", names, s3_server, 0)
-        return profile(items, clf, 50_000_000, 8)
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    here = run_profile()
+    here = profile(sources(f"s3://{BUCKET}/drift", names, s3_server, 0), clf, 50_000_000, 8)
     ray_cluster.ensure_nodes()
     for k, v in ray_cluster.driver_env().items():
         monkeypatch.setenv(k, v)
-    import ray
-
-    try:
-        there = run_profile()
-        assert ray.is_initialized()  # it did run as Ray tasks
-    finally:
-        ray.shutdown()
+    # The cluster's run in a fresh interpreter, as `genderclf drift` would be: a Ray driver
+    # started inside pytest's process inherits whatever an earlier test left of Ray there
+    # (it waited forever for the GCS once, after the other cluster tests of the session).
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        there = pool.submit(_profile_on_the_cluster, model_file, s3_server, names).result(
+            timeout=600
+        )
     assert there.names == here.names and len(here) == 24
     assert there.failed == here.failed and here.failed[0][0] == "missing.jpg"
     for field in ("features", "embeddings", "p_male", "male"):
