@@ -140,6 +140,8 @@ def _predict(files: list[Path], env: dict[str, str], out: Path, *flags: str) -> 
 def test_served_champion_answers_like_predict(champion, photos, mlflow_store, tmp_path):
     files = champion
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    # `mlflow models serve` execs `uvicorn` from PATH: this environment's, however pytest ran
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     expected = _predict(files, env, tmp_path / "pred.json", "--no-detect")
     assert len(expected) == len(files)
     assert {r["label"] for r in expected} == {"male", "female"}
