@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from genderclf.config import GenderclfError
 log = logging.getLogger(__name__)
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
+UV_HOOK_VARIABLE = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"  # see import_ray
 # Runs of one task after the first when its worker process or node dies.
 TASK_RETRIES = 5
 # Chunks in flight per CPU of the cluster: enough to keep every worker busy while the
@@ -92,6 +94,34 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+def import_ray() -> Any:
+    """The `ray` module, for a driver of this project (`ClusterError` when not installed).
+
+    Ray's `uv run` hook is turned off first (`RAY_ENABLE_UV_RUN_RUNTIME_ENV=0`, unless set):
+    on by default, it sees a driver started under `uv run` (`uv run genderclf ...`, `uv run
+    dvc repro`) and replaces the workers' interpreter with `uv run python` in an upload of
+    the driver's folder. From a checkout, that builds on every node a fresh project
+    environment without the `cluster` extra, whose workers cannot start ("No module named
+    'ray'"). The nodes here run their own environment (one image); the code travels as
+    `py_modules` (`connect`).
+    """
+    os.environ.setdefault(UV_HOOK_VARIABLE, "0")
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(
+            f"{ADDRESS_VARIABLE} is set but Ray is not installed here: `uv sync --extra "
+            "cluster` (make setup does), or unset it to run on this machine"
+        ) from None
+    # Ray reads the variable when it is imported: a process that imported Ray before this
+    # still has the hook on (Ray's private module; without it the variable is enough).
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and hasattr(constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV"):
+        hook = os.environ[UV_HOOK_VARIABLE].lower() in ("1", "true")
+        constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = hook
+    return ray
+
+
 def connect() -> Any:
     """Connect this process to the cluster as a driver (once); returns the `ray` module.
 
@@ -102,13 +132,7 @@ def connect() -> Any:
     address = cluster_address()
     if address is None:
         raise ClusterError(f"{ADDRESS_VARIABLE} is not set: there is no cluster to use")
-    try:
-        import ray
-    except ImportError:
-        raise ClusterError(
-            f"{ADDRESS_VARIABLE} is set but Ray is not installed here: `uv sync --extra "
-            "cluster` (make setup does), or unset it to run on this machine"
-        ) from None
+    ray = import_ray()
     if ray.is_initialized():
         return ray
     check_reachable(address)

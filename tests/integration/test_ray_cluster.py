@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
+import pickle
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from PIL import Image
-from tests.helpers import BIN
+from tests.helpers import BIN, REPO_ROOT, uv_run
 from tests.helpers.params import pipeline_params
 from tests.helpers.ray_cluster import LOOPBACK
 from tests.helpers.servers import S3_SECRET, s3_client, s3_env
@@ -236,21 +234,22 @@ def test_predict_on_an_s3_prefix_through_actors_gives_the_local_rows(
     assert not [p for p in logs if any(s in p.read_bytes() for s in secrets)]
 
 
-def _profile_on_the_cluster(model_file: Path, s3_server: str, names: list[str]) -> Any:
-    """The drift profile of the test's S3 batch with RAY_ADDRESS set (in a spawned process)."""
-    import ray
+# The cluster's half of the drift test, in a fresh interpreter as `genderclf drift` would
+# be (a Ray driver inside pytest's process inherits whatever an earlier test left of Ray).
+PROFILE_ON_THE_CLUSTER = """
+import pickle, sys
+from pathlib import Path
+import ray
+from genderclf.inference import ServingConfig, load_local
+from genderclf.monitor.batch import sources
+from genderclf.monitor.profile import profile
 
-    from genderclf.inference import ServingConfig, load_local
-    from genderclf.monitor.batch import sources
-    from genderclf.monitor.profile import profile
-
-    clf = load_local(model_file, config=ServingConfig(48, "center_crop", 0.5))
-    try:
-        result = profile(sources(f"s3://{BUCKET}/drift", names, s3_server, 0), clf, 50_000_000, 8)
-        assert ray.is_initialized()  # it did run as Ray tasks
-    finally:
-        ray.shutdown()
-    return result
+model, endpoint, out, *names = sys.argv[1:]
+clf = load_local(Path(model), config=ServingConfig(48, "center_crop", 0.5))
+result = profile(sources("s3://%s/drift", names, endpoint, 0), clf, 50_000_000, 8)
+assert ray.is_initialized()  # it did run as Ray tasks
+Path(out).write_bytes(pickle.dumps(result))
+"""
 
 
 def test_the_drift_profile_is_the_same_on_the_cluster(
@@ -281,16 +280,17 @@ def test_the_drift_profile_is_the_same_on_the_cluster(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     here = profile(sources(f"s3://{BUCKET}/drift", names, s3_server, 0), clf, 50_000_000, 8)
     ray_cluster.ensure_nodes()
-    for k, v in ray_cluster.driver_env().items():
-        monkeypatch.setenv(k, v)
-    # The cluster's run in a fresh interpreter, as `genderclf drift` would be: a Ray driver
-    # started inside pytest's process inherits whatever an earlier test left of Ray there
-    # (it waited forever for the GCS once, after the other cluster tests of the session).
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        there = pool.submit(_profile_on_the_cluster, model_file, s3_server, names).result(
-            timeout=600
-        )
+    # As a user runs it: `uv run` from the checkout. Ray's own `uv run` hook would then
+    # rebuild the checkout's project on the nodes, without Ray (genderclf.engine.import_ray
+    # turns it off); CI's `make test-slow` failed on exactly this.
+    env = _env(tmp_path, **ray_cluster.driver_env())
+    env.pop("PYTHONPATH")  # the checkout's own package, as `uv run` gives it
+    result = tmp_path / "there.pkl"
+    script = PROFILE_ON_THE_CLUSTER % BUCKET
+    args = [*uv_run(), "python", "-c", script, str(model_file), s3_server, str(result), *names]
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    there = pickle.loads(result.read_bytes())
     assert there.names == here.names and len(here) == 24
     assert there.failed == here.failed and here.failed[0][0] == "missing.jpg"
     for field in ("features", "embeddings", "p_male", "male"):

@@ -253,7 +253,7 @@ class RayLauncher:
 
         # one line naming the address when no head answers (Ray itself retries for a minute)
         engine.check_reachable(os.environ["RAY_ADDRESS"])
-        import ray
+        ray = engine.import_ray()  # without Ray's `uv run` hook (see there)
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
