@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import BIN, REPO_ROOT
+from tests.helpers import BIN, REPO_ROOT, load_pyfunc
 from tests.helpers.servers import MLFLOW_SERVER_ENV, Postgres, free_port, s3_client, s3_env
 from tests.helpers.servers import s3_server as s3_server_at
 
@@ -357,7 +357,7 @@ def test_train_register_and_load_champion_through_the_server(
     try:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied
-        champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
+        champion = load_pyfunc(f"models:/{MODEL_NAME}@{CHAMPION}")
         _check_predictions(champion, workspace)
         downloaded = Path(
             mlflow.artifacts.download_artifacts(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.helpers import BIN
+from tests.helpers import BIN, load_pyfunc
 from tests.helpers.servers import free_port, http_json, wait_http
 
 from genderclf import config as C
@@ -225,8 +225,6 @@ def test_registered_model_carries_the_evaluated_threshold(
 ):
     import tempfile
 
-    import mlflow
-
     from genderclf.tracking.serving import load_classifier
 
     # the cut on the raw output (eval.json names both scales: issue 21)
@@ -239,7 +237,7 @@ def test_registered_model_carries_the_evaluated_threshold(
     assert clf.config.threshold == pytest.approx(evaluated)
     assert list(scratch.iterdir()) == []  # the downloaded copy is gone once loaded
     # The pyfunc loads in-process too, and takes raw bytes.
-    model = mlflow.pyfunc.load_model("models:/gender-classifier@champion")
+    model = load_pyfunc("models:/gender-classifier@champion")
     import pandas as pd
 
     frame = pd.DataFrame({"image": [champion[0].read_bytes()]})
