@@ -5,6 +5,10 @@ UV_VERSION ?= 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
+# `make test` and `make test-slow` run their test files on this many pytest-xdist workers
+# (a file's tests stay together, so its module fixtures are built once); 0: one process
+PYTEST_WORKERS ?= 2
+PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: help setup demo test test-slow test-all test-docker test-docker-gpu lint format docs ui clean \
 	retrain-prepare retrain-train retrain-summary retrain-publish
@@ -29,10 +33,10 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      uv run dvc metrics show   every metric; README.md: experiments with dvc exp"
 
 test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~14 min on 2 cores)
-	$(RUN) pytest -m "not slow and not docker" $(PYTEST_ARGS)
+	$(RUN) pytest $(PARALLEL) -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-slow: setup node_modules ## Run only the `slow` tests: training, flows, full pipeline, servers (CI runs them too)
-	$(RUN) pytest -m "slow and not docker" $(PYTEST_ARGS)
+	$(RUN) pytest $(PARALLEL) --durations=20 -m "slow and not docker" $(PYTEST_ARGS)
 
 test-all: setup node_modules ## Run every test in one session but the GPU image's (make test + test-slow + test-docker)
 	$(RUN) pytest -m "not docker_gpu" $(PYTEST_ARGS)
