@@ -127,6 +127,11 @@ class RayCluster:
             # fixed by default (44217, 44227): two clusters on one machine would collide
             "AUTOSCALER_METRIC_PORT": str(metrics),
             "DASHBOARD_METRIC_PORT": str(free_port()),
+            # Nodes as KubeRay starts them, not under `uv run` (pytest is, under make): else
+            # Ray Client's server on the head applies Ray's `uv run` hook to each client's
+            # job, with the head's folder as a working_dir it cannot upload
+            # (genderclf.engine.import_ray turns the hook off for drivers).
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
             **self.env,
             **(extra or {}),
         }

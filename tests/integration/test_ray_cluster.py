@@ -221,11 +221,11 @@ def test_predict_on_an_s3_prefix_through_actors_gives_the_local_rows(
     ray_cluster.ensure_nodes()
     client = ray_cluster.driver_env(client=True)  # a driver outside the cluster: Ray Client
     cluster = run(tmp_path, *args, env=_env(tmp_path, **client), check=False)
-    assert local.returncode == cluster.returncode == 1  # broken.jpg: an error row, exit 1
+    assert local.returncode == cluster.returncode == 1, cluster.stderr[-3000:]  # broken.jpg
     assert f"engine: Ray cluster at {client['RAY_ADDRESS']}" in cluster.stderr
     rows = local.stdout.splitlines()
     assert len(rows) >= 11 and f"s3://{BUCKET}/batch/broken.jpg" in local.stdout
-    assert cluster.stdout == local.stdout
+    assert cluster.stdout == local.stdout, cluster.stderr[-3000:]
     assert "1 non-image files in the folders left out" in cluster.stderr
     # The nodes read S3 with their own credentials; no log of the cluster holds them, nor
     # the cluster's token.
