@@ -32,7 +32,7 @@ demo: setup ## Run the whole pipeline on the bundled sample (Prefect flow over D
 	@echo "      reports/       validation/report.html, augment_preview.png, register.json"
 	@echo "      uv run dvc metrics show   every metric; README.md: experiments with dvc exp"
 
-test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~14 min on 2 cores)
+test: setup node_modules ## Run the test suite without the `slow` end-to-end tests (~7 min on 2 cores)
 	$(RUN) pytest $(PARALLEL) -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-slow: setup node_modules ## Run only the `slow` tests: training, flows, full pipeline, servers (CI runs them too)
