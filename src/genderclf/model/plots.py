@@ -129,7 +129,10 @@ def write_plots(
         ax.invert_yaxis()
         ax.axvline(m["accuracy"], color="black", ls="--", lw=1)
         left = max(0.0, float(lo.min()) - 0.05)
-        ax.set_xlim(left, 1.0)
+        # a little room past 1.0, so a bar and an interval at 1.0 show their ends (no tick
+        # past 1.0: accuracy stops there)
+        ax.set_xlim(left, 1.0 + 0.02 * (1.0 - left))
+        ax.set_xticks([t for t in ax.get_xticks() if left <= t <= 1.0 + 1e-9])
         # The overall line is named above the axes, where no bar can be under its label,
         # on the side of the line that has room (accuracy is usually near the right edge).
         right_half = m["accuracy"] > (left + 1.0) / 2
