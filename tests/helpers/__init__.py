@@ -19,8 +19,8 @@ def load_pyfunc(uri: str):
     A model logged with `code_paths` puts its copy of the code first on `sys.path` for good
     (MLflow's `_add_code_to_system_path`). In this process `genderclf` is imported already,
     so its modules still come from its own package, but a process spawned later (which gets
-    this `sys.path`) imported the model's copy: a Ray driver then shipped that copy to the
-    workers, which failed to start, two test modules later.
+    this `sys.path`) imported the model's copy, the code of the commit that logged the model:
+    two test modules later, a Ray driver shipped that copy to the cluster.
     """
     import mlflow
 
