@@ -233,11 +233,13 @@ def test_the_cut_is_the_one_made_before(make_settings, strategy, carve):
     assert hashlib.sha256(joined.encode()).hexdigest()[:16] == BEFORE[(strategy, carve)]
 
 
+@pytest.mark.parametrize("rows", ["shuffled", "in path order"])
 @pytest.mark.parametrize(("strategy", "carve"), list(BEFORE))
 def test_split_file_writes_the_bytes_split_manifest_writes(
-    tmp_path, make_settings, strategy, carve
+    tmp_path, make_settings, strategy, carve, rows
 ):
-    from genderclf.data.split import split_file
+    from genderclf.data.scratch import Scratch
+    from genderclf.data.split import _load_manifest, split_file
 
     m = _manifest(300, seed=5)
     if carve:
@@ -248,7 +250,9 @@ def test_split_file_writes_the_bytes_split_manifest_writes(
     m["sha256"] = [f"{i:064x}" for i in range(len(m))]
     m["width"] = 178
     m.loc[7, "path"] = 'img/a,comma "quoted".jpg'
-    m = m.sample(frac=1, random_state=4)  # the manifest's rows in any order
+    # The manifest's rows in any order, or in path order as validate writes them (then
+    # split_file reads them back without a sort).
+    m = m.sample(frac=1, random_state=4) if rows == "shuffled" else m.sort_values("path")
     csv_file = tmp_path / "manifest.csv"
     m.to_csv(csv_file, index=False)
     cfg = _cfg(make_settings, strategy=strategy)
@@ -257,6 +261,8 @@ def test_split_file_writes_the_bytes_split_manifest_writes(
     whole = pd.read_csv(csv_file, dtype={"identity": str, "partition": str}, keep_default_na=False)
     write_splits(split_manifest(whole, cfg, seed=9), tmp_path / "whole")
     done = split_file(csv_file, tmp_path / "parts", cfg, seed=9)
+    with Scratch() as scratch:  # which read-back this case took
+        assert _load_manifest(scratch, csv_file)[1] is (rows == "in path order")
     for s in SPLITS:
         assert (tmp_path / "parts" / f"{s}.csv").read_bytes() == (
             tmp_path / "whole" / f"{s}.csv"
@@ -266,10 +272,11 @@ def test_split_file_writes_the_bytes_split_manifest_writes(
     assert done.identity_overlap == identity_overlap(parts)
 
 
-def test_split_file_refuses_a_label_that_is_not_a_number(tmp_path, make_settings):
+@pytest.mark.parametrize("label", ["male", "2", "-1"])
+def test_split_file_refuses_a_label_that_is_not_0_or_1(tmp_path, make_settings, label):
     from genderclf.data.split import split_file
 
     bad = tmp_path / "manifest.csv"
-    bad.write_text("path,label,partition,identity\na.jpg,1,train,\nb.jpg,male,train,\n")
-    with pytest.raises(SplitError, match=r"line 3: label 'male' is not 0 or 1"):
+    bad.write_text(f"path,label,partition,identity\na.jpg,1,train,\nb.jpg,{label},train,\n")
+    with pytest.raises(SplitError, match=rf"line 3: label '{label}' is not 0 or 1"):
         split_file(bad, tmp_path / "out", _cfg(make_settings, strategy="stratified"), 0)

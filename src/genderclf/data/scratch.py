@@ -29,10 +29,11 @@ class Scratch:
     """A SQLite database in a fresh temporary folder, removed on close.
 
     The folder is in the system's temporary directory (`TMPDIR`); it needs about the size
-    of the manifest in free space.
+    of the manifest in free space. `cache_mib` caps SQLite's page cache, and with it the
+    memory a sort may hold before it spills to the folder.
     """
 
-    def __init__(self, prefix: str = "genderclf-"):
+    def __init__(self, prefix: str = "genderclf-", cache_mib: int = 16):
         self._dir = tempfile.TemporaryDirectory(prefix=prefix)
         self.path = Path(self._dir.name) / "scratch.db"
         self.db = sqlite3.connect(self.path)
@@ -41,7 +42,7 @@ class Scratch:
             "journal_mode=OFF",
             "synchronous=OFF",
             "temp_store=FILE",
-            "cache_size=-16384",  # 16 MiB of page cache
+            f"cache_size=-{cache_mib * 1024}",  # in KiB
         ):
             self.db.execute(f"PRAGMA {pragma}")
 

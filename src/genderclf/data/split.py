@@ -199,18 +199,22 @@ class SplitCounts:
 def split_file(manifest: Path, out_dir: Path, cfg: SplitSettings, seed: int) -> SplitCounts:
     """Split the manifest CSV into `out_dir/{train,val,test}.csv`, with flat memory.
 
-    The manifest is read row by row into a scratch SQLite table, which sorts it by path;
-    `assign_splits` cuts it (from its labels, partitions and identity codes only), and the
-    rows are written back, each split in path order. The files hold exactly the rows,
-    columns and cell text `split_manifest` + `write_splits` give.
+    The manifest is read row by row into a scratch SQLite table, which sorts it by path.
+    Validate writes it in path order already: its rows are then read back as they came,
+    with no sort. `assign_splits` cuts it (from its labels, partitions and identity codes
+    only, a few bytes per image), and the rows are written back, each split in path order.
+    The files hold exactly the rows, columns and cell text `split_manifest` +
+    `write_splits` give.
 
     Raises:
         SplitError: see `assign_splits`; a label that is not an integer.
     """
     from genderclf.data.scratch import Scratch
 
-    with Scratch(prefix="genderclf-split-") as scratch:
-        header = _load_manifest(scratch, manifest)
+    # Split reads its table in order, once: a small page cache is as fast as a large one,
+    # and keeps the peak from growing with the manifest until a large cache is full.
+    with Scratch(prefix="genderclf-split-", cache_mib=2) as scratch:
+        header, in_path_order = _load_manifest(scratch, manifest)
         db = scratch.db
         n = int(scratch.value("SELECT COUNT(*) FROM rows") or 0)
         db.execute(
@@ -218,10 +222,12 @@ def split_file(manifest: Path, out_dir: Path, cfg: SplitSettings, seed: int) -> 
             "AS code FROM (SELECT DISTINCT identity FROM rows)"
         )
         db.execute("CREATE UNIQUE INDEX ids_identity ON ids (identity)")
-        labels = np.empty(n, dtype=np.int64)
+        # A few bytes per image: labels are 0 or 1, identity codes are below the row count.
+        labels = np.empty(n, dtype=np.int8)
         parts = np.empty(n, dtype=np.int8)
-        groups = np.empty(n, dtype=np.int64)
-        order = "ORDER BY r.path, r.pos"
+        groups = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+        # The same order either way: by path, ties in file order.
+        order = "ORDER BY r.pos" if in_path_order else "ORDER BY r.path, r.pos"
         for i, (label, part, identity, code) in enumerate(
             scratch.rows(
                 f"SELECT r.label, r.part, r.identity, i.code FROM rows r JOIN ids i "
@@ -260,8 +266,12 @@ def _line(writer: Any, buf: io.StringIO, row: list[str]) -> str:
     return buf.getvalue()
 
 
-def _load_manifest(scratch: Any, manifest: Path) -> str:
-    """The manifest's rows into the scratch table `rows`; returns the header line.
+def _load_manifest(scratch: Any, manifest: Path) -> tuple[str, bool]:
+    """The manifest's rows into the scratch table `rows`.
+
+    Returns:
+        The header line, and whether the rows came in path order (each path >= the one
+        before: Python's string order, which is SQLite's).
 
     Each row is kept as the CSV line the split files get: its cells as text, as pandas
     reads and writes them (`keep_default_na=False`: an empty cell stays empty).
@@ -281,22 +291,28 @@ def _load_manifest(scratch: Any, manifest: Path) -> str:
                 f"{manifest}: no column {', '.join(missing)}: run `dvc repro validate` again"
             )
         ip, il, ipart, iid = (header.index(c) for c in ("path", "label", "partition", "identity"))
+        in_order = True
 
         def rows():
+            nonlocal in_order
+            last = ""
             for line_no, r in enumerate(reader, start=2):
                 if not r:
                     continue
+                if r[ip] < last:
+                    in_order = False
+                last = r[ip]
                 try:
                     label = int(r[il])
                 except ValueError:
-                    raise SplitError(
-                        f"{manifest}, line {line_no}: label {r[il]!r} is not 0 or 1"
-                    ) from None
+                    label = -1
+                if label not in (0, 1):
+                    raise SplitError(f"{manifest}, line {line_no}: label {r[il]!r} is not 0 or 1")
                 yield line_no, r[ip], label, r[ipart], r[iid], _line(writer, buf, r)
 
         scratch.insert("rows", rows(), 6)
         scratch.db.commit()
-    return _line(writer, buf, header)
+    return _line(writer, buf, header), in_order
 
 
 def balance(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
