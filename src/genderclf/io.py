@@ -239,8 +239,17 @@ def copy_tree(
     src, dest = Path(src), Path(dest)
     root = src.resolve()
     refused: list[Refused] = []
-    files: list[Path] = []
+    files: list[Path] = []  # with `move` only: a plain copy is made during the walk
     links: list[Path] = []
+
+    def place(p: Path) -> None:
+        out = dest / p.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            os.replace(p, out)
+        else:
+            shutil.copyfile(p, out)  # content only: no permissions or owner from outside
+
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
         for d in sorted(dirnames):
@@ -255,8 +264,15 @@ def copy_tree(
             d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink()
         )
         for name in sorted(filenames):
-            if not name.startswith("."):
-                (links if (here / name).is_symlink() else files).append(here / name)
+            if name.startswith("."):
+                continue
+            p = here / name
+            if p.is_symlink():
+                links.append(p)
+            elif move:
+                files.append(p)
+            else:
+                place(p)  # nothing is held per file: memory stays flat in the file count
     # Links first: with `move`, the file a link points at must still be in place.
     for p in links:
         target = p.resolve()
@@ -272,12 +288,7 @@ def copy_tree(
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, dest / rel)  # a link inside the tree becomes a plain file
     for p in files:
-        out = dest / p.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if move:
-            os.replace(p, out)
-        else:
-            shutil.copyfile(p, out)  # content only: no permissions or owner from outside
+        place(p)
     return sorted(refused, key=lambda r: r.path)
 
 

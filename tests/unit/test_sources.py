@@ -109,6 +109,20 @@ def test_dir_source_copies(tmp_path, make_settings, source_folder):
     ]
 
 
+def test_the_listing_digest_is_the_joined_entries_digest(make_settings, source_folder):
+    # Hashed entry by entry, not joined in memory: the digest must stay the one a workspace
+    # recorded before, or every workspace would download again.
+    import hashlib
+
+    from genderclf.data.sources import SOURCES, listing
+
+    settings = make_settings({"data.source": "dir", "data.dir.path": str(source_folder)})
+    entries = list(SOURCES["dir"].list(settings))
+    got = listing(settings)
+    assert got["entries"] == len(entries) == 4  # the folder's path and its 3 files
+    assert got["digest"] == "sha256:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def test_dir_source_missing_folder(tmp_path, make_settings):
     settings = make_settings({"data.source": "dir", "data.dir.path": str(tmp_path / "nope")})
     raw = tmp_path / "raw"

@@ -354,10 +354,8 @@ def listing(settings: Settings) -> dict[str, Any]:
         DownloadError: the source is unreachable or misconfigured.
     """
     source = SOURCES[settings.data.source]
-    entries = source.list(settings)
-    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
-    return {
-        "compares": source.spec.compares,
-        "entries": len(entries),
-        "digest": f"sha256:{digest}",
-    }
+    h, n = hashlib.sha256(), 0
+    for entry in source.list(settings):  # the digest of the entries joined by newlines
+        h.update(f"\n{entry}".encode() if n else entry.encode())
+        n += 1
+    return {"compares": source.spec.compares, "entries": n, "digest": f"sha256:{h.hexdigest()}"}
