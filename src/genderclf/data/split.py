@@ -207,7 +207,7 @@ def split_file(manifest: Path, out_dir: Path, cfg: SplitSettings, seed: int) -> 
     `write_splits` give.
 
     Raises:
-        SplitError: see `assign_splits`; a label that is not an integer.
+        SplitError: see `assign_splits`; a label other than 0 or 1.
     """
     from genderclf.data.scratch import Scratch
 
