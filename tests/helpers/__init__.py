@@ -13,8 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv: dvc, genderclf, prefect, mlflow
 
 
-def load_pyfunc(uri: str):
-    """`mlflow.pyfunc.load_model(uri)` in this process, leaving `sys.path` as it was.
+def load_pyfunc(uri: str, dst: Path):
+    """`mlflow.pyfunc.load_model(uri)` in this process, downloaded into `dst` (MLflow would
+    otherwise leave a copy in a new temporary folder), leaving `sys.path` as it was.
 
     A model logged with `code_paths` puts its copy of the code first on `sys.path` for good
     (MLflow's `_add_code_to_system_path`). In this process `genderclf` is imported already,
@@ -24,9 +25,10 @@ def load_pyfunc(uri: str):
     """
     import mlflow
 
+    dst.mkdir(parents=True, exist_ok=True)
     path = list(sys.path)
     try:
-        return mlflow.pyfunc.load_model(uri)
+        return mlflow.pyfunc.load_model(uri, dst_path=str(dst))
     finally:
         sys.path[:] = path
 

@@ -357,7 +357,7 @@ def test_train_register_and_load_champion_through_the_server(
     try:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied
-        champion = load_pyfunc(f"models:/{MODEL_NAME}@{CHAMPION}")
+        champion = load_pyfunc(f"models:/{MODEL_NAME}@{CHAMPION}", workspace / "pyfunc")
         _check_predictions(champion, workspace)
         downloaded = Path(
             mlflow.artifacts.download_artifacts(

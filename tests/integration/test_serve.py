@@ -237,7 +237,7 @@ def test_registered_model_carries_the_evaluated_threshold(
     assert clf.config.threshold == pytest.approx(evaluated)
     assert list(scratch.iterdir()) == []  # the downloaded copy is gone once loaded
     # The pyfunc loads in-process too, and takes raw bytes.
-    model = load_pyfunc("models:/gender-classifier@champion")
+    model = load_pyfunc("models:/gender-classifier@champion", scratch)
     import pandas as pd
 
     frame = pd.DataFrame({"image": [champion[0].read_bytes()]})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,20 +28,21 @@ from genderclf.tracking.setup import CHAMPION, MODEL_NAME, TrackingError
 pytestmark = pytest.mark.integration
 
 
+# A floor both constant candidates clear, so the champion question is only "which"
+# (the accuracy policy alone: the rest of the gate has its own tests).
+REGISTER = {
+    "register.min_accuracy": 0.05,
+    "register.retries": 1,
+    "register.alpha": None,
+    "register.max_slice_drop": 1.0,
+    "register.max_ece": 1.0,
+    "register.serving_check_images": 0,
+}
+
+
 @pytest.fixture
 def reg_settings(model_settings) -> Settings:
-    # A floor both constant candidates clear, so the champion question is only "which"
-    # (the accuracy policy alone: the rest of the gate has its own tests).
-    return model_settings(
-        {
-            "register.min_accuracy": 0.05,
-            "register.retries": 1,
-            "register.alpha": None,
-            "register.max_slice_drop": 1.0,
-            "register.max_ece": 1.0,
-            "register.serving_check_images": 0,
-        }
-    )
+    return model_settings(REGISTER)
 
 
 def build_candidate(settings: Settings, prepared: Path, seed: int) -> tuple[Any, float, Any]:
@@ -101,6 +103,29 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+# --- nothing left behind -----------------------------------------------------------------------
+
+
+def test_the_serving_check_through_a_server_leaves_no_download_behind(
+    use_server, model_settings, prepared, sample_data, tmp_path, monkeypatch
+):
+    # The check loads the version through the server in a fresh process; with no destination
+    # MLflow keeps each download (15 MB) in a new temporary folder for good.
+    settings = model_settings({**REGISTER, "register.serving_check_images": 4})
+    work = tmp_path / "work"
+    log_candidate(settings, *build_candidate(settings, prepared, 1), work)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the fresh process's
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # this one's
+    report = _register(settings, work, prepared, sample_data[1])
+    # It ran: the version answered (this untrained candidate's evaluation holds hard labels,
+    # not the model's scores, so the answers differ from it and the gate says no).
+    (serving,) = [c for c in report["checks"] if c["name"] == "serving"]
+    assert "answers 4 test images" in serving["summary"], serving
+    assert sorted(p.name for p in temp.iterdir()) == []
 
 
 # --- tracking server down during register ------------------------------------------------------

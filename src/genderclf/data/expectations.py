@@ -88,6 +88,10 @@ def run_expectations(
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
+    # An ephemeral context comes with a docs site in a fresh temporary folder, which every
+    # checkpoint run would build (4 MB) and nobody removes: only our site is kept.
+    for site_name in list(ctx.list_data_docs_sites()):
+        ctx.delete_data_docs_site(site_name)
     ctx.add_data_docs_site(
         site_name="validation",
         site_config={
@@ -129,7 +133,9 @@ def run_expectations(
         gx.Checkpoint(
             name="validate",
             validation_definitions=[vd],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            actions=[
+                gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["validation"])
+            ],
             result_format={"result_format": "SUMMARY"},
         )
     )

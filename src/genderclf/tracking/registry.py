@@ -423,12 +423,15 @@ def _version(mv) -> _Version:
     return _Version(str(mv.version), float(mv.tags.get("threshold", 0.5)), (cal[0], cal[1]))
 
 
+# Downloaded into a folder it removes: without `dst_path` MLflow keeps every download in a
+# new temporary folder for good (15 MB a model, one per registration).
 _SERVE = """
-import base64, json, sys
+import base64, json, sys, tempfile
 import mlflow, pandas as pd
-model = mlflow.pyfunc.load_model(sys.argv[1])
 images = [base64.b64decode(x) for x in json.load(sys.stdin)]
-out = model.predict(pd.DataFrame({"image": images}))
+with tempfile.TemporaryDirectory(prefix="genderclf-serve-") as dst:
+    model = mlflow.pyfunc.load_model(sys.argv[1], dst_path=dst)
+    out = model.predict(pd.DataFrame({"image": images}))
 print("GENDERCLF-ANSWER " + json.dumps([None if v is None else float(v) for v in out["p_male"]]))
 """
 
