@@ -102,6 +102,11 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if builds:
         terminalreporter.section("docker builds")
         for tag, b in builds.items():
+            freed = (
+                f"   build cache dropped: {b['cache_freed'] / 1e9:5.2f} GB"
+                if "cache_freed" in b
+                else ""
+            )
             terminalreporter.write_line(
-                f"{tag:32s} {b['seconds']:7.1f} s   {b['bytes'] / 1e9:6.2f} GB"
+                f"{tag:32s} {b['seconds']:7.1f} s   {b['bytes'] / 1e9:6.2f} GB{freed}"
             )

@@ -1,7 +1,8 @@
 """docker/compose.yaml brought up for real, with docker/test/compose.loopback.yaml on top:
 PostgreSQL, the S3-protocol store, MLflow with authentication, the Prefect server and a CPU
-worker come up healthy in their declared order; one flow run through the worker container
-registers a model in MLflow on PostgreSQL with its artifacts in the bucket, and the
+worker come up healthy in their declared order; the worker clones the pipeline from
+GENDERCLF_GIT_URL, deploys prefect.yaml's `on-demand` from its clone, and one flow run
+through it registers a model in MLflow on PostgreSQL with its artifacts in the bucket; the
 champion loads back through the MLflow server with the credentials of the `.env` file.
 
 Compose here is Debian's docker-compose 1.29 (the Python implementation); users run the
@@ -30,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from tests.docker.engine import REPO_ROOT, SLOW, free_ports, hide
-from tests.docker.pipeline_repo import STAGES
+from tests.docker.pipeline_repo import IMAGE_UID, STAGES, git
 from tests.docker.prefect_runs import (
     flow_run_logs,
     run_deployment,
@@ -38,8 +39,10 @@ from tests.docker.prefect_runs import (
     wait_for_flow_run,
     wait_for_worker,
 )
+from tests.helpers import load_pyfunc
 from tests.helpers.servers import Postgres
 
+from genderclf import config as C
 from genderclf.tracking.setup import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME
 
 pytestmark = pytest.mark.docker
@@ -195,6 +198,15 @@ def stack(engine, cpu_image, stand_in_images, pipeline_source, tmp_path_factory)
     config_file = work / "compose.merged.yaml"
     config = loopback_config(cli, env, env_file, config_file)
     assert {s["network_mode"] for s in config["services"].values()} == {"host"}
+    images = [s["image"] for s in config["services"].values() if "profiles" not in s]
+    need = engine.disk_for_containers(images)
+    free = engine.free_bytes()
+    if free < need:
+        pytest.fail(
+            f"the stack's {len(images)} containers need about {need / 1e9:.0f} GB in Docker's "
+            f"data root, which has {free / 1e9:.1f} GB free (the vfs driver copies an image "
+            "twice for each container): free some disk, or use an engine with overlay2"
+        )
     events_log = work / "events.jsonl"
     project = env["COMPOSE_PROJECT_NAME"]
     with open(events_log, "w") as out:  # start, exit and health of the project's containers
@@ -328,6 +340,25 @@ def flow_run(stack) -> dict[str, Any]:
     return run
 
 
+def test_the_worker_ran_the_flow_in_its_clone_of_the_source(stack, flow_run, pipeline_source):
+    # The worker cloned GENDERCLF_GIT_URL (the read-only /source) into its empty /workspace
+    # volume at start, deployed prefect.yaml's `on-demand` from that clone, and the flow ran
+    # there as the image's user: the commit, the params, every stage in dvc.lock.
+    def worker(*command: str) -> str:
+        return stack.compose("exec", "-T", "worker-cpu", *command, timeout=120).stdout
+
+    assert flow_run["work_pool_name"] == "cpu"
+    head = git(pipeline_source, "rev-parse", "HEAD").strip()
+    assert worker("git", "-C", "/workspace", "rev-parse", "HEAD").strip() == head
+    assert worker("cat", "/workspace/params.yaml") == (pipeline_source / "params.yaml").read_text()
+    lock = yaml.safe_load(worker("cat", "/workspace/dvc.lock"))
+    assert set(lock["stages"]) == set(STAGES)
+    owners = worker("stat", "-c", "%u", "/workspace/dvc.lock", "/workspace/models/model.keras")
+    assert owners.split() == [str(IMAGE_UID)] * 2
+    report = json.loads(worker("cat", f"/workspace/{C.PATHS.register_report}"))
+    assert (report["decision"], report["version"]) == ("promoted", "1")
+
+
 def _postgres(stack: Stack, database: str, sql: str) -> list[tuple]:
     env = stack.env
     server = Postgres(int(env["POSTGRES_PORT"]), env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
@@ -371,7 +402,7 @@ def test_a_flow_run_registers_a_champion_in_postgres_with_artifacts_in_the_bucke
     try:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied to S3
-        champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
+        champion = load_pyfunc(f"models:/{MODEL_NAME}@{CHAMPION}", tmp_path / "champion")
         run = mlflow.get_run(run_id)
         # MLflow 3: the run's models are LoggedModels (models:/m-...), stored apart from it
         model_ids = [
