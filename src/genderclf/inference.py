@@ -339,12 +339,14 @@ class Predictor:
     ):
         import tempfile
 
-        self._dir = tempfile.TemporaryDirectory(prefix="genderclf-actor-model-")
-        root = Path(self._dir.name)
-        for rel, data in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-        clf = load_local(root, source, bare_resize=bare_resize)
+        # Removed as soon as the model is in memory: Ray ends an actor's process without
+        # running its finalizers, so a folder kept for the actor's life stayed for good.
+        with tempfile.TemporaryDirectory(prefix="genderclf-actor-model-") as tmp:
+            root = Path(tmp)
+            for rel, data in files.items():
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(data)
+            clf = load_local(root, source, bare_resize=bare_resize)
         self.clf = with_threshold(clf, threshold)
         self.settings = PredictSettings.model_validate(settings)
         self.detector = make_detector(self.settings) if detect else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,6 +137,25 @@ def model_file(tmp_path_factory, make_settings) -> Path:
 @pytest.fixture(scope="module")
 def clf(model_file) -> P.Classifier:
     return P.load_local(model_file, config=P.ServingConfig.of(ModelInput(SIZE, "center_crop")))
+
+
+def test_a_predictor_keeps_no_copy_of_the_model_on_disk(
+    model_file, predict_settings, faces, tmp_path, monkeypatch
+):
+    # The Ray actor's class: Ray ends an actor's process without running its finalizers,
+    # so the model's files must be gone once they are loaded (18 copies had piled up).
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    config = _with(predict_settings, batch_size=4).model_dump()
+    actor = P.Predictor(
+        P.model_payload(model_file), str(model_file), "center_crop", None, config, False
+    )
+    assert sorted(p.name for p in temp.iterdir()) == []
+    buffer = io.BytesIO()
+    _tight(faces[0]).save(buffer, format="PNG")
+    (row,) = actor.rows([("face.png", buffer.getvalue())])
+    assert row["file"] == "face.png" and row["status"] == "ok" and 0.0 <= row["p_male"] <= 1.0
 
 
 # --- detection and cropping ------------------------------------------------------------------
