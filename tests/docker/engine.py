@@ -165,7 +165,7 @@ class Engine:
 
         Done after each build on an engine the tests started (a throwaway one, as in CI):
         on vfs every cached step is a full copy, and the CPU image's build stage and its uv
-        cache hold 10.7 GB that no container needs. A running engine keeps its cache.
+        cache hold 11.7 GB that no container needs. A running engine keeps its cache.
         """
         before = self.free_bytes()
         self("builder", "prune", "--all", "--force", timeout=SLOW)
