@@ -8,6 +8,7 @@ behind these fixtures live in `tests/helpers/` (tests import those, never this f
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,17 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     # (monkeypatch then restores the environment variables).
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+@pytest.fixture
+def empty_tempdir(tmp_path, monkeypatch) -> Path:
+    """An empty folder that is the temporary folder of this process (`tempfile`) and of the
+    processes it starts (`TMPDIR`): a test then asserts the code left nothing in it."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
 
 
 # --- a Ray cluster on loopback, one per session ------------------------------------------------

@@ -11,7 +11,6 @@ import io
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -162,16 +161,13 @@ def test_reports_are_written(validated):
 
 
 def test_validate_leaves_nothing_in_the_temporary_folder(
-    tmp_path, monkeypatch, make_settings, raw_dir
+    tmp_path, empty_tempdir, make_settings, raw_dir
 ):
     # GX's ephemeral context builds a docs site of its own in a new temporary folder on every
     # run (4 MB, never removed): 400 of them had piled up on a developer's machine.
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     _run(make_settings({"validate.max_reject_fraction": 0.5}), raw_dir, tmp_path / "out")
     assert (tmp_path / "out" / "reports" / "validation" / "data_docs" / "index.html").is_file()
-    assert sorted(p.name for p in temp.iterdir()) == []
+    assert sorted(p.name for p in empty_tempdir.iterdir()) == []
 
 
 def test_the_report_reads_offline(validated):

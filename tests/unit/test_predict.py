@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,18 +139,15 @@ def clf(model_file) -> P.Classifier:
 
 
 def test_a_predictor_keeps_no_copy_of_the_model_on_disk(
-    model_file, predict_settings, faces, tmp_path, monkeypatch
+    model_file, predict_settings, faces, empty_tempdir
 ):
     # The Ray actor's class: Ray ends an actor's process without running its finalizers,
     # so the model's files must be gone once they are loaded (18 copies had piled up).
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     config = _with(predict_settings, batch_size=4).model_dump()
     actor = P.Predictor(
         P.model_payload(model_file), str(model_file), "center_crop", None, config, False
     )
-    assert sorted(p.name for p in temp.iterdir()) == []
+    assert sorted(p.name for p in empty_tempdir.iterdir()) == []
     buffer = io.BytesIO()
     _tight(faces[0]).save(buffer, format="PNG")
     (row,) = actor.rows([("face.png", buffer.getvalue())])
